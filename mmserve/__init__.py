@@ -1,0 +1,1 @@
+"""The mmserve command line: composes the API and the workers."""

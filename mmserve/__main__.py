@@ -1,0 +1,3 @@
+from mmserve.cli import main
+
+main()

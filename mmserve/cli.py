@@ -1,0 +1,147 @@
+"""`mmserve serve | api | worker`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from mmserve import options
+from mmserve.supervisor import REDIS, Child, Supervisor, python_command
+
+GUNICORN_APP = "api.wsgi:app_from_env()"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s", stream=sys.stderr
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """mmserve: a Takeoff-compatible text generation server (API + Redis/RQ + batch workers)."""
+
+
+def _api_env(redis_url: str, api: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MMSERVE_REDIS_URL"] = redis_url
+    env["MMSERVE_PORT"] = str(api["port"])
+    env["MMSERVE_MANAGEMENT_PORT"] = str(api["management_port"])
+    env["MMSERVE_BODY_SIZE_LIMIT_BYTES"] = str(api["body_size_limit_bytes"])
+    for key in ("max_queue_depth", "api_key"):
+        name = "MMSERVE_" + key.upper()
+        if api[key] is not None:
+            env[name] = str(api[key])
+        else:
+            env.pop(name, None)
+    return env
+
+
+def _gunicorn_argv(api: dict, log_level: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "gevent",
+        "--workers",
+        str(api["api_processes"]),
+        "--worker-connections",
+        "2000",
+        "--bind",
+        f"{api['host']}:{api['port']}",
+        "--bind",
+        f"{api['host']}:{api['management_port']}",
+        "--graceful-timeout",
+        "30",
+        "--keep-alive",
+        "5",
+        "--log-level",
+        log_level.lower(),
+        "--access-logfile",
+        "-",
+        GUNICORN_APP,
+    ]
+
+
+def _worker_argv(redis_url: str, worker: dict, log_level: str) -> list[str]:
+    argv = python_command("worker", "--redis-url", redis_url, "--log-level", log_level)
+    for key, value in worker.items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+@main.command()
+@options.REDIS_URL
+@click.option(
+    "--workers",
+    envvar="MMSERVE_WORKERS",
+    show_envvar=True,
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Worker processes to start on this machine.",
+)
+@options.apply(options.API_OPTIONS)
+@options.apply(options.WORKER_OPTIONS)
+@options.LOG_LEVEL
+def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None:
+    """Everything on one machine: Redis (private unless --redis-url), the API and N workers."""
+    from mmserve.redis_server import RedisServer
+    from worker.main import default_threads
+
+    _setup_logging(log_level)
+    api = options.pick(kwargs, options.API_OPTIONS)
+    worker = options.pick(kwargs, options.WORKER_OPTIONS)
+    if worker["threads"] is None:
+        worker["threads"] = default_threads(workers)
+    children: list[Child] = []
+    private_redis = None
+    if redis_url is None:
+        private_redis = RedisServer().start()
+        redis_url = private_redis.url
+        logging.getLogger("mmserve.serve").info("started a private redis-server at %s", redis_url)
+        children.append(Child(REDIS, [], {}, restart=False, process=private_redis.process))
+    children.append(Child("api", _gunicorn_argv(api, log_level), _api_env(redis_url, api), restart=False))
+    for index in range(workers):
+        children.append(
+            Child(
+                f"worker-{index}", _worker_argv(redis_url, worker, log_level), dict(os.environ), restart=True
+            )
+        )
+    host = "127.0.0.1" if api["host"] in ("0.0.0.0", "::") else api["host"]
+    status = Supervisor(children, ready_url=f"http://{host}:{api['port']}/readyz").run()
+    if private_redis is not None:
+        private_redis.stop()
+    sys.exit(status)
+
+
+@main.command("api")
+@options.REDIS_URL
+@options.apply(options.API_OPTIONS)
+@options.LOG_LEVEL
+def api_command(redis_url: str | None, log_level: str, **api) -> None:
+    """The API alone (gunicorn + gevent) on the inference and management ports."""
+    if redis_url is None:
+        raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
+    env = _api_env(redis_url, api)
+    os.execve(sys.executable, _gunicorn_argv(api, log_level), env)
+
+
+@main.command("worker")
+@options.REDIS_URL
+@options.apply(options.WORKER_OPTIONS)
+@options.LOG_LEVEL
+def worker_command(redis_url: str | None, log_level: str, **worker) -> None:
+    """One worker process: loads the model and serves its consumer group's queue."""
+    from shared.settings import WorkerSettings
+    from worker.main import run_worker
+
+    if redis_url is None:
+        raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
+    _setup_logging(log_level)
+    run_worker(WorkerSettings(redis_url=redis_url, **worker))

@@ -1,0 +1,119 @@
+"""The command-line flags, each also an environment variable MMSERVE_<FLAG>.
+Defaults come from shared.limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from shared import limits
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
+DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"], case_sensitive=False)
+
+
+class _Option:
+    """A flag, its MMSERVE_* environment variable, and the python name click gives it."""
+
+    def __init__(self, flag: str, **kwargs):
+        self.name = flag.lstrip("-").replace("-", "_")
+        self._decorator = click.option(
+            flag, envvar="MMSERVE_" + self.name.upper(), show_envvar=True, show_default=True, **kwargs
+        )
+
+    def __call__(self, function: Callable) -> Callable:
+        return self._decorator(function)
+
+
+_option = _Option
+
+
+REDIS_URL = _option(
+    "--redis-url",
+    default=None,
+    help="Redis to use (redis://, rediss://, unix://). `serve` starts a private redis-server when unset.",
+)
+LOG_LEVEL = _option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+
+API_OPTIONS = [
+    _option("--host", default="0.0.0.0", help="Address the API listens on."),
+    _option("--port", default=limits.INFERENCE_PORT, type=int, help="Inference port."),
+    _option("--management-port", default=limits.MANAGEMENT_PORT, type=int, help="Management port."),
+    _option(
+        "--body-size-limit-bytes",
+        default=limits.DEFAULT_BODY_SIZE_LIMIT_BYTES,
+        type=click.IntRange(1),
+        help="Largest request body accepted (413 beyond).",
+    ),
+    _option(
+        "--max-queue-depth",
+        default=None,
+        type=click.IntRange(1),
+        help="Jobs waiting per consumer group before new requests get 429 (unset = no limit).",
+    ),
+    _option(
+        "--api-key",
+        default=None,
+        help="If set, every route but /healthz needs this key (Authorization: Bearer KEY or X-API-Key: KEY).",
+    ),
+    _option(
+        "--api-processes",
+        default=1,
+        type=click.IntRange(1),
+        help="gunicorn worker processes (each serves many streams with gevent).",
+    ),
+]
+
+WORKER_OPTIONS = [
+    _option(
+        "--model",
+        default=None,
+        help="Hugging Face model id or local path. Unset = the bundled SmolLM2-135M-Instruct.",
+    ),
+    _option(
+        "--consumer-group", default=limits.DEFAULT_CONSUMER_GROUP, help="Group (queue) the worker serves."
+    ),
+    _option(
+        "--max-batch-size",
+        default=limits.DEFAULT_MAX_BATCH_SIZE,
+        type=click.IntRange(1),
+        help="Most rows decoded together.",
+    ),
+    _option(
+        "--batch-duration-millis",
+        default=limits.DEFAULT_BATCH_DURATION_MILLIS,
+        type=click.IntRange(0),
+        help="How long a worker keeps collecting jobs after the first one before it starts.",
+    ),
+    _option("--device", default="auto", type=DEVICES, help="auto = cuda when available, else cpu."),
+    _option(
+        "--dtype",
+        default="auto",
+        type=DTYPES,
+        help="auto = bfloat16 where the CPU/GPU supports it, else float32.",
+    ),
+    _option(
+        "--threads",
+        default=None,
+        type=click.IntRange(1),
+        help="torch threads per worker (unset = share the cores, leaving one for Redis and the API).",
+    ),
+    _option(
+        "--cache-dir", default=None, help="Where converted models are cached (default ~/.cache/mmserve)."
+    ),
+]
+
+
+def pick(values: dict, options: list[_Option]) -> dict:
+    """The subset of a command's keyword arguments that belong to `options`."""
+    return {option.name: values[option.name] for option in options}
+
+
+def apply(options: list[_Option]) -> Callable:
+    def decorate(function: Callable) -> Callable:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate

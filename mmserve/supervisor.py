@@ -1,0 +1,122 @@
+"""`mmserve serve`: Redis (private, unless a URL is given), the API and N
+workers as child processes of one supervisor. Ctrl-C or SIGTERM stops them
+all; a worker that dies is restarted; if the API or Redis dies, everything
+stops and the command fails."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+log = logging.getLogger("mmserve.serve")
+
+STOP_GRACE_SECONDS = 20.0
+RESTART_BACKOFF_SECONDS = 2.0
+REDIS = "redis"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    restart: bool
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], ready_url: str):
+        self.children = children
+        self.ready_url = ready_url
+        self._stopping = False
+
+    def _request_stop(self, signum, frame) -> None:
+        if not self._stopping:
+            log.info("stopping (signal %d)", signum)
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        for child in self.children:
+            if child.process is None:
+                child.start()
+        announced = False
+        status = 0
+        try:
+            while not self._stopping:
+                for child in self.children:
+                    if child.running:
+                        continue
+                    code = child.process.returncode
+                    if not child.restart:
+                        log.error("%s exited with code %s; stopping everything", child.name, code)
+                        status = 1
+                        self._stopping = True
+                        break
+                    if time.monotonic() - child.started_at < RESTART_BACKOFF_SECONDS:
+                        continue
+                    child.restarts += 1
+                    log.warning(
+                        "%s exited with code %s; restarting (restart %d)", child.name, code, child.restarts
+                    )
+                    child.start()
+                if not announced and self._ready():
+                    log.info("mmserve is ready: %s", self.ready_url.rsplit("/", 1)[0])
+                    announced = True
+                time.sleep(0.5)
+        finally:
+            self.stop()
+        return status
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(self.ready_url, timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        # Workers and the API first (they finish what they hold), the private Redis last.
+        first = [child for child in self.children if child.name != REDIS]
+        last = [child for child in self.children if child.name == REDIS]
+        for group in (first, last):
+            for child in group:
+                child.signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time; killing it", child.name)
+                    child.signal(signal.SIGKILL)
+                    child.process.wait()
+
+
+def python_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmserve", *args]

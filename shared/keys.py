@@ -1,0 +1,39 @@
+"""Every Redis key, channel and queue name mmserve uses."""
+
+PREFIX = "mmserve"
+
+
+def queue_name(consumer_group: str) -> str:
+    """RQ queue that feeds one consumer group (RQ adds its own `rq:queue:` prefix)."""
+    return f"{PREFIX}.{consumer_group}"
+
+
+def events_channel(request_id: str) -> str:
+    """Pub/sub channel carrying one request's events."""
+    return f"{PREFIX}:events:{request_id}"
+
+
+EVENTS_PATTERN = f"{PREFIX}:events:*"
+
+
+def request_id_from_channel(channel: str) -> str:
+    return channel.rsplit(":", 1)[-1]
+
+
+def cancel_key(request_id: str) -> str:
+    """Set by the API when a client goes away; checked by the worker every step."""
+    return f"{PREFIX}:cancel:{request_id}"
+
+
+def reader_key(reader_id: str) -> str:
+    """JSON description of one live reader (worker process); expires without heartbeats."""
+    return f"{PREFIX}:reader:{reader_id}"
+
+
+def group_readers_key(consumer_group: str) -> str:
+    """Set of reader ids that have served a group (dead ones are pruned on read)."""
+    return f"{PREFIX}:group:{consumer_group}:readers"
+
+
+GROUPS_KEY = f"{PREFIX}:groups"
+"""Set of every consumer group a reader ever registered: 404 vs 503."""

@@ -1,0 +1,53 @@
+"""Defaults and limits, in one place. Every other module imports these."""
+
+DEFAULT_CONSUMER_GROUP = "primary"
+INFERENCE_PORT = 3000
+MANAGEMENT_PORT = 3001
+OPENAI_PORT = 3003
+
+# Payload defaults (the Takeoff defaults where Takeoff has one).
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MIN_NEW_TOKENS = 0
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOPK = 1  # 1 = greedy
+DEFAULT_TOPP = 1.0
+DEFAULT_REPETITION_PENALTY = 1.0
+DEFAULT_NO_REPEAT_NGRAM_SIZE = 0
+
+# Payload limits: beyond these a request is answered 422 at once.
+MAX_BATCH_TEXTS = 256
+MAX_TEXT_CHARS = 200_000
+MAX_NEW_TOKENS_LIMIT = 32_768
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_SEED = 2**63 - 1
+CONSUMER_GROUP_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+# HTTP limits.
+DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
+
+# Worker batching.
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_DURATION_MILLIS = 20
+
+# Lifetimes (seconds). Nothing in Redis lives without a TTL, except the set of
+# group names (a handful of short strings) that lets the API tell 404 from 503.
+READER_TTL_SECONDS = 10
+READER_HEARTBEAT_SECONDS = 2.0
+JOB_TTL_SECONDS = 600  # how long a job may wait in its queue before RQ drops it
+JOB_RESULT_TTL_SECONDS = 300
+JOB_FAILURE_TTL_SECONDS = 3600
+JOB_TIMEOUT_SECONDS = 3600  # RQ's hard limit for one batch
+CANCEL_TTL_SECONDS = 600
+
+# The API waits this long for a request's first event before giving up, and
+# this long between events once generation runs.
+FIRST_EVENT_TIMEOUT_SECONDS = 600.0
+NEXT_EVENT_TIMEOUT_SECONDS = 120.0
+SSE_KEEPALIVE_SECONDS = 10.0
+SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+
+# redis-py
+REDIS_MAX_CONNECTIONS = 256
+REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
+REDIS_CONNECT_TIMEOUT_SECONDS = 1.0

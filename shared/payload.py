@@ -1,0 +1,144 @@
+"""The generation payload: one pydantic model validates every request, at the
+API (422 on bad input) and again when a worker reads a job."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared import limits
+
+# Payload keys whose capability is not built yet: the API answers 501 naming
+# them rather than silently ignoring them.
+NOT_YET_SUPPORTED: dict[str, str] = {
+    "image_paths": "image inputs are not supported yet",
+    "regex_string": "constrained decoding (regex_string) is not supported yet",
+    "json_schema": "constrained decoding (json_schema) is not supported yet",
+    "constrained_decoding_backend": "constrained decoding backends are not supported yet",
+    "lora_id": "LoRA adapters are not supported yet",
+}
+
+
+class GenerateRequest(BaseModel):
+    """JSON body of /generate and /generate_stream. `null` means "default" for every key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str | list[str] = Field(description="A prompt, or a list of prompts (a batch).")
+    consumer_group: str = Field(
+        limits.DEFAULT_CONSUMER_GROUP,
+        pattern=limits.CONSUMER_GROUP_PATTERN,
+        description="Pool of workers (one model) that serves the request.",
+    )
+    max_new_tokens: int = Field(limits.DEFAULT_MAX_NEW_TOKENS, ge=1, le=limits.MAX_NEW_TOKENS_LIMIT)
+    min_new_tokens: int = Field(
+        limits.DEFAULT_MIN_NEW_TOKENS,
+        ge=0,
+        le=limits.MAX_NEW_TOKENS_LIMIT,
+        description="End-of-sequence is masked until this many tokens are generated.",
+    )
+    sampling_temperature: float = Field(
+        limits.DEFAULT_TEMPERATURE,
+        ge=0.0,
+        le=limits.MAX_TEMPERATURE,
+        description="Softmax temperature; 0 means greedy.",
+    )
+    sampling_topk: int = Field(
+        limits.DEFAULT_TOPK,
+        ge=0,
+        description="Sample from the k most likely tokens; 1 = greedy, 0 = no top-k cut.",
+    )
+    sampling_topp: float = Field(limits.DEFAULT_TOPP, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(
+        limits.DEFAULT_REPETITION_PENALTY, gt=0.0, le=limits.MAX_REPETITION_PENALTY
+    )
+    no_repeat_ngram_size: int = Field(
+        limits.DEFAULT_NO_REPEAT_NGRAM_SIZE, ge=0, le=64, description="0 = off."
+    )
+    prompt_max_tokens: int | None = Field(None, ge=1, description="Keep only the last n prompt tokens.")
+    use_chat_template: bool = Field(
+        False, description="Wrap the prompt in the model's chat template as a user turn."
+    )
+    regex_string: str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    constrained_decoding_backend: str | None = None
+    lora_id: str | None = None
+    image_paths: list[str] | None = None
+    return_metadata: bool = Field(
+        False, description="Add token counts, finish reason and timings to the answer."
+    )
+    seed: int | None = Field(None, ge=0, le=limits.MAX_SEED, description="Reproducible sampling.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("text")
+    @classmethod
+    def _check_text(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("text must be a string or a non-empty list of strings")
+        if len(texts) > limits.MAX_BATCH_TEXTS:
+            raise ValueError(f"at most {limits.MAX_BATCH_TEXTS} prompts per request")
+        for text in texts:
+            if len(text) > limits.MAX_TEXT_CHARS:
+                raise ValueError(f"each prompt may hold at most {limits.MAX_TEXT_CHARS} characters")
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _parse_schema_string(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"json_schema is not valid JSON: {exc.msg}") from None
+            if not isinstance(value, dict):
+                raise ValueError("json_schema must be a JSON object")
+        return value
+
+    @model_validator(mode="after")
+    def _check_token_bounds(self) -> GenerateRequest:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.text, list)
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self.text) if isinstance(self.text, list) else [self.text]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_topk == 1 or self.sampling_temperature == 0.0
+
+    def unsupported_keys(self) -> list[str]:
+        """Keys set in this payload whose capability is not built yet."""
+        return [key for key in NOT_YET_SUPPORTED if getattr(self, key) is not None]
+
+
+class GenerationJob(BaseModel):
+    """What the API puts in an RQ job (JSON-serialised) and a worker reads back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    request: GenerateRequest
+    seed: int = Field(ge=0, le=limits.MAX_SEED, description="Resolved seed: a re-run repeats itself.")
+    enqueued_at: float
+
+
+JOB_FUNCTION = "worker.jobs.generate"
+"""Dotted path of the function every generation job names (RQ stores it as text)."""

@@ -1,0 +1,77 @@
+"""The reader registry: every worker process ("reader", in Takeoff's words)
+describes itself in Redis under a key that expires unless refreshed. The API
+reads it to route, to tell an unknown group (404) from a dead one (503), and to
+answer the management routes."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from shared import keys, limits
+
+ModelType = Literal["CAUSAL", "VISION"]
+
+
+class ReaderInfo(BaseModel):
+    reader_id: str
+    consumer_group: str
+    model_name: str
+    model_type: ModelType = "CAUSAL"
+    pids: list[int]
+    ready: bool = False
+    hostname: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    max_batch_size: int = limits.DEFAULT_MAX_BATCH_SIZE
+    batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
+    context_length: int | None = Field(None, description="Longest prompt + output the model takes.")
+    has_chat_template: bool = False
+    started_at: float = Field(default_factory=time.time)
+
+
+def register(connection: redis.Redis, info: ReaderInfo) -> None:
+    """Publish (or refresh) a reader's description; call every READER_HEARTBEAT_SECONDS."""
+    with connection.pipeline() as pipe:
+        pipe.set(keys.reader_key(info.reader_id), info.model_dump_json(), ex=limits.READER_TTL_SECONDS)
+        pipe.sadd(keys.group_readers_key(info.consumer_group), info.reader_id)
+        pipe.sadd(keys.GROUPS_KEY, info.consumer_group)
+        pipe.execute()
+
+
+def deregister(connection: redis.Redis, info: ReaderInfo) -> None:
+    with connection.pipeline() as pipe:
+        pipe.delete(keys.reader_key(info.reader_id))
+        pipe.srem(keys.group_readers_key(info.consumer_group), info.reader_id)
+        pipe.execute()
+
+
+def known_groups(connection: redis.Redis) -> set[str]:
+    return {name.decode() for name in connection.smembers(keys.GROUPS_KEY)}
+
+
+def live_readers(connection: redis.Redis, consumer_group: str) -> list[ReaderInfo]:
+    """Readers of a group whose heartbeat has not expired; prunes the dead ones."""
+    group_key = keys.group_readers_key(consumer_group)
+    reader_ids = sorted(member.decode() for member in connection.smembers(group_key))
+    if not reader_ids:
+        return []
+    blobs = connection.mget([keys.reader_key(reader_id) for reader_id in reader_ids])
+    dead = [reader_id for reader_id, blob in zip(reader_ids, blobs, strict=True) if blob is None]
+    if dead:
+        connection.srem(group_key, *dead)
+    return [ReaderInfo.model_validate_json(blob) for blob in blobs if blob is not None]
+
+
+def all_live_readers(connection: redis.Redis) -> dict[str, list[ReaderInfo]]:
+    """Live readers by group, for every known group (a group with none maps to [])."""
+    return {group: live_readers(connection, group) for group in sorted(known_groups(connection))}
+
+
+def find_reader(connection: redis.Redis, reader_id: str) -> ReaderInfo | None:
+    blob = connection.get(keys.reader_key(reader_id))
+    return ReaderInfo.model_validate_json(blob) if blob is not None else None

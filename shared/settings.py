@@ -1,0 +1,34 @@
+"""Settings of the two kinds of process. The CLI fills them from flags and
+MMSERVE_* environment variables; defaults come from shared.limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared import limits
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    redis_url: str
+    port: int = limits.INFERENCE_PORT
+    management_port: int = limits.MANAGEMENT_PORT
+    body_size_limit_bytes: int = limits.DEFAULT_BODY_SIZE_LIMIT_BYTES
+    max_queue_depth: int | None = None
+    api_key: str | None = None
+    first_event_timeout_seconds: float = limits.FIRST_EVENT_TIMEOUT_SECONDS
+    next_event_timeout_seconds: float = limits.NEXT_EVENT_TIMEOUT_SECONDS
+    keepalive_seconds: float = limits.SSE_KEEPALIVE_SECONDS
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str
+    model: str | None = None  # None = the bundled SmolLM2-135M-Instruct
+    consumer_group: str = limits.DEFAULT_CONSUMER_GROUP
+    max_batch_size: int = limits.DEFAULT_MAX_BATCH_SIZE
+    batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None  # None = chosen from the core count
+    cache_dir: str | None = None  # where converted models are kept

@@ -1,0 +1,85 @@
+"""`mmserve serve` as a user runs it: the bundled default model, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from mmserve.redis_server import free_port
+from tests.sse import read_stream
+
+pytestmark = pytest.mark.e2e
+
+READY_TIMEOUT = 300.0  # first start converts the bundled GGUF (~20 s on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    port, management_port = free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmserve", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--management-port", str(management_port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            if requests.get(url + "/readyz", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("mmserve serve did not become ready:\n" + log_path.read_text()[-5000:])
+        time.sleep(0.5)
+    yield process, url, f"http://127.0.0.1:{management_port}", log_path
+    if process.poll() is None:
+        process.kill()
+    log.close()
+
+
+def test_chat_template_question_is_answered_with_paris(served):
+    _, url, _, _ = served
+    response = requests.post(
+        url + "/generate",
+        json={"text": "What is the capital of France?", "use_chat_template": True, "max_new_tokens": 30},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["text"]
+
+
+def test_stream_and_batch_work_with_the_default_model(served):
+    _, url, _, _ = served
+    payload = {"text": ["What is the capital of France?", "Name a colour."], "use_chat_template": True,
+               "max_new_tokens": 20}
+    with requests.post(url + "/generate_stream", json=payload, stream=True, timeout=120) as response:
+        events = read_stream(response)
+    texts = ["", ""]
+    for event in events:
+        texts[event.json()["batch_id"]] += event.json()["text"]
+    assert "Paris" in texts[0]
+    assert texts[1]
+
+
+def test_ctrl_c_stops_every_process(served):
+    process, _, management_url, log_path = served
+    pids = [pid for readers in requests.get(management_url + "/reader_groups", timeout=5).json().values()
+            for reader in readers for pid in reader["pids"]]
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert pids and children
+    process.send_signal(signal.SIGINT)
+    process.wait(60)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left behind: {alive}\n{log_path.read_text()[-3000:]}"
+    assert not any(psutil.pid_exists(pid) for pid in pids)

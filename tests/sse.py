@@ -1,0 +1,45 @@
+"""A small SSE reader for tests: turns a streamed response into events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class SseEvent:
+    event: str
+    data: str
+
+    def json(self):
+        return json.loads(self.data)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
+    """Yield events per the SSE spec: `data:` lines joined by \\n, comments skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield SseEvent(event, "\n".join(data))
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+    if data:
+        yield SseEvent(event, "\n".join(data))
+
+
+def read_stream(response) -> list[SseEvent]:
+    """Read a requests streaming response to the end, splitting only on \\n
+    (tokens may contain \\r, which requests.iter_lines would split on)."""
+    buffer = b"".join(response.iter_content(chunk_size=None))
+    text = buffer.decode("utf-8")
+    return list(parse_sse(text.split("\n")))

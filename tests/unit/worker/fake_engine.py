@@ -1,0 +1,60 @@
+"""A scripted stand-in for worker.engine.engine.Engine: each row emits
+"w<n> " per step until max_new_tokens; prompts are whitespace-split words."""
+
+from __future__ import annotations
+
+from worker.engine.engine import PromptError
+from worker.engine.rows import RowOutput, RowRequest
+
+
+class FakeEngine:
+    def __init__(self, context_length: int | None = 64, fail_at_step: int | None = None):
+        self.context_length = context_length
+        self.fail_at_step = fail_at_step
+        self.rows: dict = {}
+        self.added: list[list[RowRequest]] = []
+        self.steps = 0
+
+    def encode_prompt(self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None) -> list[int]:
+        if text == "":
+            raise PromptError("empty prompt")
+        ids = [len(word) for word in text.split()]
+        return ids[-prompt_max_tokens:] if prompt_max_tokens else ids
+
+    def add(self, rows: list[RowRequest]) -> None:
+        self.added.append(rows)
+        for row in rows:
+            self.rows[row.key] = [row, 0]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows)
+
+    def step(self) -> list[RowOutput]:
+        self.steps += 1
+        if self.fail_at_step == self.steps:
+            raise RuntimeError("boom")
+        outputs = []
+        for key, state in list(self.rows.items()):
+            row, produced = state
+            produced += 1
+            state[1] = produced
+            done = produced >= row.params.max_new_tokens
+            outputs.append(
+                RowOutput(key, produced, f"w{produced} ", "length" if done else None,
+                          len(row.prompt_ids), produced)
+            )
+            if done:
+                del self.rows[key]
+        return outputs
+
+    def cancel(self, keys) -> list[RowOutput]:
+        outputs = []
+        for key in keys:
+            row, produced = self.rows.pop(key)
+            outputs.append(RowOutput(key, None, "", "cancelled", len(row.prompt_ids), produced))
+        return outputs

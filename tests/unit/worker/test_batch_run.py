@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from shared import events, keys
+from shared.payload import GenerateRequest, GenerationJob
+from tests.unit.worker.fake_engine import FakeEngine
+from worker.batch_run import BatchRun
+from worker.publisher import EventPublisher
+
+
+def make_job(request_id: str, **payload) -> GenerationJob:
+    return GenerationJob(
+        request_id=request_id, request=GenerateRequest(**payload), seed=7, enqueued_at=time.time()
+    )
+
+
+@pytest.fixture
+def connection():
+    return fakeredis.FakeRedis()
+
+
+def collect(connection, *request_ids):
+    pubsub = connection.pubsub()
+    pubsub.subscribe(*[keys.events_channel(request_id) for request_id in request_ids])
+    pubsub.get_message(timeout=0.1)
+    for _ in request_ids[1:]:
+        pubsub.get_message(timeout=0.1)
+    return pubsub
+
+
+def drain(pubsub):
+    received = []
+    while (message := pubsub.get_message(timeout=0.05)) is not None:
+        if message["type"] == "message":
+            received.append((keys.request_id_from_channel(message["channel"].decode()),
+                             events.decode(message["data"])))
+    return received
+
+
+def test_rows_of_different_requests_run_in_one_batch(connection):
+    engine = FakeEngine()
+    jobs = [make_job("a", text="one two", max_new_tokens=2), make_job("b", text=["x", "y z"], max_new_tokens=3)]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert len(engine.added) == 1 and len(engine.added[0]) == 3
+    assert outcomes["a"].result()["text"] == ["w1 w2 "]
+    assert outcomes["b"].result()["text"] == ["w1 w2 w3 ", "w1 w2 w3 "]
+    assert outcomes["b"].finish_reasons == ["length", "length"]
+
+
+def test_each_row_gets_its_own_params_and_seed(connection):
+    engine = FakeEngine()
+    job = make_job("a", text=["p", "q"], sampling_topk=5, sampling_temperature=0.5, repetition_penalty=1.3)
+    BatchRun(engine, EventPublisher(connection), [job]).run()
+    first, second = engine.added[0]
+    assert first.params.top_k == 5 and first.params.temperature == 0.5
+    assert first.params.repetition_penalty == 1.3
+    assert (first.params.seed, second.params.seed) == (7, 8)
+    assert first.key == ("a", 0) and second.key == ("a", 1)
+
+
+def test_events_are_published_with_per_row_sequence_numbers(connection):
+    pubsub = collect(connection, "a")
+    BatchRun(FakeEngine(), EventPublisher(connection), [make_job("a", text=["p", "q"], max_new_tokens=2)]).run()
+    received = [event for _, event in drain(pubsub)]
+    tokens = [(event.row, event.seq, event.text) for event in received if event.type == "token"]
+    assert sorted(tokens) == [(0, 0, "w1 "), (0, 1, "w2 "), (1, 0, "w1 "), (1, 1, "w2 ")]
+    done = [event for event in received if event.type == "done"]
+    assert {event.row for event in done} == {0, 1}
+    assert all(event.usage.completion_tokens == 2 for event in done)
+
+
+def test_prompt_too_long_for_the_context_fails_only_that_request(connection):
+    pubsub = collect(connection, "long", "ok")
+    engine = FakeEngine(context_length=10)
+    jobs = [make_job("long", text="a b c", max_new_tokens=8), make_job("ok", text="a", max_new_tokens=2)]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert outcomes["long"].error.status == 422
+    assert "context" in outcomes["long"].error.error
+    assert outcomes["ok"].result()["text"] == ["w1 w2 "]
+    errors = [event for request_id, event in drain(pubsub) if event.type == "error"]
+    assert len(errors) == 1
+
+
+def test_cancelled_request_leaves_the_batch_and_others_continue(connection):
+    engine = FakeEngine()
+    jobs = [make_job("gone", text="a", max_new_tokens=50), make_job("stays", text="b", max_new_tokens=5)]
+    connection.set(keys.cancel_key("gone"), 1)
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert outcomes["gone"].finish_reasons == ["cancelled"]
+    assert len(outcomes["gone"].texts[0]) == 1  # dropped after the first step
+    assert outcomes["stays"].finish_reasons == ["length"]
+    assert engine.steps == 5
+
+
+def test_engine_failure_fails_every_unfinished_request(connection):
+    pubsub = collect(connection, "a")
+    outcomes = BatchRun(FakeEngine(fail_at_step=2), EventPublisher(connection),
+                        [make_job("a", text="x", max_new_tokens=5)]).run()
+    assert outcomes["a"].error.error_type == "generation_error"
+    assert [event.type for _, event in drain(pubsub)][-1] == "error"

@@ -1,0 +1,54 @@
+"""Keeps this worker's entry in the reader registry alive from a background
+thread, so a long decode step never makes a live worker look dead."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from shared import limits, readers
+from shared.readers import ReaderInfo
+
+log = logging.getLogger(__name__)
+
+
+class ReaderHeartbeat:
+    def __init__(
+        self, connection: redis.Redis, info: ReaderInfo, interval: float = limits.READER_HEARTBEAT_SECONDS
+    ):
+        self._connection = connection
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.info = info
+
+    def update(self, **changes) -> None:
+        """Change what the registry says (e.g. ready=True) and publish it now."""
+        self.info = self.info.model_copy(update=changes)
+        self._beat()
+
+    def start(self) -> None:
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="reader-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._interval + 1)
+        try:
+            readers.deregister(self._connection, self.info)
+        except redis.RedisError as exc:
+            log.warning("could not deregister reader %s: %s", self.info.reader_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            readers.register(self._connection, self.info)
+        except redis.RedisError as exc:
+            log.warning("reader heartbeat failed (will retry): %s", exc)
