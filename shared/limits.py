@@ -23,6 +23,11 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_SEED = 2**63 - 1
 CONSUMER_GROUP_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
+# Retry-After hints (seconds): a worker loading its model is usually ready
+# within a few seconds; a full queue drains quickly.
+RETRY_AFTER_NO_READER_SECONDS = 5
+RETRY_AFTER_QUEUE_FULL_SECONDS = 1
+
 # HTTP limits.
 DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
 

@@ -75,7 +75,10 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            # Only known keys fall back to defaults: an unknown key is an error even when null.
+            return {
+                key: value for key, value in data.items() if value is not None or key not in cls.model_fields
+            }
         return data
 
     @field_validator("text")

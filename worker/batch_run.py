@@ -93,9 +93,18 @@ class BatchRun:
         rows: list[RowRequest] = []
         pending: list[tuple[str, Event]] = []
         context = self._engine.context_length
+        # A client may have gone away while its job waited in the queue.
+        gone = self._publisher.publish([], watch_cancelled=list(self.outcomes))
         for outcome in self.outcomes.values():
             job = outcome.job
             request = job.request
+            if job.request_id in gone:
+                count = len(request.texts)
+                outcome.texts = [[] for _ in range(count)]
+                outcome.token_events = [0] * count
+                outcome.finish_reasons = ["cancelled"] * count
+                outcome.usage = [Usage(prompt_tokens=0, completion_tokens=0)] * count
+                continue
             try:
                 prompts = [
                     self._engine.encode_prompt(

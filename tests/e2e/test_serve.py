@@ -26,9 +26,23 @@ def served(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mmserve", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--management-port", str(management_port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "mmserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--management-port",
+            str(management_port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT
@@ -61,8 +75,11 @@ def test_chat_template_question_is_answered_with_paris(served):
 
 def test_stream_and_batch_work_with_the_default_model(served):
     _, url, _, _ = served
-    payload = {"text": ["What is the capital of France?", "Name a colour."], "use_chat_template": True,
-               "max_new_tokens": 20}
+    payload = {
+        "text": ["What is the capital of France?", "Name a colour."],
+        "use_chat_template": True,
+        "max_new_tokens": 20,
+    }
     with requests.post(url + "/generate_stream", json=payload, stream=True, timeout=120) as response:
         events = read_stream(response)
     texts = ["", ""]
@@ -74,12 +91,16 @@ def test_stream_and_batch_work_with_the_default_model(served):
 
 def test_ctrl_c_stops_every_process(served):
     process, _, management_url, log_path = served
-    pids = [pid for readers in requests.get(management_url + "/reader_groups", timeout=5).json().values()
-            for reader in readers for pid in reader["pids"]]
+    pids = [
+        pid
+        for readers in requests.get(management_url + "/reader_groups", timeout=5).json().values()
+        for reader in readers
+        for pid in reader["pids"]
+    ]
     children = psutil.Process(process.pid).children(recursive=True)
     assert pids and children
     process.send_signal(signal.SIGINT)
     process.wait(60)
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"left behind: {alive}\n{log_path.read_text()[-3000:]}"
     assert not any(psutil.pid_exists(pid) for pid in pids)

@@ -96,8 +96,18 @@ def start_api(redis_server, tmp_path) -> Iterator:
         port, management_port = free_port(), free_port()
         process = Process(
             "api",
-            mmserve("api", "--redis-url", redis_server.url, "--host", "127.0.0.1",
-                    "--port", str(port), "--management-port", str(management_port), *extra),
+            mmserve(
+                "api",
+                "--redis-url",
+                redis_server.url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--management-port",
+                str(management_port),
+                *extra,
+            ),
             tmp_path / f"api-{port}.log",
         ).start()
         started.append(process)
@@ -125,9 +135,22 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
         index = len(started)
         process = Process(
             f"worker-{index}",
-            mmserve("worker", "--redis-url", redis_server.url, "--model", str(model or tiny_model_dir),
-                    "--consumer-group", group, "--threads", "1", "--dtype", "float32", "--device", "cpu",
-                    *extra),
+            mmserve(
+                "worker",
+                "--redis-url",
+                redis_server.url,
+                "--model",
+                str(model or tiny_model_dir),
+                "--consumer-group",
+                group,
+                "--threads",
+                "1",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                *extra,
+            ),
             tmp_path / f"worker-{index}.log",
         ).start()
         started.append(process)
@@ -135,8 +158,10 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
         known = {reader.reader_id for reader in readers.live_readers(client, group)}
 
         def ready() -> bool:
-            return any(r.ready and r.reader_id not in known and process.process.pid in r.pids
-                       for r in readers.live_readers(client, group))
+            return any(
+                r.ready and r.reader_id not in known and process.process.pid in r.pids
+                for r in readers.live_readers(client, group)
+            )
 
         wait_for(ready, f"worker {index} to register as ready", process)
         return process

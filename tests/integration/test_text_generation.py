@@ -92,8 +92,13 @@ def test_metadata_reports_tokens_and_finish_reason(server):
 
 
 def test_seeded_sampling_is_reproducible(server):
-    payload = {"text": "Once upon", "max_new_tokens": 12, "sampling_topk": 0, "sampling_temperature": 1.5,
-               "seed": 1234}
+    payload = {
+        "text": "Once upon",
+        "max_new_tokens": 12,
+        "sampling_topk": 0,
+        "sampling_temperature": 1.5,
+        "seed": 1234,
+    }
     first = requests.post(server.url + "/generate", json=payload).json()
     second = requests.post(server.url + "/generate", json=payload).json()
     other = requests.post(server.url + "/generate", json={**payload, "seed": 99}).json()

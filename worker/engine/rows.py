@@ -20,7 +20,9 @@ class GenerationParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    seed: int | None = None  # same seed + same prompt + same params = same tokens, whatever else is in the batch
+    seed: int | None = (
+        None  # same seed + same prompt + same params = same tokens, whatever else is in the batch
+    )
 
     @property
     def greedy(self) -> bool:

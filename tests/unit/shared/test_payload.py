@@ -8,7 +8,9 @@ from shared.payload import NOT_YET_SUPPORTED, GenerateRequest
 
 
 def test_nulls_mean_defaults():
-    request = GenerateRequest(**{key: None for key in GenerateRequest.model_fields if key != "text"}, text="hi")
+    request = GenerateRequest(
+        **{key: None for key in GenerateRequest.model_fields if key != "text"}, text="hi"
+    )
     assert request.max_new_tokens == limits.DEFAULT_MAX_NEW_TOKENS
     assert request.sampling_topk == limits.DEFAULT_TOPK
     assert request.consumer_group == limits.DEFAULT_CONSUMER_GROUP
@@ -23,9 +25,21 @@ def test_unknown_keys_are_rejected_by_name():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_new_tokens", 0), ("min_new_tokens", -1), ("sampling_temperature", -0.1), ("sampling_topp", 0.0),
-     ("sampling_topp", 1.5), ("sampling_topk", -1), ("repetition_penalty", 0), ("no_repeat_ngram_size", -2),
-     ("prompt_max_tokens", 0), ("seed", -5), ("consumer_group", "has space"), ("text", []), ("text", 5)],
+    [
+        ("max_new_tokens", 0),
+        ("min_new_tokens", -1),
+        ("sampling_temperature", -0.1),
+        ("sampling_topp", 0.0),
+        ("sampling_topp", 1.5),
+        ("sampling_topk", -1),
+        ("repetition_penalty", 0),
+        ("no_repeat_ngram_size", -2),
+        ("prompt_max_tokens", 0),
+        ("seed", -5),
+        ("consumer_group", "has space"),
+        ("text", []),
+        ("text", 5),
+    ],
 )
 def test_out_of_range_values_are_rejected(key, value):
     with pytest.raises(ValidationError) as raised:
@@ -63,7 +77,15 @@ def test_texts_and_batch_flag():
 def test_events_round_trip():
     for event in (
         events.TokenEvent(row=1, seq=2, text="a\nb"),
-        events.DoneEvent(row=0, finish_reason="eos", usage=events.Usage(prompt_tokens=3, completion_tokens=4)),
+        events.DoneEvent(
+            row=0, finish_reason="eos", usage=events.Usage(prompt_tokens=3, completion_tokens=4)
+        ),
         events.ErrorEvent(error="bad", error_type="x", status=422),
     ):
         assert events.decode(events.encode(event)) == event
+
+
+def test_unknown_keys_are_rejected_even_when_null():
+    with pytest.raises(ValidationError) as raised:
+        GenerateRequest(text="hi", temprature=None)
+    assert raised.value.errors()[0]["loc"] == ("temprature",)

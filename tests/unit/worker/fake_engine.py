@@ -15,7 +15,9 @@ class FakeEngine:
         self.added: list[list[RowRequest]] = []
         self.steps = 0
 
-    def encode_prompt(self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None) -> list[int]:
+    def encode_prompt(
+        self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None
+    ) -> list[int]:
         if text == "":
             raise PromptError("empty prompt")
         ids = [len(word) for word in text.split()]
@@ -45,8 +47,9 @@ class FakeEngine:
             state[1] = produced
             done = produced >= row.params.max_new_tokens
             outputs.append(
-                RowOutput(key, produced, f"w{produced} ", "length" if done else None,
-                          len(row.prompt_ids), produced)
+                RowOutput(
+                    key, produced, f"w{produced} ", "length" if done else None, len(row.prompt_ids), produced
+                )
             )
             if done:
                 del self.rows[key]

@@ -36,14 +36,18 @@ def drain(pubsub):
     received = []
     while (message := pubsub.get_message(timeout=0.05)) is not None:
         if message["type"] == "message":
-            received.append((keys.request_id_from_channel(message["channel"].decode()),
-                             events.decode(message["data"])))
+            received.append(
+                (keys.request_id_from_channel(message["channel"].decode()), events.decode(message["data"]))
+            )
     return received
 
 
 def test_rows_of_different_requests_run_in_one_batch(connection):
     engine = FakeEngine()
-    jobs = [make_job("a", text="one two", max_new_tokens=2), make_job("b", text=["x", "y z"], max_new_tokens=3)]
+    jobs = [
+        make_job("a", text="one two", max_new_tokens=2),
+        make_job("b", text=["x", "y z"], max_new_tokens=3),
+    ]
     outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
     assert len(engine.added) == 1 and len(engine.added[0]) == 3
     assert outcomes["a"].result()["text"] == ["w1 w2 "]
@@ -53,7 +57,14 @@ def test_rows_of_different_requests_run_in_one_batch(connection):
 
 def test_each_row_gets_its_own_params_and_seed(connection):
     engine = FakeEngine()
-    job = make_job("a", text=["p", "q"], sampling_topk=5, sampling_temperature=0.5, repetition_penalty=1.3)
+    job = make_job(
+        "a",
+        text=["p", "q"],
+        max_new_tokens=2,
+        sampling_topk=5,
+        sampling_temperature=0.5,
+        repetition_penalty=1.3,
+    )
     BatchRun(engine, EventPublisher(connection), [job]).run()
     first, second = engine.added[0]
     assert first.params.top_k == 5 and first.params.temperature == 0.5
@@ -64,7 +75,9 @@ def test_each_row_gets_its_own_params_and_seed(connection):
 
 def test_events_are_published_with_per_row_sequence_numbers(connection):
     pubsub = collect(connection, "a")
-    BatchRun(FakeEngine(), EventPublisher(connection), [make_job("a", text=["p", "q"], max_new_tokens=2)]).run()
+    BatchRun(
+        FakeEngine(), EventPublisher(connection), [make_job("a", text=["p", "q"], max_new_tokens=2)]
+    ).run()
     received = [event for _, event in drain(pubsub)]
     tokens = [(event.row, event.seq, event.text) for event in received if event.type == "token"]
     assert sorted(tokens) == [(0, 0, "w1 "), (0, 1, "w2 "), (1, 0, "w1 "), (1, 1, "w2 ")]
@@ -88,17 +101,30 @@ def test_prompt_too_long_for_the_context_fails_only_that_request(connection):
 def test_cancelled_request_leaves_the_batch_and_others_continue(connection):
     engine = FakeEngine()
     jobs = [make_job("gone", text="a", max_new_tokens=50), make_job("stays", text="b", max_new_tokens=5)]
-    connection.set(keys.cancel_key("gone"), 1)
-    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    run = BatchRun(
+        engine, EventPublisher(connection), jobs, on_step=lambda: connection.set(keys.cancel_key("gone"), 1)
+    )
+    outcomes = run.run()
     assert outcomes["gone"].finish_reasons == ["cancelled"]
-    assert len(outcomes["gone"].texts[0]) == 1  # dropped after the first step
+    assert len(outcomes["gone"].texts[0]) == 2  # the cancel set after step 1 is seen at step 2
     assert outcomes["stays"].finish_reasons == ["length"]
     assert engine.steps == 5
 
 
 def test_engine_failure_fails_every_unfinished_request(connection):
     pubsub = collect(connection, "a")
-    outcomes = BatchRun(FakeEngine(fail_at_step=2), EventPublisher(connection),
-                        [make_job("a", text="x", max_new_tokens=5)]).run()
+    outcomes = BatchRun(
+        FakeEngine(fail_at_step=2), EventPublisher(connection), [make_job("a", text="x", max_new_tokens=5)]
+    ).run()
     assert outcomes["a"].error.error_type == "generation_error"
     assert [event.type for _, event in drain(pubsub)][-1] == "error"
+
+
+def test_request_cancelled_while_queued_never_reaches_the_engine(connection):
+    engine = FakeEngine()
+    connection.set(keys.cancel_key("gone"), 1)
+    jobs = [make_job("gone", text="a", max_new_tokens=3), make_job("here", text="b", max_new_tokens=3)]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert [row.key for row in engine.added[0]] == [("here", 0)]
+    assert outcomes["gone"].finish_reasons == ["cancelled"]
+    assert outcomes["here"].finish_reasons == ["length"]

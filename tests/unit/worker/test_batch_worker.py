@@ -22,17 +22,29 @@ def connection():
 
 def enqueue(queue: Queue, **payload) -> str:
     request_id = uuid.uuid4().hex
-    job = GenerationJob(request_id=request_id, request=GenerateRequest(**payload), seed=1, enqueued_at=time.time())
-    queue.enqueue(JOB_FUNCTION, kwargs={"job": job.model_dump(mode="json")}, job_id=request_id,
-                  ttl=limits.JOB_TTL_SECONDS, result_ttl=limits.JOB_RESULT_TTL_SECONDS)
+    job = GenerationJob(
+        request_id=request_id, request=GenerateRequest(**payload), seed=1, enqueued_at=time.time()
+    )
+    queue.enqueue(
+        JOB_FUNCTION,
+        kwargs={"job": job.model_dump(mode="json")},
+        job_id=request_id,
+        ttl=limits.JOB_TTL_SECONDS,
+        result_ttl=limits.JOB_RESULT_TTL_SECONDS,
+    )
     return request_id
 
 
 def make_worker(connection, engine, **kwargs) -> tuple[BatchWorker, Queue]:
     queue = Queue(keys.queue_name("primary"), connection=connection, serializer=JSONSerializer)
-    worker = BatchWorker([queue], engine=engine, connection=connection,
-                         max_batch_size=kwargs.pop("max_batch_size", 8),
-                         batch_duration_millis=kwargs.pop("batch_duration_millis", 0), **kwargs)
+    worker = BatchWorker(
+        [queue],
+        engine=engine,
+        connection=connection,
+        max_batch_size=kwargs.pop("max_batch_size", 8),
+        batch_duration_millis=kwargs.pop("batch_duration_millis", 0),
+        **kwargs,
+    )
     return worker, queue
 
 

@@ -1,0 +1,62 @@
+"""Whether a valid payload can be served now: its consumer group exists, has a
+ready worker whose model can honour the request, and its queue has room.
+Everything here reads Redis; a Redis that does not answer raises
+redis.exceptions.ConnectionError / TimeoutError (answered 503)."""
+
+from __future__ import annotations
+
+import redis
+import rq
+from rq.serializers import JSONSerializer
+
+from api.errors import InvalidPayload, NoLiveReader, QueueFull, UnknownConsumerGroup
+from shared import keys, limits, readers
+from shared.payload import GenerateRequest
+from shared.settings import ApiSettings
+
+
+def job_queue(connection: redis.Redis, consumer_group: str) -> rq.Queue:
+    """The RQ queue feeding a consumer group, JSON-serialised (never pickle)."""
+    return rq.Queue(keys.queue_name(consumer_group), connection=connection, serializer=JSONSerializer)
+
+
+def admit(
+    connection: redis.Redis, payload: GenerateRequest, settings: ApiSettings
+) -> list[readers.ReaderInfo]:
+    """Raise the ApiError that stops this request, or return the group's live readers."""
+    group = payload.consumer_group
+    if group not in readers.known_groups(connection):
+        raise UnknownConsumerGroup(f"unknown consumer_group '{group}': no worker has ever served it")
+
+    live = readers.live_readers(connection, group)
+    if not live:
+        raise NoLiveReader(
+            f"consumer_group '{group}' has no live worker", retry_after=limits.RETRY_AFTER_NO_READER_SECONDS
+        )
+    if not any(reader.ready for reader in live):
+        raise NoLiveReader(
+            f"the workers of consumer_group '{group}' are still loading their model",
+            retry_after=limits.RETRY_AFTER_NO_READER_SECONDS,
+        )
+
+    context_lengths = [reader.context_length for reader in live]
+    if all(length is not None for length in context_lengths):
+        longest = max(context_lengths)
+        if payload.max_new_tokens > longest:
+            raise InvalidPayload(
+                f"max_new_tokens ({payload.max_new_tokens}) exceeds the context length of "
+                f"consumer_group '{group}' ({longest} tokens)"
+            )
+    if payload.use_chat_template and not any(reader.has_chat_template for reader in live):
+        raise InvalidPayload(
+            f"use_chat_template is set but the model of consumer_group '{group}' has no chat template"
+        )
+
+    if settings.max_queue_depth is not None:
+        depth = job_queue(connection, group).count
+        if depth >= settings.max_queue_depth:
+            raise QueueFull(
+                f"the queue of consumer_group '{group}' is full ({depth} waiting requests)",
+                retry_after=limits.RETRY_AFTER_QUEUE_FULL_SECONDS,
+            )
+    return live

@@ -1,0 +1,124 @@
+"""The Flask app factory. One app serves both ports (gunicorn binds both to it):
+a route of the inference port answers only requests that arrived on
+`settings.port`, a management route only those on `settings.management_port`,
+and the probes (/healthz, /readyz, /metrics) answer on both. A route asked on
+the wrong port is a 404.
+
+Every request gets an id (the client's X-Request-ID when it is sane, else a
+fresh one), echoed in the response and in the one log line written when the
+response ends (streams included)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+import redis
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import NotFound
+
+from api import docs, inference, management, probes
+from api.errors import Unauthorized, register_error_handlers
+from api.metrics import ApiMetrics
+from api.relay import EventHub
+from api.state import AppState, app_state, install
+from shared import connection as shared_connection
+from shared.settings import ApiSettings
+
+log = logging.getLogger("mmserve.api")
+
+INFERENCE = "inference"
+MANAGEMENT = "management"
+
+PORT_OF_BLUEPRINT = {
+    inference.blueprint.name: INFERENCE,
+    docs.blueprint.name: INFERENCE,
+    management.blueprint.name: MANAGEMENT,
+}
+"""Which port each blueprint answers on; blueprints not listed (probes) answer on both."""
+
+OPEN_ENDPOINTS = {"probes.healthz"}
+"""Endpoints that never ask for the API key."""
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) -> Flask:
+    app = Flask("mmserve.api")
+    # One byte above the limit: werkzeug truncates a chunked body at this size
+    # without an error, and api.payloads answers 413 for anything longer than the limit.
+    app.config["MAX_CONTENT_LENGTH"] = settings.body_size_limit_bytes + 1
+    app.json.sort_keys = False
+    if connection is None:
+        connection = shared_connection.connect(settings.redis_url)
+    hub = EventHub(connection)
+    install(
+        app, AppState(settings=settings, connection=connection, hub=hub, metrics=ApiMetrics(connection, hub))
+    )
+
+    for blueprint in (inference.blueprint, management.blueprint, probes.blueprint, docs.blueprint):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    app.before_request(_start_request)
+    app.before_request(_check_api_key)
+    app.before_request(_check_port)
+    app.after_request(_finish_request)
+    return app
+
+
+def _start_request() -> None:
+    g.started_at = time.monotonic()
+    given = request.headers.get("X-Request-ID", "")
+    g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _check_api_key() -> None:
+    expected = app_state().settings.api_key
+    if not expected or request.endpoint in OPEN_ENDPOINTS:
+        return
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    offered = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key", "")
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        raise Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)")
+
+
+def _check_port() -> None:
+    port_kind = PORT_OF_BLUEPRINT.get(request.blueprint or "")
+    if port_kind is None:
+        return
+    settings = app_state().settings
+    expected = settings.port if port_kind == INFERENCE else settings.management_port
+    if request.environ.get("SERVER_PORT") != str(expected):
+        raise NotFound(f"{request.path} is served on the {port_kind} port ({expected})")
+
+
+def _finish_request(response: Response) -> Response:
+    request_id = g.get("request_id") or uuid.uuid4().hex
+    response.headers["X-Request-ID"] = request_id
+    if response.status_code == 401:
+        response.headers.setdefault("WWW-Authenticate", "Bearer")
+    metrics = app_state().metrics
+    started_at = g.get("started_at", time.monotonic())
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    method, path, status, job_id = request.method, request.path, response.status_code, g.get("job_id")
+
+    def _log_when_done() -> None:
+        # Runs when the response has been sent, so a stream's whole duration counts.
+        duration = time.monotonic() - started_at
+        metrics.observe_request(route, method, status, duration)
+        log.info(
+            "%s %s %d request_id=%s%s duration_ms=%.1f",
+            method,
+            path,
+            status,
+            request_id,
+            f" job_id={job_id}" if job_id else "",
+            duration * 1000,
+        )
+
+    response.call_on_close(_log_when_done)
+    return response

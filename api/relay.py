@@ -1,0 +1,263 @@
+"""The per-process event hub: one Redis pub/sub connection for every request
+this process is waiting on, instead of one connection per open request.
+
+The hub pattern-subscribes to `shared.keys.EVENTS_PATTERN`. A background
+thread (a greenlet under gunicorn's gevent worker, which patches threading)
+reads the messages and drops each one into the inbox of the request whose
+channel it names; messages for channels nobody here registered are discarded
+(they belong to another API process, or to a request that has already ended).
+
+A request registers with `EventHub.subscribe` before its job is enqueued, and
+the call returns only while the hub's subscription is confirmed, so no early
+event can be missed. The hub starts lazily, once per process (gunicorn forks
+after import), and reconnects by itself, with backoff, if its connection
+breaks. Events published while it was disconnected are lost for good, so
+every request registered when the connection broke receives a
+`redis_unavailable` error event instead of waiting for events that will never
+come. redis-py may also reconnect and re-subscribe silently inside a read; the
+hub notices the fresh subscription confirmation and treats it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pydantic
+import redis
+
+from shared import events, keys, limits
+
+log = logging.getLogger(__name__)
+
+Event = events.TokenEvent | events.DoneEvent | events.ErrorEvent
+
+_WAKE_CHANNEL = keys.events_channel("event-hub-wake-up")
+"""Published to by `EventHub.stop` so the reader thread notices at once; nobody registers it."""
+
+
+class Subscription:
+    """One request's inbox: the hub puts decoded events in, the request takes them out."""
+
+    def __init__(self, request_id: str, registry: _Registry) -> None:
+        self.request_id = request_id
+        self.channel = keys.events_channel(request_id)
+        self._registry = registry
+        self._inbox: queue.Queue[Event] = queue.Queue()
+        self.broken = False
+
+    def get(self, timeout: float) -> Event | None:
+        """The next event, or None when none arrived within `timeout` seconds."""
+        try:
+            if timeout <= 0:
+                return self._inbox.get_nowait()
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop receiving this request's events. Safe to call more than once."""
+        self._registry.remove(self)
+
+    def deliver(self, event: Event) -> None:
+        self._inbox.put(event)
+
+    def break_off(self, reason: str) -> None:
+        """The hub lost events that may have been for this request: end it with an error."""
+        if not self.broken:
+            self.broken = True
+            self._inbox.put(events.ErrorEvent(error=reason, error_type="redis_unavailable", status=503))
+
+
+@dataclass
+class _Registry:
+    """The subscriptions of one running hub, by channel. Its lock is never held
+    across I/O, so it cannot make greenlets wait on one another."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    by_channel: dict[str, Subscription] = field(default_factory=dict)
+
+    def add(self, subscription: Subscription) -> None:
+        with self.lock:
+            self.by_channel[subscription.channel] = subscription
+
+    def remove(self, subscription: Subscription) -> None:
+        with self.lock:
+            if self.by_channel.get(subscription.channel) is subscription:
+                del self.by_channel[subscription.channel]
+
+    def find(self, channel: str) -> Subscription | None:
+        with self.lock:
+            return self.by_channel.get(channel)
+
+    def break_all(self, reason: str) -> None:
+        with self.lock:
+            subscriptions = list(self.by_channel.values())
+        for subscription in subscriptions:
+            subscription.break_off(reason)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.by_channel)
+
+
+@dataclass
+class _Runtime:
+    """Everything that belongs to the hub running in one process. Built on first
+    use inside that process, after gevent has patched threading."""
+
+    pid: int
+    registry: _Registry
+    connected: threading.Event
+    stopping: threading.Event
+    thread: threading.Thread | None = None
+
+
+class EventHub:
+    """Routes every request's events from one pub/sub connection to per-request inboxes."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        subscribe_timeout_seconds: float = limits.SUBSCRIBE_TIMEOUT_SECONDS,
+        poll_seconds: float = 1.0,
+        reconnect_delay_seconds: float = 0.1,
+        max_reconnect_delay_seconds: float = 5.0,
+    ) -> None:
+        self._connection = connection
+        self._subscribe_timeout = subscribe_timeout_seconds
+        self._poll_seconds = poll_seconds
+        self._reconnect_delay = reconnect_delay_seconds
+        self._max_reconnect_delay = max_reconnect_delay_seconds
+        self._start_lock = threading.Lock()  # never held across I/O (see _Registry)
+        self._runtime: _Runtime | None = None
+
+    # -- used by requests -------------------------------------------------
+
+    def subscribe(self, request_id: str) -> Subscription:
+        """Register a request's inbox; returns once the hub is subscribed.
+
+        Raises redis.exceptions.ConnectionError when the hub cannot confirm
+        its subscription within the subscribe timeout."""
+        runtime = self._ensure_running()
+        subscription = Subscription(request_id, runtime.registry)
+        runtime.registry.add(subscription)
+        if not runtime.connected.wait(self._subscribe_timeout) or subscription.broken:
+            subscription.close()
+            raise redis.exceptions.ConnectionError("the event relay is not subscribed to Redis")
+        return subscription
+
+    @property
+    def started(self) -> bool:
+        runtime = self._runtime
+        return runtime is not None and runtime.pid == os.getpid()
+
+    @property
+    def connected(self) -> bool:
+        return self.started and self._runtime.connected.is_set()
+
+    @property
+    def open_subscriptions(self) -> int:
+        return len(self._runtime.registry) if self.started else 0
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the reader thread and end every waiting request (tests, shutdown)."""
+        if not self.started:
+            return
+        runtime = self._runtime
+        runtime.stopping.set()
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            self._connection.publish(_WAKE_CHANNEL, b"")
+        if runtime.thread is not None:
+            runtime.thread.join(timeout)
+        runtime.registry.break_all("the API is shutting down")
+
+    # -- the reader thread --------------------------------------------------
+
+    def _ensure_running(self) -> _Runtime:
+        with self._start_lock:
+            runtime = self._runtime
+            if runtime is None or runtime.pid != os.getpid():
+                # First use in this process (or we are a forked child whose
+                # parent's thread did not survive the fork).
+                runtime = _Runtime(
+                    pid=os.getpid(),
+                    registry=_Registry(),
+                    connected=threading.Event(),
+                    stopping=threading.Event(),
+                )
+                self._runtime = runtime
+            if runtime.thread is None or not runtime.thread.is_alive():
+                runtime.stopping.clear()
+                runtime.thread = threading.Thread(
+                    target=self._run, args=(runtime,), name="mmserve-event-hub", daemon=True
+                )
+                runtime.thread.start()
+            return runtime
+
+    def _run(self, runtime: _Runtime) -> None:
+        delay = self._reconnect_delay
+        while not runtime.stopping.is_set():
+            reason = "lost the connection to Redis while waiting for events"
+            pubsub = self._connection.pubsub()
+            try:
+                pubsub.psubscribe(keys.EVENTS_PATTERN)
+                self._await_confirmation(pubsub)
+                runtime.connected.set()
+                log.info("event hub subscribed to %s", keys.EVENTS_PATTERN)
+                delay = self._reconnect_delay
+                self._relay(pubsub, runtime)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                log.warning("event hub connection failed: %s", exc)
+            except Exception:
+                log.exception("event hub failed")
+                reason = "the event relay failed"
+            finally:
+                runtime.connected.clear()
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+            if runtime.stopping.is_set():
+                break
+            runtime.registry.break_all(reason)
+            runtime.stopping.wait(delay)
+            delay = min(delay * 2, self._max_reconnect_delay)
+
+    def _await_confirmation(self, pubsub: redis.client.PubSub) -> None:
+        deadline = time.monotonic() + self._subscribe_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "psubscribe":
+                return
+        raise redis.exceptions.TimeoutError("Redis did not confirm the events subscription")
+
+    def _relay(self, pubsub: redis.client.PubSub, runtime: _Runtime) -> None:
+        while not runtime.stopping.is_set():
+            message = pubsub.get_message(timeout=self._poll_seconds)
+            if message is None:
+                continue
+            if message["type"] == "pmessage":
+                self._route(message["channel"], message["data"], runtime.registry)
+            elif message["type"] == "psubscribe":
+                # redis-py reconnected inside the read and subscribed again:
+                # whatever was published in between is gone.
+                log.warning("event hub re-subscribed after a silent reconnect")
+                runtime.registry.break_all("lost events while reconnecting to Redis")
+
+    @staticmethod
+    def _route(channel: bytes | str, data: bytes | str, registry: _Registry) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        subscription = registry.find(name)
+        if subscription is None:
+            return
+        try:
+            event = events.decode(data)
+        except pydantic.ValidationError as exc:
+            log.warning("dropping a malformed event on %s: %s", name, exc)
+            return
+        subscription.deliver(event)

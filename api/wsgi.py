@@ -1,0 +1,59 @@
+"""The gunicorn entry point: `gunicorn -k gevent 'api.wsgi:app_from_env()'`.
+
+Builds the app from MMSERVE_* environment variables (set by the `mmserve` CLI).
+Nothing happens at import time: gunicorn calls the factory in each worker
+process, after gevent has patched the standard library."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from flask import Flask
+
+from api.app import create_app
+from shared import limits
+from shared.settings import ApiSettings
+
+
+def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
+    """ApiSettings from MMSERVE_* variables; unset or empty ones keep their default."""
+
+    def value(name: str) -> str | None:
+        return environ.get(f"MMSERVE_{name}") or None
+
+    def number(name: str, kind: type[int] | type[float], default: int | float | None) -> int | float | None:
+        text = value(name)
+        if text is None:
+            return default
+        try:
+            return kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise ValueError(f"MMSERVE_{name} must be {expected}, got {text!r}") from None
+
+    redis_url = value("REDIS_URL")
+    if redis_url is None:
+        raise ValueError("MMSERVE_REDIS_URL is not set: the API needs the Redis the workers use")
+    return ApiSettings(
+        redis_url=redis_url,
+        port=number("PORT", int, limits.INFERENCE_PORT),
+        management_port=number("MANAGEMENT_PORT", int, limits.MANAGEMENT_PORT),
+        body_size_limit_bytes=number("BODY_SIZE_LIMIT_BYTES", int, limits.DEFAULT_BODY_SIZE_LIMIT_BYTES),
+        max_queue_depth=number("MAX_QUEUE_DEPTH", int, None),
+        api_key=value("API_KEY"),
+        first_event_timeout_seconds=number(
+            "FIRST_EVENT_TIMEOUT_SECONDS", float, limits.FIRST_EVENT_TIMEOUT_SECONDS
+        ),
+        next_event_timeout_seconds=number(
+            "NEXT_EVENT_TIMEOUT_SECONDS", float, limits.NEXT_EVENT_TIMEOUT_SECONDS
+        ),
+        keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", float, limits.SSE_KEEPALIVE_SECONDS),
+    )
+
+
+def app_from_env() -> Flask:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings_from_env(os.environ))

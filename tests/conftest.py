@@ -1,0 +1,33 @@
+"""Fixtures shared by every test suite: a tiny random model on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.fixtures.tiny_models import build_tiny_llama, smollm2_tokenizer
+
+# On a 2-core machine torch's default thread pool makes tiny models erratically
+# slow (see DESIGN.md, "Known pitfalls"); tests never need more than one.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SmolLM2 tokenizer as a plain folder (left padding), converted from
+    the GGUF once and kept in pytest's cache between sessions."""
+    cache = getattr(pytestconfig, "cache", None)
+    root = cache.mkdir("mmserve") if cache is not None else tmp_path_factory.mktemp("mmserve")
+    directory = root / f"smollm2-tokenizer-transformers-{transformers.__version__}"
+    smollm2_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random LlamaForCausalLM with the SmolLM2 tokenizer, saved so that
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained(path) load it."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_cache_dir=smollm2_tokenizer_dir)

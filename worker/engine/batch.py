@@ -1,0 +1,214 @@
+"""The running batch: the rows being generated together and the tensors the
+model needs for them.
+
+A `Batch` lives in one of two states:
+
+- ready to run: `input_ids` / `position_ids` are the tokens the next forward
+  consumes and `attention_mask` covers the cache plus those tokens;
+- ready to sample: the forward ran, `logits` holds each row's next-token
+  logits and `attention_mask` covers exactly the cache.
+
+Rows are left-padded: every row's last token sits in the last column, padding
+columns are 0 in `attention_mask`, and each row's position ids count only its
+real tokens (cumsum of the mask - 1), which makes a padded row compute what it
+would compute alone. `filter` drops finished rows (slicing the KV cache and
+trimming padding no row needs any more); `concatenate` merges batches that
+are ready to sample, left-padding the shorter KV caches, which is all that
+continuous batching needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from worker.engine.detokenizer import Detokenizer
+from worker.engine.rows import RowRequest
+from worker.engine.sampler import Sampler
+from worker.engine.stopping import Stopping
+
+
+@dataclass
+class Row:
+    """The bookkeeping of one row that is not a batch tensor."""
+
+    key: Hashable
+    prompt_length: int
+    stopping: Stopping
+    detokenizer: Detokenizer
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.stopping.generated
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, S] long, 0 = left padding
+    position_ids: torch.Tensor  # [B, T] long
+    cache: DynamicCache
+    sampler: Sampler
+    logits: torch.Tensor | None = None  # [B, V] once the forward has run
+
+    @classmethod
+    def from_rows(
+        cls,
+        requests: Sequence[RowRequest],
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: Collection[int],
+        vocab_size: int,
+        pad_token_id: int,
+        device: torch.device | str = "cpu",
+        cache: DynamicCache | None = None,
+    ) -> Batch:
+        """A batch ready to prefill `requests`, prompts left-padded to the longest."""
+        if not requests:
+            raise ValueError("a batch needs at least one row")
+        device = torch.device(device)
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):
+            length = len(request.prompt_ids)
+            input_ids[row, width - length :] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            attention_mask[row, width - length :] = 1
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        rows = [
+            Row(
+                key=r.key,
+                prompt_length=len(r.prompt_ids),
+                stopping=Stopping(r.params, r.prompt_ids, eos_token_ids),
+                detokenizer=Detokenizer(tokenizer),
+            )
+            for r in requests
+        ]
+        sampler = Sampler.from_params(
+            [r.params for r in requests], [r.prompt_ids for r in requests], vocab_size, device
+        )
+        return cls(
+            rows=rows,
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            cache=cache if cache is not None else DynamicCache(),
+            sampler=sampler,
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [row.key for row in self.rows]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] real (non-padding) tokens per row covered by the attention mask."""
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def can_concatenate(self) -> bool:
+        """Whether `concatenate` supports this batch's KV cache."""
+        return _plain_dynamic(self.cache)
+
+    @property
+    def ready_to_sample(self) -> bool:
+        return self.logits is not None
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Feed each row's chosen token ([B]) to the next forward."""
+        if tokens.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} tokens, got shape {tuple(tokens.shape)}")
+        self.input_ids = tokens.to(self.input_ids.device, torch.long)[:, None]
+        self.position_ids = self.position_ids[:, -1:] + 1
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((len(self), 1))], dim=1
+        )
+        self.logits = None
+
+    def filter(self, keep: Sequence[int]) -> Batch:
+        """The rows `keep` (indices into this batch, in that order) of a batch
+        that is ready to sample. Padding columns no kept row uses are trimmed
+        from the mask and the KV cache. Reuses (and mutates) the cache."""
+        if not self.ready_to_sample:
+            raise RuntimeError("filter a batch after its forward, before appending tokens")
+        keep = list(keep)
+        if not keep:
+            raise ValueError("filter would leave an empty batch; drop the batch instead")
+        if keep == list(range(len(self))):
+            return self
+        device = self.attention_mask.device
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        self.cache.batch_select_indices(index)
+        attention_mask = self.attention_mask[index]
+        unused = attention_mask.shape[1] - int(attention_mask.sum(dim=1).max())
+        if unused > 0 and _plain_dynamic(self.cache):
+            attention_mask = attention_mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, unused:, :]
+                layer.values = layer.values[:, :, unused:, :]
+        assert self.logits is not None
+        return Batch(
+            rows=[self.rows[i] for i in keep],
+            input_ids=self.input_ids[index],
+            attention_mask=attention_mask,
+            position_ids=self.position_ids[index],
+            cache=self.cache,
+            sampler=self.sampler.filter(keep),
+            logits=self.logits[index],
+        )
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch holding the rows of `batches` (all ready to sample), in
+        order. Shorter KV caches and masks are left-padded to the longest, so
+        every row's last token stays in the last column. Reuses (and mutates)
+        the first batch's cache."""
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        if len(batches) == 1:
+            return batches[0]
+        if not all(b.ready_to_sample for b in batches):
+            raise RuntimeError("concatenate batches after their forward, before appending tokens")
+        if not all(b.can_concatenate for b in batches):
+            raise NotImplementedError("only plain DynamicCache layers can be concatenated")
+        if len({len(b.cache.layers) for b in batches}) != 1:
+            raise ValueError("batches come from models with different numbers of layers")
+        width = max(b.attention_mask.shape[1] for b in batches)
+
+        def pad_left(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - tensor.shape[dim]
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        cache = batches[0].cache
+        for index, layer in enumerate(cache.layers):
+            layers = [b.cache.layers[index] for b in batches]
+            layer.keys = torch.cat([pad_left(x.keys, 2) for x in layers], dim=0)
+            layer.values = torch.cat([pad_left(x.values, 2) for x in layers], dim=0)
+        logits = [b.logits for b in batches]
+        return cls(
+            rows=[row for b in batches for row in b.rows],
+            input_ids=torch.cat([b.input_ids[:, -1:] for b in batches]),
+            attention_mask=torch.cat([pad_left(b.attention_mask, 1) for b in batches]),
+            position_ids=torch.cat([b.position_ids[:, -1:] for b in batches]),
+            cache=cache,
+            sampler=Sampler.concatenate([b.sampler for b in batches]),
+            logits=torch.cat([x for x in logits if x is not None]),
+        )
+
+
+def _plain_dynamic(cache: DynamicCache) -> bool:
+    """True when every layer is a full-attention DynamicLayer that holds
+    tensors (sliding-window and other layer kinds keep extra state)."""
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)

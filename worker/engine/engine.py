@@ -1,0 +1,282 @@
+"""The decode loop: prefill rows, then one token per row per `step`.
+
+`Engine` drives a transformers causal LM over a `Batch`: `add` left-pads and
+prefills new rows (merging them into a running batch if there is one),
+`step` samples one token for every row, reports it, drops finished rows and
+runs the model on the new tokens of the rows still running, and `cancel`
+drops rows at once. Greedy rows produce what `model.generate(do_sample=False)`
+produces for the same prompt alone: the same token ids in float32; in
+bfloat16 the padding of a batch changes rounding enough that a row can
+drift from its solo run after a while (it still equals `generate` on the
+same padded batch).
+
+The engine knows nothing of Redis, RQ or HTTP; worker/batch_run.py drives it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable, Iterable, Mapping
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.engine.batch import Batch, Row
+from worker.engine.rows import RowOutput, RowRequest
+from worker.engine.stopping import banned_token_mask
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot run (empty, too long for the model, no chat
+    template...). The message is meant for the API's client."""
+
+
+class Engine:
+    """A batched decode loop over one causal language model."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device | str = "cpu",
+        *,
+        eos_token_ids: Iterable[int] | None = None,
+    ):
+        """`eos_token_ids` overrides the end-of-sequence ids read from the
+        model's generation config and the tokenizer."""
+        self.device = torch.device(device)
+        if getattr(model, "hf_device_map", None) is None and model.device != self.device:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = (
+            frozenset(int(t) for t in eos_token_ids)
+            if eos_token_ids is not None
+            else _eos_token_ids(model, tokenizer)
+        )
+        self.vocab_size = _vocab_size(model)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = next(iter(sorted(self.eos_token_ids)), 0)
+        self.pad_token_id: int = pad
+        accepted = inspect.signature(model.forward).parameters
+        # transformers 5 names the KV cache argument `cache`; older (remote
+        # code) models still call it `past_key_values`.
+        self._cache_argument = "cache" if "cache" in accepted else "past_key_values"
+        self._forward_kwargs: dict[str, object] = {}
+        if "logits_to_keep" in accepted:
+            self._forward_kwargs["logits_to_keep"] = 1
+        self._batch: Batch | None = None
+
+    # -- facts about the model ------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's maximum sequence length (prompt + completion), if it has one."""
+        config = self.model.config
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._batch) if self._batch is not None else 0
+
+    @property
+    def has_work(self) -> bool:
+        return self.num_rows > 0
+
+    @property
+    def keys(self) -> list[Hashable]:
+        """The keys of the running rows, in batch order."""
+        return self._batch.keys if self._batch is not None else []
+
+    # -- prompts ------------------------------------------------------------
+
+    def encode_prompt(
+        self, text: str, *, use_chat_template: bool = False, prompt_max_tokens: int | None = None
+    ) -> list[int]:
+        """Token ids for `text`: plain tokenisation (with the tokenizer's usual
+        special tokens, e.g. BOS), or the chat template with `text` as one user
+        turn and the assistant's turn opened. `prompt_max_tokens` keeps the
+        last n tokens.
+
+        An empty result raises PromptError rather than falling back to a lone
+        BOS: for chat models BOS is often a turn marker (SmolLM2's is
+        <|im_start|>), so the fallback would generate noise the client did not
+        ask for; a clear error is more useful.
+        """
+        if use_chat_template:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise PromptError("use_chat_template is set but this model's tokenizer has no chat template")
+            try:
+                encoded = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            except Exception as exc:  # jinja2 errors, templates that raise on purpose
+                raise PromptError(f"the chat template could not be applied: {exc}") from exc
+            if isinstance(encoded, Mapping):
+                encoded = encoded["input_ids"]
+            ids = [int(token) for token in encoded]
+        else:
+            ids = [int(token) for token in self.tokenizer(text)["input_ids"]]
+        if prompt_max_tokens is not None:
+            if prompt_max_tokens < 1:
+                raise PromptError("prompt_max_tokens must be at least 1")
+            ids = ids[-prompt_max_tokens:]
+        if not ids:
+            raise PromptError("the prompt is empty after tokenisation")
+        return ids
+
+    def _check(self, request: RowRequest) -> None:
+        prompt = request.prompt_ids
+        if not prompt:
+            raise PromptError(f"row {request.key!r}: the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise PromptError(f"row {request.key!r}: token ids must lie in [0, {self.vocab_size})")
+        max_new = request.params.max_new_tokens
+        if max_new < 1:
+            raise PromptError(f"row {request.key!r}: max_new_tokens must be at least 1")
+        context = self.context_length
+        if context is not None and len(prompt) + max_new > context:
+            raise PromptError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                f"context of {context} tokens"
+            )
+
+    # -- the loop -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, rows: list[RowRequest]) -> None:
+        """Prefill `rows` and add them to the running batch. Every row is
+        checked first; on PromptError nothing is added."""
+        if not rows:
+            return
+        for request in rows:
+            self._check(request)
+        if self._batch is not None and not self._batch.can_concatenate:
+            raise NotImplementedError(
+                "this model's KV cache (e.g. sliding-window layers) cannot take rows into a running batch; "
+                "add rows when the engine has no work"
+            )
+        known = set(self.keys)
+        for request in rows:
+            if request.key in known:
+                raise ValueError(f"row key {request.key!r} is already in the batch")
+            known.add(request.key)
+        batch = Batch.from_rows(
+            rows,
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.vocab_size,
+            pad_token_id=self.pad_token_id,
+            device=self.device,
+            cache=DynamicCache(config=self.model.config),
+        )
+        self._forward(batch)
+        self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
+
+    @torch.inference_mode()
+    def step(self) -> list[RowOutput]:
+        """One token for every running row. Finished rows report their finish
+        reason and leave the batch; the model then runs on the new tokens of
+        the rows still running."""
+        batch = self._batch
+        if batch is None:
+            return []
+        assert batch.logits is not None
+        banned = banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device)
+        tokens = batch.sampler(batch.logits, banned)
+        batch.sampler.record(tokens)
+        token_list = tokens.tolist()
+
+        outputs: list[RowOutput] = []
+        keep: list[int] = []
+        for index, (row, token) in enumerate(zip(batch.rows, token_list, strict=True)):
+            finish_reason = row.stopping.update(token)
+            text = row.detokenizer.push(token)
+            if finish_reason is None:
+                keep.append(index)
+            else:
+                text += row.detokenizer.flush()
+            outputs.append(self._output(row, token, text, finish_reason))
+
+        if not keep:
+            self._batch = None
+            return outputs
+        batch = batch.filter(keep)
+        batch.append(tokens[keep])
+        self._forward(batch)
+        self._batch = batch
+        return outputs
+
+    @torch.inference_mode()
+    def cancel(self, keys: Iterable[Hashable]) -> list[RowOutput]:
+        """Drop the rows with these keys at once; each reports finish_reason
+        "cancelled" (with any text still held back). Unknown keys are ignored."""
+        batch = self._batch
+        if batch is None:
+            return []
+        wanted = set(keys)
+        outputs: list[RowOutput] = []
+        keep: list[int] = []
+        for index, row in enumerate(batch.rows):
+            if row.key in wanted:
+                outputs.append(self._output(row, None, row.detokenizer.flush(), row.stopping.cancel()))
+            else:
+                keep.append(index)
+        if outputs:
+            self._batch = batch.filter(keep) if keep else None
+        return outputs
+
+    def _forward(self, batch: Batch) -> None:
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=True,
+            **{self._cache_argument: batch.cache},
+            **self._forward_kwargs,
+        )
+        cache = getattr(out, "cache", None)
+        batch.cache = cache if cache is not None else out.past_key_values
+        batch.logits = out.logits[:, -1, :]
+
+    @staticmethod
+    def _output(row: Row, token_id: int | None, text: str, finish_reason) -> RowOutput:
+        return RowOutput(
+            key=row.key,
+            token_id=token_id,
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=row.prompt_length,
+            completion_tokens=row.completion_tokens,
+        )
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every end-of-sequence id the model's generation config or the tokenizer names."""
+    ids: set[int] = set()
+    sources = [getattr(model, "generation_config", None), tokenizer]
+    if sources[0] is None:
+        sources[0] = model.config
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
+    return frozenset(ids)
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    """Columns of the model's logits (may exceed the tokenizer's vocabulary)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
