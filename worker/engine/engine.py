@@ -21,6 +21,7 @@ from collections.abc import Hashable, Iterable, Mapping
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.events import FinishReason
 from worker.engine.batch import Batch, Row
 from worker.engine.rows import RowOutput, RowRequest
 from worker.engine.stopping import banned_token_mask
@@ -247,7 +248,7 @@ class Engine:
         batch.logits = out.logits[:, -1, :]
 
     @staticmethod
-    def _output(row: Row, token_id: int | None, text: str, finish_reason) -> RowOutput:
+    def _output(row: Row, token_id: int | None, text: str, finish_reason: FinishReason | None) -> RowOutput:
         return RowOutput(
             key=row.key,
             token_id=token_id,
