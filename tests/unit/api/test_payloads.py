@@ -32,8 +32,8 @@ def error_of(response, status):
 def test_unknown_keys_are_named(client, route):
     body = error_of(post(client, {"text": "hi", "foo": 1, "bar": None, "baz": 2}, route), 422)
     assert body["error_type"] == "validation_error"
-    # shared.payload drops null keys before validation, so a null unknown key passes unnoticed.
-    assert "unknown key(s): foo, baz" in body["error"]
+    # null means "default" only for known keys: an unknown key is named even when null
+    assert "unknown key(s): foo, bar, baz" in body["error"]
 
 
 def test_missing_text_is_named(client):
