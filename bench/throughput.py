@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +22,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmserve.redis_server import free_port  # noqa: E402
-from tests.sse import parse_sse  # noqa: E402
+from mmserve.redis_server import free_port
+from tests.sse import parse_sse
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -55,8 +54,13 @@ def prompts_for(count: int) -> list[str]:
 
 def stream_one(url: str, prompt: str, new_tokens: int) -> tuple[float, int, float]:
     """(time to first token, tokens, total seconds) for one streaming request."""
-    payload = {"text": prompt, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-               "use_chat_template": True, "return_metadata": True}
+    payload = {
+        "text": prompt,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "use_chat_template": True,
+        "return_metadata": True,
+    }
     started = time.perf_counter()
     first = None
     tokens = 0
@@ -94,10 +98,28 @@ def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port, management = free_port(), free_port()
-    argv = [sys.executable, "-m", "mmserve", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--management-port", str(management), "--workers", "1",
-            "--max-batch-size", str(max(args.concurrency)), "--dtype", args.dtype,
-            "--threads", str(args.threads), "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmserve",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--management-port",
+        str(management),
+        "--workers",
+        "1",
+        "--max-batch-size",
+        str(max(args.concurrency)),
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--log-level",
+        "WARNING",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -129,8 +151,11 @@ def bench_engine(loaded, concurrency: int, rounds: int, new_tokens: int) -> dict
     for round_index in range(rounds):
         batch_started = time.perf_counter()
         rows = [
-            RowRequest(key=(round_index, i), prompt_ids=engine.encode_prompt(p, use_chat_template=True),
-                       params=params)
+            RowRequest(
+                key=(round_index, i),
+                prompt_ids=engine.encode_prompt(p, use_chat_template=True),
+                params=params,
+            )
             for i, p in enumerate(prompts_for(concurrency))
         ]
         engine.add(rows)
@@ -159,16 +184,23 @@ def bench_hf_generate(loaded, count: int, new_tokens: int) -> dict:
     started = time.perf_counter()
     for prompt in prompts_for(count):
         inputs = loaded.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
             return_dict=True,
         ).to(loaded.device)
         with torch.inference_mode():
-            output = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens,
-                                           min_new_tokens=new_tokens)
+            output = loaded.model.generate(
+                **inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+            )
         tokens += output.shape[1] - inputs["input_ids"].shape[1]
     elapsed = time.perf_counter() - started
-    return {"requests": count, "tokens": tokens, "seconds": round(elapsed, 3),
-            "tokens_per_s": round(tokens / elapsed, 2)}
+    return {
+        "requests": count,
+        "tokens": tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 2),
+    }
 
 
 def main() -> None:
@@ -177,8 +209,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads, same for every path (default: what `mmserve serve` picks)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, same for every path (default: what `mmserve serve` picks)",
+    )
     args = parser.parse_args()
 
     from worker.main import configure_threads, default_threads
@@ -213,7 +249,9 @@ def main() -> None:
         http = by_concurrency[row["concurrency"]]
         http["ratio_http_over_in_process"] = round(http["tokens_per_s"] / row["tokens_per_s"], 3)
     if 1 in by_concurrency and 8 in by_concurrency:
-        report["http_c8_over_c1"] = round(by_concurrency[8]["tokens_per_s"] / by_concurrency[1]["tokens_per_s"], 2)
+        report["http_c8_over_c1"] = round(
+            by_concurrency[8]["tokens_per_s"] / by_concurrency[1]["tokens_per_s"], 2
+        )
     print(json.dumps(report, indent=2))
 
 
