@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import requests
 
@@ -20,6 +20,8 @@ log = logging.getLogger("mmserve.serve")
 
 STOP_GRACE_SECONDS = 20.0
 RESTART_BACKOFF_SECONDS = 2.0
+QUICK_FAILURE_SECONDS = 60  # a worker dying this soon after start is probably misconfigured
+MAX_QUICK_FAILURES = 3
 REDIS = "redis"
 
 
@@ -31,11 +33,14 @@ class Child:
     restart: bool
     process: subprocess.Popen | None = None
     restarts: int = 0
-    started_at: float = field(default=0.0)
+    quick_failures: int = 0  # exits soon after starting, in a row
+    started_at: float = 0.0
+    exited_at: float | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
         self.started_at = time.monotonic()
+        self.exited_at = None
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
     @property
@@ -78,7 +83,25 @@ class Supervisor:
                         status = 1
                         self._stopping = True
                         break
-                    if time.monotonic() - child.started_at < RESTART_BACKOFF_SECONDS:
+                    if child.exited_at is None:
+                        child.exited_at = time.monotonic()
+                        lived = child.exited_at - child.started_at
+                        child.quick_failures = (
+                            child.quick_failures + 1 if lived < QUICK_FAILURE_SECONDS else 0
+                        )
+                        if child.quick_failures >= MAX_QUICK_FAILURES:
+                            log.error(
+                                "%s failed %d times in a row within %d s of starting (exit code %s); "
+                                "stopping everything — see its log above",
+                                child.name,
+                                child.quick_failures,
+                                QUICK_FAILURE_SECONDS,
+                                code,
+                            )
+                            status = 1
+                            self._stopping = True
+                            break
+                    if time.monotonic() - child.exited_at < RESTART_BACKOFF_SECONDS:
                         continue
                     child.restarts += 1
                     log.warning(

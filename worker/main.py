@@ -17,7 +17,7 @@ from shared.readers import ReaderInfo
 from shared.settings import WorkerSettings
 from worker.batch_worker import BatchWorker
 from worker.engine.engine import Engine
-from worker.model_loading import load_model
+from worker.model_loading import DEFAULT_MODEL_NAME, load_model
 from worker.reader import ReaderHeartbeat
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def run_worker(settings: WorkerSettings) -> None:
         ReaderInfo(
             reader_id=reader_id,
             consumer_group=settings.consumer_group,
-            model_name=settings.model or "SmolLM2-135M-Instruct",
+            model_name=settings.model or DEFAULT_MODEL_NAME,
             pids=[os.getpid()],
             ready=False,
             hostname=socket.gethostname(),
