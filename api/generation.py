@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
+from rq import Retry
 
 from api.admission import job_queue
 from api.metrics import ApiMetrics
@@ -196,9 +197,13 @@ class Generation:
         ]
 
     def cancel(self) -> None:
-        """Ask the worker to drop the request's rows (best effort)."""
+        """Take the job off its queue if no worker has it yet, and ask the worker
+        that has it to drop the request's rows (best effort)."""
         try:
-            self._connection.set(keys.cancel_key(self.request_id), b"1", ex=limits.CANCEL_TTL_SECONDS)
+            with self._connection.pipeline(transaction=False) as pipe:
+                pipe.set(keys.cancel_key(self.request_id), b"1", ex=limits.CANCEL_TTL_SECONDS)
+                pipe.lrem(job_queue(self._connection, self.consumer_group).key, 0, self.request_id)
+                pipe.execute()
         except redis.exceptions.RedisError as exc:
             log.warning("request %s: could not set its cancel key: %s", self.request_id, exc)
 
@@ -233,6 +238,7 @@ def submit(
             result_ttl=limits.JOB_RESULT_TTL_SECONDS,
             failure_ttl=limits.JOB_FAILURE_TTL_SECONDS,
             job_timeout=limits.JOB_TIMEOUT_SECONDS,
+            retry=Retry(max=limits.JOB_MAX_ATTEMPTS - 1),
         )
     except BaseException:
         with contextlib.suppress(Exception):

@@ -44,7 +44,7 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
         max_queue_depth=number("MAX_QUEUE_DEPTH", int, None),
         api_key=value("API_KEY"),
         first_event_timeout_seconds=number(
-            "FIRST_EVENT_TIMEOUT_SECONDS", float, limits.FIRST_EVENT_TIMEOUT_SECONDS
+            "QUEUE_TIMEOUT_SECONDS", float, limits.FIRST_EVENT_TIMEOUT_SECONDS
         ),
         next_event_timeout_seconds=number(
             "NEXT_EVENT_TIMEOUT_SECONDS", float, limits.NEXT_EVENT_TIMEOUT_SECONDS

@@ -26,17 +26,15 @@ def main() -> None:
 
 
 def _api_env(redis_url: str, api: dict) -> dict[str, str]:
+    """The environment the gunicorn app reads (api/wsgi.py): every API flag as MMSERVE_<FLAG>."""
     env = dict(os.environ)
     env["MMSERVE_REDIS_URL"] = redis_url
-    env["MMSERVE_PORT"] = str(api["port"])
-    env["MMSERVE_MANAGEMENT_PORT"] = str(api["management_port"])
-    env["MMSERVE_BODY_SIZE_LIMIT_BYTES"] = str(api["body_size_limit_bytes"])
-    for key in ("max_queue_depth", "api_key"):
+    for key, value in api.items():
         name = "MMSERVE_" + key.upper()
-        if api[key] is not None:
-            env[name] = str(api[key])
-        else:
+        if value is None or value is False:
             env.pop(name, None)
+        else:
+            env[name] = "1" if value is True else str(value)
     return env
 
 

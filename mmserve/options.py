@@ -58,6 +58,12 @@ API_OPTIONS = [
         help="If set, every route but /healthz needs this key (Authorization: Bearer KEY or X-API-Key: KEY).",
     ),
     _option(
+        "--queue-timeout-seconds",
+        default=limits.FIRST_EVENT_TIMEOUT_SECONDS,
+        type=click.FloatRange(min=0, min_open=True),
+        help="A request no worker has started within this time is ended (504) and taken off the queue.",
+    ),
+    _option(
         "--api-processes",
         default=1,
         type=click.IntRange(1),

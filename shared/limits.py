@@ -31,6 +31,14 @@ RETRY_AFTER_QUEUE_FULL_SECONDS = 1
 # HTTP limits.
 DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
 
+# Images. An upload, a file under --image-dir and a remote image may each hold
+# at most --body-size-limit-bytes; decoded, at most --max-image-pixels pixels
+# (checked from the header, before any pixel is decoded).
+DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
+MAX_IMAGES_PER_REQUEST = 8  # the multipart image counts as the first
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what the API decodes; others are 400
+REMOTE_IMAGE_TIMEOUT_SECONDS = 10.0  # whole download, with --allow-remote-images
+
 # Worker batching.
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_DURATION_MILLIS = 20
@@ -44,6 +52,19 @@ JOB_RESULT_TTL_SECONDS = 300
 JOB_FAILURE_TTL_SECONDS = 3600
 JOB_TIMEOUT_SECONDS = 3600  # RQ's hard limit for one batch
 CANCEL_TTL_SECONDS = 600
+# An image lives while a request holds it (the API deletes it when the last
+# request using it ends); this TTL only bounds what a crashed API leaves behind.
+# It covers a job's wait in its queue, and every read by a worker renews it.
+IMAGE_TTL_SECONDS = JOB_TTL_SECONDS
+
+# Worker crashes. A running job's RQ heartbeat is refreshed every
+# JOB_HEARTBEAT_SECONDS from a thread; a job whose heartbeat is older than
+# JOB_HEARTBEAT_TTL_SECONDS is abandoned and RQ re-queues it (another worker
+# runs it again, from the start, with the same seed) up to JOB_MAX_ATTEMPTS.
+JOB_HEARTBEAT_SECONDS = 2.0
+JOB_HEARTBEAT_TTL_SECONDS = 10
+ABANDONED_JOB_SWEEP_SECONDS = 2
+JOB_MAX_ATTEMPTS = 3
 
 # The API waits this long for a request's first event before giving up, and
 # this long between events once generation runs.

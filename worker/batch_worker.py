@@ -5,14 +5,22 @@ per job): after RQ hands it one job, it keeps popping jobs from its queue for
 up to `batch_duration_millis` or until `max_batch_size` rows are collected, then
 runs them together. Every job still goes through RQ's own bookkeeping
 (executions, StartedJobRegistry, heartbeats, FinishedJobRegistry /
-FailedJobRegistry), so `rq info` and rq-dashboard show the truth."""
+FailedJobRegistry, retries), so `rq info` and rq-dashboard show the truth.
+
+Crashes: while a batch runs, a thread refreshes every job's RQ heartbeat. If
+the process dies, the heartbeats stop, and within seconds another worker's
+registry sweep (RQ's StartedJobRegistry.cleanup) finds the jobs abandoned and
+re-queues them (RQ retries). The re-run repeats the same tokens (same seed);
+the API relays each token sequence number once. After the last attempt the
+sweep publishes an error event so no client waits forever."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from datetime import timedelta
 
+import redis
 from pydantic import ValidationError
 from rq import Queue
 from rq.executions import Execution
@@ -21,6 +29,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from shared import limits
 from shared.events import ErrorEvent
 from shared.payload import GenerationJob
 from worker.batch_run import BatchRun, RequestOutcome
@@ -29,8 +38,7 @@ from worker.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
 
-WORKER_TTL_SECONDS = 30  # RQ blocks up to WORKER_TTL - 15 s waiting for a job
-JOB_MONITORING_INTERVAL_SECONDS = 5  # heartbeat period while a batch runs
+WORKER_TTL_SECONDS = 20  # RQ blocks up to WORKER_TTL - 15 s waiting for a job, then sweeps
 POLL_INTERVAL_SECONDS = 0.002
 
 
@@ -45,7 +53,8 @@ class BatchWorker(SimpleWorker):
         **kwargs,
     ):
         kwargs.setdefault("worker_ttl", WORKER_TTL_SECONDS)
-        kwargs.setdefault("job_monitoring_interval", JOB_MONITORING_INTERVAL_SECONDS)
+        kwargs.setdefault("job_monitoring_interval", int(limits.JOB_HEARTBEAT_SECONDS))
+        kwargs.setdefault("maintenance_interval", limits.ABANDONED_JOB_SWEEP_SECONDS)
         super().__init__(queues, serializer=JSONSerializer, **kwargs)
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -53,6 +62,11 @@ class BatchWorker(SimpleWorker):
         self.publisher = EventPublisher(self.connection)
         self._executions: dict[str, Execution] = {}
         self.batches_run = 0
+        self.push_exc_handler(self._report_abandoned)
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        """Short, so a dead worker's jobs are found abandoned within seconds."""
+        return limits.JOB_HEARTBEAT_TTL_SECONDS
 
     # RQ calls this with the first job it dequeued.
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -123,27 +137,29 @@ class BatchWorker(SimpleWorker):
             return
         rows = sum(len(generation.request.texts) for _, _, generation in runnable)
         log.info("running a batch of %d request(s), %d row(s)", len(runnable), rows)
-        run = BatchRun(
-            self.engine,
-            self.publisher,
-            [generation for _, _, generation in runnable],
-            on_step=lambda: self._keep_alive([job for job, _, _ in runnable]),
-        )
-        outcomes = run.run()
+        run = BatchRun(self.engine, self.publisher, [generation for _, _, generation in runnable])
+        with _Heartbeat(self, [job for job, _, _ in runnable]):
+            outcomes = run.run()
         self.batches_run += 1
         for job, queue, generation in runnable:
-            self._finish(job, queue, outcomes[generation.request_id])
+            try:
+                self._finish(job, queue, outcomes[generation.request_id])
+            except redis.RedisError as exc:
+                # Redis went away at the end of the batch: RQ's sweep will find
+                # the job abandoned once Redis is back, and retry it.
+                log.warning("could not record the end of job %s: %s", job.id, exc)
 
-    def _keep_alive(self, jobs: list[Job]) -> None:
-        """Refresh RQ heartbeats of every job in a long batch."""
-        if self.last_heartbeat and now() - self.last_heartbeat < timedelta(
-            seconds=self.job_monitoring_interval
-        ):
-            return
-        for job in jobs:
-            self.execution = self._executions.get(job.id)
-            if self.execution is not None:
-                self.maintain_heartbeats(job)
+    def beat(self, jobs: list[Job]) -> None:
+        """Refresh the RQ heartbeats of a running batch (worker, executions, jobs)."""
+        ttl = limits.JOB_HEARTBEAT_TTL_SECONDS
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.worker_ttl + 60, pipeline=pipe)
+            for job in jobs:
+                execution = self._executions.get(job.id)
+                if execution is not None:
+                    execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+                job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
 
     def _finish(self, job: Job, queue: Queue, outcome: RequestOutcome) -> None:
         if outcome.error is not None:
@@ -156,9 +172,60 @@ class BatchWorker(SimpleWorker):
         self.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
 
     def _finish_failed(self, job: Job, queue: Queue, reason: str) -> None:
+        """A failure the client has already been told about: never retried."""
         self.execution = self._executions.get(job.id)
         self.handle_execution_ended(job, queue, job.failure_callback_timeout)
         job._status = JobStatus.FAILED
+        job.retries_left = 0
         self.handle_job_failure(
             job=job, queue=queue, started_job_registry=queue.started_job_registry, exc_string=reason
         )
+
+    def _report_abandoned(self, job: Job, exc_type, exc_value, traceback) -> bool:
+        """RQ calls this when its sweep finds a job whose worker died. On the last
+        attempt, tell the waiting client instead of leaving it hanging."""
+        if not job.retries_left:
+            attempts = limits.JOB_MAX_ATTEMPTS
+            log.warning("job %s abandoned by its worker on the last attempt; failing it", job.id)
+            error = ErrorEvent(
+                error=f"the worker running this request died {attempts} time(s); giving up",
+                error_type="worker_lost",
+                status=503,
+            )
+            try:
+                self.publisher.publish([(job.id, error)])
+            except redis.RedisError as publish_error:
+                log.warning("could not report job %s as failed: %s", job.id, publish_error)
+        else:
+            log.warning(
+                "job %s abandoned by its worker; re-queueing (%d attempt(s) left)", job.id, job.retries_left
+            )
+        return True
+
+
+class _Heartbeat:
+    """Keeps a batch's jobs alive in RQ while the decode loop runs, and runs
+    RQ's registry sweep (abandoned jobs of dead workers) when it is due."""
+
+    def __init__(self, worker: BatchWorker, jobs: list[Job]):
+        self._worker = worker
+        self._jobs = jobs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batch-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(limits.JOB_HEARTBEAT_SECONDS):
+            try:
+                self._worker.beat(self._jobs)
+                if self._worker.should_run_maintenance_tasks:
+                    self._worker.clean_registries()
+            except redis.RedisError as exc:
+                log.warning("batch heartbeat failed (will retry): %s", exc)

@@ -92,14 +92,14 @@ class Api:
 def start_api(redis_server, tmp_path) -> Iterator:
     started: list[Process] = []
 
-    def start(*extra: str) -> Api:
+    def start(*extra: str, redis_url: str | None = None) -> Api:
         port, management_port = free_port(), free_port()
         process = Process(
             "api",
             mmserve(
                 "api",
                 "--redis-url",
-                redis_server.url,
+                redis_url or redis_server.url,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -131,14 +131,17 @@ def start_api(redis_server, tmp_path) -> Iterator:
 def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
     started: list[Process] = []
 
-    def start(*extra: str, group: str = "primary", model: Path | None = None) -> Process:
+    def start(
+        *extra: str, group: str = "primary", model: Path | None = None, redis_url: str | None = None
+    ) -> Process:
         index = len(started)
+        redis_url = redis_url or redis_server.url
         process = Process(
             f"worker-{index}",
             mmserve(
                 "worker",
                 "--redis-url",
-                redis_server.url,
+                redis_url,
                 "--model",
                 str(model or tiny_model_dir),
                 "--consumer-group",
@@ -154,7 +157,7 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
             tmp_path / f"worker-{index}.log",
         ).start()
         started.append(process)
-        client = redis.Redis.from_url(redis_server.url)
+        client = redis.Redis.from_url(redis_url)
         known = {reader.reader_id for reader in readers.live_readers(client, group)}
 
         def ready() -> bool:

@@ -64,6 +64,7 @@ def test_the_job_is_one_json_rq_job_holding_the_generation_job(client, worker):
     assert rq_job.result_ttl == limits.JOB_RESULT_TTL_SECONDS
     assert rq_job.failure_ttl == limits.JOB_FAILURE_TTL_SECONDS
     assert rq_job.timeout == limits.JOB_TIMEOUT_SECONDS
+    assert rq_job.retries_left == limits.JOB_MAX_ATTEMPTS - 1  # re-run if its worker dies
 
 
 def test_a_given_seed_is_kept_and_a_missing_one_is_drawn(client, worker):
@@ -123,13 +124,20 @@ def test_a_worker_error_answers_its_status_and_body(client, worker, connection):
     assert connection.get(keys.cancel_key(worker.jobs[0].request_id)) is None
 
 
-def test_no_first_event_in_time_is_504_and_cancels(make_app, connection):
+def test_no_first_event_in_time_is_504_and_withdraws_the_job(make_app, connection):
     client = client_on(make_app(first_event_timeout_seconds=0.1), INFERENCE_URL)
     response = client.post("/generate", json={"text": "a"})
     assert response.status_code == 504
     assert response.get_json()["error_type"] == "timeout"
-    queued = connection.lrange(f"rq:queue:{keys.queue_name('primary')}", 0, -1)
-    assert connection.get(keys.cancel_key(queued[0].decode())) == b"1"
+    assert_withdrawn(connection)
+
+
+def assert_withdrawn(connection) -> None:
+    """The request's job left its queue and its cancel key is set."""
+    (job_key,) = connection.keys("rq:job:*")
+    request_id = job_key.decode().removeprefix("rq:job:")
+    assert connection.lrange(f"rq:queue:{keys.queue_name('primary')}", 0, -1) == []
+    assert connection.get(keys.cancel_key(request_id)) == b"1"
 
 
 def test_silence_after_the_first_event_is_504(make_app, worker):
@@ -227,7 +235,7 @@ def test_closing_a_stream_early_cancels_the_job(client, worker, connection, app)
     assert state_of(app).hub.open_subscriptions == 0
 
 
-def test_closing_a_stream_before_reading_it_cancels_the_job(app, connection):
+def test_closing_a_stream_before_reading_it_withdraws_the_job(app, connection):
     # The test client always reads a first chunk, so call the WSGI app as a
     # server would and close the body before iterating it (client gone at once).
     environ = EnvironBuilder(
@@ -235,8 +243,7 @@ def test_closing_a_stream_before_reading_it_cancels_the_job(app, connection):
     )
     body = app(environ.get_environ(), lambda status, headers, exc_info=None: None)
     body.close()
-    queued = connection.lrange(f"rq:queue:{keys.queue_name('primary')}", 0, -1)
-    assert connection.get(keys.cancel_key(queued[0].decode())) == b"1"
+    assert_withdrawn(connection)
     assert state_of(app).hub.open_subscriptions == 0
 
 
