@@ -23,7 +23,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmserve.redis_server import free_port
-from tests.sse import parse_sse
+from tests.sse import iter_lines, parse_sse
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -66,8 +66,7 @@ def stream_one(url: str, prompt: str, new_tokens: int) -> tuple[float, int, floa
     tokens = 0
     with requests.post(url + "/generate_stream", json=payload, stream=True, timeout=600) as response:
         response.raise_for_status()
-        lines = (line.decode() for line in response.iter_lines())
-        for event in parse_sse(lines):
+        for event in parse_sse(iter_lines(response)):
             if event.event == "message" and first is None:
                 first = time.perf_counter() - started
             elif event.event == "metadata":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
                 event = value
     if data:
         yield SseEvent(event, "\n".join(data))
+
+
+def iter_lines(response) -> Iterator[str]:
+    """Lines of a streaming requests response, split on \n only, as they arrive.
+    (requests' own iter_lines also splits on \r, \x0b, \u2028... which tokens may hold.)"""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    for chunk in response.iter_content(chunk_size=None):
+        pending += decoder.decode(chunk)
+        *lines, pending = pending.split("\n")
+        yield from lines
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
 
 
 def read_stream(response) -> list[SseEvent]:

@@ -1,0 +1,194 @@
+"""Soak: many concurrent streaming clients against `mmserve serve` with a tiny
+random model and several workers, one worker SIGKILLed (and restarted by
+`serve`) mid-run. Loopback only; bounded in count and time.
+
+    .venv/bin/python bench/soak.py [--clients 500] [--workers 3] [--new-tokens 24]
+
+Every answer is checked against the same prompt's non-streaming answer taken
+before the run (greedy, so they must agree): a duplicated or missing token shows
+up as a mismatch. Prints one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmserve.redis_server import free_port
+from tests.fixtures.tiny_models import build_tiny_llama
+from tests.sse import iter_lines, parse_sse
+
+DEADLINE_SECONDS = 600
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def stream(url: str, payload: dict) -> tuple[str | None, float | None, str | None]:
+    """(text, time to first token, error) of one streaming request."""
+    started = time.perf_counter()
+    first = None
+    parts: list[str] = []
+    try:
+        with requests.post(url + "/generate_stream", json=payload, stream=True, timeout=300) as response:
+            if response.status_code != 200:
+                return None, None, f"HTTP {response.status_code}: {response.text[:200]}"
+            for event in parse_sse(iter_lines(response)):
+                if event.event == "error":
+                    return None, None, event.data
+                if event.event == "message":
+                    if first is None:
+                        first = time.perf_counter() - started
+                    parts.append(event.data)
+    except requests.RequestException as exc:
+        return None, None, str(exc)
+    return "".join(parts), first, None
+
+
+def api_rss(serve: psutil.Process) -> int:
+    return sum(
+        child.memory_info().rss
+        for child in serve.children(recursive=True)
+        if "gunicorn" in " ".join(child.cmdline())
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--kill-after", type=float, default=0.3, help="fraction of answers before the kill")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="mmserve-soak-"))
+    model = build_tiny_llama(workdir / "model", tokenizer_cache_dir=workdir / "tokenizer")
+    port, management = free_port(), free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--management-port",
+            str(management),
+            "--workers",
+            str(args.workers),
+            "--model",
+            str(model),
+            "--dtype",
+            "float32",
+            "--threads",
+            "1",
+            "--max-batch-size",
+            "16",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "serve.log").open("wb"),
+    )
+    url, management_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{management}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                ready = requests.get(url + "/readyz", timeout=1)
+                readers = requests.get(management_url + "/reader_groups", timeout=1).json().get("primary", [])
+                if ready.status_code == 200 and len(readers) == args.workers:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or serve.poll() is not None:
+                raise RuntimeError(f"mmserve serve did not become ready; see {workdir / 'serve.log'}")
+            time.sleep(0.5)
+
+        prompts = [f"soak prompt number {i % 16}" for i in range(args.clients)]
+        payload = {"max_new_tokens": args.new_tokens}
+        expected = {
+            p: requests.post(url + "/generate", json={"text": p, **payload}, timeout=60).json()["text"]
+            for p in sorted(set(prompts))
+        }
+        rss_before = api_rss(psutil.Process(serve.pid))
+
+        answered = threading.Semaphore(0)
+        killed: dict = {}
+
+        def killer() -> None:
+            for _ in range(int(args.clients * args.kill_after)):
+                answered.acquire()
+            victim = requests.get(management_url + "/reader_groups", timeout=5).json()["primary"][0]
+            os.kill(victim["pids"][0], signal.SIGKILL)
+            killed.update(reader_id=victim["reader_id"], at=time.monotonic())
+
+        def client(prompt: str):
+            result = stream(url, {"text": prompt, **payload})
+            answered.release()
+            return prompt, result
+
+        threading.Thread(target=killer, daemon=True).start()
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            results = list(pool.map(client, prompts, timeout=DEADLINE_SECONDS))
+        elapsed = time.monotonic() - started
+        time.sleep(1)
+        rss_after = api_rss(psutil.Process(serve.pid))
+        readers_after = requests.get(management_url + "/reader_groups", timeout=5).json().get("primary", [])
+
+        completed = [(p, r) for p, r in results if r[2] is None]
+        mismatched = sum(1 for p, (text, _, _) in completed if text != expected[p])
+        errors = [r[2] for _, r in results if r[2] is not None]
+        ttfts = [r[1] for _, r in completed if r[1] is not None]
+        print(
+            json.dumps(
+                {
+                    "clients": args.clients,
+                    "workers": args.workers,
+                    "new_tokens": args.new_tokens,
+                    "seconds": round(elapsed, 2),
+                    "completed": len(completed),
+                    "completed_ratio": round(len(completed) / args.clients, 4),
+                    "mismatched_outputs": mismatched,
+                    "errors": len(errors),
+                    "first_errors": errors[:3],
+                    "worker_killed": bool(killed),
+                    "workers_live_after": len(readers_after),
+                    "ttft_p50_s": round(percentile(ttfts, 50), 3) if ttfts else None,
+                    "ttft_p99_s": round(percentile(ttfts, 99), 3) if ttfts else None,
+                    "api_rss_mb_before": round(rss_before / 2**20, 1),
+                    "api_rss_mb_after": round(rss_after / 2**20, 1),
+                },
+                indent=2,
+            )
+        )
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+
+
+if __name__ == "__main__":
+    main()
