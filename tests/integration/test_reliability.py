@@ -138,3 +138,18 @@ def test_api_and_workers_recover_when_redis_restarts(start_api, start_worker):
         assert redis.Redis.from_url(server.url).ping()
     finally:
         server.stop()
+
+
+def test_api_sigterm_lets_open_streams_finish(start_api, start_worker):
+    start_worker()
+    api = start_api()
+    started = threading.Event()
+    stream = concurrent.futures.ThreadPoolExecutor(1).submit(
+        stream_text, api.url, {"text": "keep going", "max_new_tokens": 1000, "min_new_tokens": 1000}, started
+    )
+    started.wait(30)
+    api.process.process.send_signal(signal.SIGTERM)
+    assert not stream.done(), "the stream ended before the API was asked to stop"
+    text, kinds = stream.result(timeout=60)
+    assert "error" not in kinds and len(text) > 1000
+    assert api.process.process.wait(40) == 0
