@@ -37,9 +37,11 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway redis-server on a loopback port, no persistence."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, password: str | None = None):
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self._workdir = tempfile.mkdtemp(prefix="mmserve-redis-")
         self.process: subprocess.Popen | None = None
 
@@ -59,6 +61,7 @@ class RedisServer:
                 self._workdir,
                 "--loglevel",
                 "warning",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,

@@ -153,3 +153,19 @@ def test_api_sigterm_lets_open_streams_finish(start_api, start_worker):
     text, kinds = stream.result(timeout=60)
     assert "error" not in kinds and len(text) > 1000
     assert api.process.process.wait(40) == 0
+
+
+def test_a_redis_url_with_a_password_works(start_api, start_worker):
+    server = RedisServer(password="s3cret-pass").start()
+    try:
+        assert ":s3cret-pass@" in server.url
+        start_worker(redis_url=server.url)
+        api = start_api(redis_url=server.url)
+        response = requests.post(
+            api.url + "/generate", json={"text": "hello", "max_new_tokens": 3}, timeout=30
+        )
+        assert response.status_code == 200
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+    finally:
+        server.stop()
