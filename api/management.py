@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
 
-from api.errors import UnknownReader
+from api.errors import ApiError, InvalidPayload, NotImplementedYet, UnknownReader
+from api.payloads import describe_validation_error, read_json_body
 from api.state import app_state
-from shared import readers
+from shared import readers, supervision
 
 blueprint = Blueprint("management", __name__)
 
@@ -43,3 +45,58 @@ def config(reader_id: str) -> Response:
     if reader is None:
         raise UnknownReader(f"no live reader '{reader_id}'")
     return jsonify(reader.model_dump(mode="json"))
+
+
+def _supervisor_id() -> str:
+    supervisor_id = app_state().settings.supervisor_id
+    if supervisor_id is None:
+        raise NotImplementedYet(
+            "this API was started on its own (`mmserve api`), so it cannot start or stop workers: "
+            "run `mmserve worker` on any machine that reaches Redis, or use `mmserve serve`"
+        )
+    return supervisor_id
+
+
+def _ask_supervisor(command: supervision.Command) -> supervision.Reply:
+    reply = supervision.send(app_state().connection, _supervisor_id(), command)
+    if reply is None:
+        raise ApiError(
+            "`mmserve serve` did not answer in time", error_type="supervisor_unavailable", status=503
+        )
+    if not reply.ok:
+        raise ApiError(reply.error or "refused", error_type="reader_command_failed", status=reply.status)
+    return reply
+
+
+@blueprint.post("/reader")
+def create_reader() -> tuple[Response, int]:
+    """Start a local worker process (only under `mmserve serve`)."""
+    _supervisor_id()
+    body = read_json_body(request, app_state().settings.body_size_limit_bytes)
+    try:
+        spec = supervision.ReaderSpec.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidPayload(describe_validation_error(exc)) from None
+    reply = _ask_supervisor(
+        supervision.Command(action="start", reply_key=supervision.new_reply_key(), spec=spec)
+    )
+    return jsonify(
+        {
+            "reader_id": reply.reader_id,
+            "pid": reply.pid,
+            "consumer_group": spec.consumer_group,
+            "ready": False,
+        }
+    ), 201
+
+
+@blueprint.delete("/reader/<reader_id>")
+def delete_reader(reader_id: str) -> Response:
+    """Stop a local worker process started by this `mmserve serve` (it finishes its batch first)."""
+    _supervisor_id()
+    if readers.find_reader(app_state().connection, reader_id) is None:
+        raise UnknownReader(f"no live reader '{reader_id}'")
+    reply = _ask_supervisor(
+        supervision.Command(action="stop", reply_key=supervision.new_reply_key(), reader_id=reader_id)
+    )
+    return jsonify({"reader_id": reply.reader_id, "stopping": True})

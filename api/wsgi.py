@@ -33,6 +33,14 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
             expected = "an integer" if kind is int else "a number"
             raise ValueError(f"MMSERVE_{name} must be {expected}, got {text!r}") from None
 
+    def flag(name: str) -> bool:
+        text = (value(name) or "").strip().lower()
+        if text in ("", "0", "false", "no", "off"):
+            return False
+        if text in ("1", "true", "yes", "on"):
+            return True
+        raise ValueError(f"MMSERVE_{name} must be true or false, got {text!r}")
+
     redis_url = value("REDIS_URL")
     if redis_url is None:
         raise ValueError("MMSERVE_REDIS_URL is not set: the API needs the Redis the workers use")
@@ -49,7 +57,11 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
         next_event_timeout_seconds=number(
             "NEXT_EVENT_TIMEOUT_SECONDS", float, limits.NEXT_EVENT_TIMEOUT_SECONDS
         ),
+        supervisor_id=value("SUPERVISOR_ID"),
         keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", float, limits.SSE_KEEPALIVE_SECONDS),
+        image_dir=value("IMAGE_DIR"),
+        allow_remote_images=flag("ALLOW_REMOTE_IMAGES"),
+        max_image_pixels=number("MAX_IMAGE_PIXELS", int, limits.DEFAULT_MAX_IMAGE_PIXELS),
     )
 
 

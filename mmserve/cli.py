@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 
 import click
 
 from mmserve import options
-from mmserve.supervisor import REDIS, Child, Supervisor, python_command
+from mmserve.supervisor import REDIS, Child, LocalWorkerCommands, Supervisor, python_command
 
 GUNICORN_APP = "api.wsgi:app_from_env()"
 
@@ -97,6 +98,8 @@ def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None
     worker = options.pick(kwargs, options.WORKER_OPTIONS)
     if worker["threads"] is None:
         worker["threads"] = default_threads(workers)
+    if worker.pop("reader_id") is not None:
+        raise click.UsageError("--reader-id names one worker; `serve` names its workers itself")
     children: list[Child] = []
     private_redis = None
     if redis_url is None:
@@ -104,15 +107,23 @@ def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None
         redis_url = private_redis.url
         logging.getLogger("mmserve.serve").info("started a private redis-server at %s", redis_url)
         children.append(Child(REDIS, [], {}, restart=False, process=private_redis.process))
-    children.append(Child("api", _gunicorn_argv(api, log_level), _api_env(redis_url, api), restart=False))
-    for index in range(workers):
-        children.append(
-            Child(
-                f"worker-{index}", _worker_argv(redis_url, worker, log_level), dict(os.environ), restart=True
-            )
-        )
+    supervisor_id = uuid.uuid4().hex
+    api_env = {**_api_env(redis_url, api), "MMSERVE_SUPERVISOR_ID": supervisor_id}
+    children.append(Child("api", _gunicorn_argv(api, log_level), api_env, restart=False))
+
+    def make_worker(overrides: dict) -> Child:
+        settings = {**worker, **{key: value for key, value in overrides.items() if value is not None}}
+        reader_id = f"{settings['consumer_group']}-{uuid.uuid4().hex[:8]}"
+        argv = _worker_argv(redis_url, {**settings, "reader_id": reader_id}, log_level)
+        return Child(f"worker {reader_id}", argv, dict(os.environ), restart=True, reader_id=reader_id)
+
+    children.extend(make_worker({}) for _ in range(workers))
     host = "127.0.0.1" if api["host"] in ("0.0.0.0", "::") else api["host"]
-    status = Supervisor(children, ready_url=f"http://{host}:{api['port']}/readyz").run()
+    status = Supervisor(
+        children,
+        ready_url=f"http://{host}:{api['port']}/readyz",
+        commands=LocalWorkerCommands(redis_url, supervisor_id, make_worker),
+    ).run()
     if private_redis is not None:
         private_redis.stop()
     sys.exit(status)

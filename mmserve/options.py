@@ -64,6 +64,24 @@ API_OPTIONS = [
         help="A request no worker has started within this time is ended (504) and taken off the queue.",
     ),
     _option(
+        "--image-dir",
+        default=None,
+        type=click.Path(exists=True, file_okay=False, resolve_path=True),
+        help="The only folder image_paths may read images from (unset = local image_paths are rejected).",
+    ),
+    _option(
+        "--allow-remote-images",
+        is_flag=True,
+        default=False,
+        help="Let image_paths hold http(s) URLs, fetched by the API (size-capped, with a timeout).",
+    ),
+    _option(
+        "--max-image-pixels",
+        default=limits.DEFAULT_MAX_IMAGE_PIXELS,
+        type=click.IntRange(1),
+        help="Largest image accepted, in pixels (width x height; 413 beyond, checked before decoding).",
+    ),
+    _option(
         "--api-processes",
         default=1,
         type=click.IntRange(1),
@@ -107,6 +125,11 @@ WORKER_OPTIONS = [
     ),
     _option(
         "--cache-dir", default=None, help="Where converted models are cached (default ~/.cache/mmserve)."
+    ),
+    _option(
+        "--reader-id",
+        default=None,
+        help="Name the worker registers under (default <consumer-group>-<random>); `serve` sets it.",
     ),
 ]
 

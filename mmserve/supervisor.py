@@ -12,9 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 import requests
+
+from shared import supervision
 
 log = logging.getLogger("mmserve.serve")
 
@@ -32,6 +36,9 @@ class Child:
     env: dict[str, str]
     restart: bool
     process: subprocess.Popen | None = None
+    reader_id: str | None = None  # workers: the name they register under
+    retired: bool = False  # asked to stop for good (DELETE /reader): not restarted
+    added_later: bool = False  # started through POST /reader: its failures never stop `serve`
     restarts: int = 0
     quick_failures: int = 0  # exits soon after starting, in a row
     started_at: float = 0.0
@@ -53,10 +60,49 @@ class Child:
                 os.killpg(self.process.pid, signum)
 
 
+class LocalWorkerCommands:
+    """Carries out the API's POST /reader and DELETE /reader/{id} (shared.supervision)."""
+
+    def __init__(self, redis_url: str, supervisor_id: str, make_worker: Callable[[dict], Child]):
+        self._connection = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=1)
+        self._supervisor_id = supervisor_id
+        self._make_worker = make_worker
+
+    def poll(self, supervisor: Supervisor) -> None:
+        try:
+            commands = supervision.take_commands(self._connection, self._supervisor_id)
+            for command in commands:
+                supervision.answer(self._connection, command, self._carry_out(command, supervisor))
+        except redis.RedisError as exc:
+            log.debug("could not read worker commands: %s", exc)
+
+    def _carry_out(self, command: supervision.Command, supervisor: Supervisor) -> supervision.Reply:
+        if command.action == "start":
+            spec = command.spec or supervision.ReaderSpec()
+            overrides = spec.model_dump(exclude={"model_name"}) | {"model": spec.model_name}
+            child = self._make_worker(overrides)
+            child.added_later = True
+            child.start()
+            supervisor.children.append(child)
+            return supervision.Reply(ok=True, status=201, reader_id=child.reader_id, pid=child.process.pid)
+        for child in supervisor.children:
+            if child.reader_id == command.reader_id and not child.retired:
+                child.retired = True
+                child.signal(signal.SIGTERM)
+                log.info("stopping %s on request", child.name)
+                return supervision.Reply(ok=True, reader_id=child.reader_id, pid=child.process.pid)
+        return supervision.Reply(
+            ok=False,
+            status=409,
+            error=f"reader '{command.reader_id}' was not started by this `mmserve serve`",
+        )
+
+
 class Supervisor:
-    def __init__(self, children: list[Child], ready_url: str):
+    def __init__(self, children: list[Child], ready_url: str, commands: LocalWorkerCommands | None = None):
         self.children = children
         self.ready_url = ready_url
+        self.commands = commands
         self._stopping = False
 
     def _request_stop(self, signum, frame) -> None:
@@ -74,8 +120,14 @@ class Supervisor:
         status = 0
         try:
             while not self._stopping:
-                for child in self.children:
+                if self.commands is not None:
+                    self.commands.poll(self)
+                for child in list(self.children):
                     if child.running:
+                        continue
+                    if child.retired:
+                        log.info("%s stopped", child.name)
+                        self.children.remove(child)
                         continue
                     code = child.process.returncode
                     if not child.restart:
@@ -89,6 +141,14 @@ class Supervisor:
                         child.quick_failures = (
                             child.quick_failures + 1 if lived < QUICK_FAILURE_SECONDS else 0
                         )
+                        if child.quick_failures >= MAX_QUICK_FAILURES and child.added_later:
+                            log.error(
+                                "%s (started through POST /reader) failed %d times in a row; giving up on it",
+                                child.name,
+                                child.quick_failures,
+                            )
+                            self.children.remove(child)
+                            continue
                         if child.quick_failures >= MAX_QUICK_FAILURES:
                             log.error(
                                 "%s failed %d times in a row within %d s of starting (exit code %s); "

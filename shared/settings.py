@@ -19,6 +19,10 @@ class ApiSettings:
     first_event_timeout_seconds: float = limits.FIRST_EVENT_TIMEOUT_SECONDS
     next_event_timeout_seconds: float = limits.NEXT_EVENT_TIMEOUT_SECONDS
     keepalive_seconds: float = limits.SSE_KEEPALIVE_SECONDS
+    image_dir: str | None = None  # the only folder image_paths may read; None = local paths rejected
+    allow_remote_images: bool = False  # image_paths may be http(s) URLs
+    max_image_pixels: int = limits.DEFAULT_MAX_IMAGE_PIXELS
+    supervisor_id: str | None = None  # set by `mmserve serve`: POST/DELETE /reader can manage workers
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,4 @@ class WorkerSettings:
     dtype: str = "auto"
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept
+    reader_id: str | None = None  # None = <consumer_group>-<random>

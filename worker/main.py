@@ -43,7 +43,7 @@ def configure_threads(threads: int | None) -> int:
 def run_worker(settings: WorkerSettings) -> None:
     threads = configure_threads(settings.threads)
     connection = connect(settings.redis_url)
-    reader_id = f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
+    reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = ReaderHeartbeat(
         connection,
         ReaderInfo(
@@ -63,7 +63,7 @@ def run_worker(settings: WorkerSettings) -> None:
         loaded = load_model(
             settings.model, device=settings.device, dtype=settings.dtype, cache_root=settings.cache_dir
         )
-        engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+        engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device, processor=loaded.processor)
         worker = BatchWorker(
             [keys.queue_name(settings.consumer_group)],
             engine=engine,
@@ -74,11 +74,12 @@ def run_worker(settings: WorkerSettings) -> None:
         )
         heartbeat.update(
             model_name=loaded.name,
+            model_type=loaded.model_type,
             ready=True,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             context_length=engine.context_length,
-            has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
+            has_chat_template=engine.has_chat_template,
         )
         log.info(
             "reader %s serving %s for group %r (%d thread(s), batch <= %d rows, window %d ms)",

@@ -89,6 +89,32 @@ def test_stream_and_batch_work_with_the_default_model(served):
     assert texts[1]
 
 
+def test_workers_can_be_added_and_removed_through_the_management_port(served):
+    _, url, management_url, log_path = served
+    created = requests.post(management_url + "/reader", json={"consumer_group": "second"}, timeout=30)
+    assert created.status_code == 201, created.text
+    reader_id = created.json()["reader_id"]
+
+    def second_group() -> list:
+        return requests.get(management_url + "/reader_groups", timeout=5).json().get("second", [])
+
+    deadline = time.monotonic() + 120
+    while not any(r["reader_id"] == reader_id and r["ready"] for r in second_group()):
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    answer = requests.post(
+        url + "/generate", json={"text": "Hi", "consumer_group": "second", "max_new_tokens": 3}
+    )
+    assert answer.status_code == 200
+    assert requests.delete(management_url + f"/reader/{reader_id}", timeout=30).status_code == 200
+    deadline = time.monotonic() + 60
+    while second_group():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert requests.get(url + "/readyz", timeout=5).status_code == 503  # group "second" has no worker now
+    assert requests.post(url + "/generate", json={"text": "Hi", "max_new_tokens": 3}).status_code == 200
+
+
 def test_ctrl_c_stops_every_process(served):
     process, _, management_url, log_path = served
     pids = [
