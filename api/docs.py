@@ -18,6 +18,7 @@ from api.state import app_state
 from shared.payload import NOT_YET_SUPPORTED, GenerateRequest
 from shared.readers import ReaderInfo
 from shared.settings import ApiSettings
+from shared.supervision import ReaderSpec
 
 blueprint = Blueprint("docs", __name__)
 
@@ -28,6 +29,7 @@ _SCHEMA_MODELS: list[tuple[type[BaseModel], str]] = [
     (ReaderSummary, "serialization"),
     (ReaderInfo, "serialization"),
     (Readiness, "serialization"),
+    (ReaderSpec, "validation"),
     (Health, "serialization"),
 ]
 
@@ -36,6 +38,7 @@ _ERROR_MEANINGS = {
     401: "Missing or wrong API key.",
     404: "Unknown consumer_group or reader.",
     413: "Body over the size limit.",
+    409: "The reader was not started by this `mmserve serve`.",
     415: "Content-Type is not application/json.",
     422: "The payload is invalid (the message names each offending key).",
     429: "The group's queue is full; see Retry-After.",
@@ -108,12 +111,51 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             }
         },
     }
-    for route in ("/image_generate", "/image_generate_stream"):
+    multipart_body = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image_data", "json_data"],
+                    "properties": {
+                        "image_data": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The image file (PNG, JPEG, WebP, GIF or BMP).",
+                        },
+                        "json_data": {
+                            "$ref": "#/components/schemas/GenerateRequest",
+                            "description": "The /generate payload, as a field or an application/json part.",
+                        },
+                    },
+                },
+                "encoding": {"json_data": {"contentType": "application/json"}},
+            }
+        },
+    }
+    for route, streamed in (("/image_generate", False), ("/image_generate_stream", True)):
         paths[route] = {
             "post": {
-                "summary": "Generate text about an image (not built yet)",
-                "description": f"{inference} Answers 501 for now.",
-                "responses": _errors(401, 501),
+                "summary": "Generate text about an image"
+                + (", streamed as Server-Sent Events" if streamed else ""),
+                "description": f"{inference} Every prompt of `text` is asked about the image (and any "
+                f"`image_paths`); answered as {'/generate_stream' if streamed else '/generate'} answers.",
+                "requestBody": multipart_body,
+                "responses": {
+                    "200": (
+                        {
+                            "description": "An SSE stream of tokens.",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        }
+                        if streamed
+                        else {
+                            "description": "The generated text.",
+                            "content": _json_content("GenerateResponse"),
+                        }
+                    ),
+                    **generate_errors,
+                },
             }
         }
     for tool in ("tokenize", "detokenize", "chat_template"):
@@ -188,6 +230,32 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "The reader.", "content": _json_content("ReaderInfo")},
                 **_errors(404),
+            },
+        }
+    }
+    under_serve = f"{management} Only under `mmserve serve`; the API started alone answers 501."
+    paths["/reader"] = {
+        "post": {
+            "summary": "Start a local worker process",
+            "description": under_serve,
+            "requestBody": {"required": True, "content": _json_content("ReaderSpec")},
+            "responses": {
+                "201": {
+                    "description": "Started; it registers once its model is loaded.",
+                    "content": {"application/json": {}},
+                },
+                **_errors(422, 501, 503),
+            },
+        }
+    }
+    paths["/reader/{reader_id}"] = {
+        "delete": {
+            "summary": "Stop a local worker process (it finishes its batch first)",
+            "description": under_serve,
+            "parameters": [_reader_id_parameter()],
+            "responses": {
+                "200": {"description": "Stopping.", "content": {"application/json": {}}},
+                **_errors(404, 409, 501, 503),
             },
         }
     }

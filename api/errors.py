@@ -47,9 +47,32 @@ class InvalidRequest(ApiError):
     error_type = "invalid_request"
 
 
+class InvalidImage(ApiError):
+    """An image part or image path that cannot be used (not an image, truncated,
+    outside --image-dir, remote when remote images are off...)."""
+
+    status = 400
+    error_type = "invalid_image"
+
+
+class ImagesNotAccepted(ApiError):
+    """The group's model is text-only."""
+
+    status = 400
+    error_type = "model_does_not_accept_images"
+
+
 class Unauthorized(ApiError):
     status = 401
     error_type = "unauthorized"
+
+
+class InvalidConstraint(ApiError):
+    """regex_string / json_schema / constrained_decoding_backend that cannot be
+    enforced exactly (invalid, or using what the chosen backend would ignore)."""
+
+    status = 400
+    error_type = "invalid_constraint"
 
 
 class UnknownConsumerGroup(ApiError):
@@ -65,6 +88,10 @@ class UnknownReader(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     error_type = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    error_type = "image_too_large"
 
 
 class UnsupportedMediaType(ApiError):

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -223,11 +223,20 @@ def submit(
     payload: GenerateRequest,
     settings: ApiSettings,
     metrics: ApiMetrics,
+    *,
+    image_ids: Sequence[str] = (),
 ) -> Generation:
-    """Register the request's inbox (subscription confirmed), then enqueue its job."""
+    """Register the request's inbox (subscription confirmed), then enqueue its job.
+    `image_ids` name images already stored in Redis (api.images), asked about by every row."""
     request_id = uuid.uuid4().hex
     seed = payload.seed if payload.seed is not None else secrets.randbits(63)
-    job = GenerationJob(request_id=request_id, request=payload, seed=seed, enqueued_at=time.time())
+    job = GenerationJob(
+        request_id=request_id,
+        request=payload,
+        seed=seed,
+        enqueued_at=time.time(),
+        image_ids=list(image_ids),
+    )
     subscription = hub.subscribe(request_id)
     try:
         job_queue(connection, payload.consumer_group).enqueue(

@@ -1,5 +1,7 @@
-"""Routes of the inference port: /generate, /generate_stream, and the routes
-whose capability is not built yet (images, tokenizer access), which answer 501."""
+"""Routes of the inference port: /generate, /generate_stream, their image
+twins /image_generate and /image_generate_stream (multipart: image_data +
+json_data, see api.images), and the routes whose capability is not built yet
+(tokenizer access), which answer 501."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from api import sse
+from api import images, sse
 from api.admission import admit
+from api.constraints import check_constraint
 from api.errors import ApiError, NotImplementedYet, UnknownReader
 from api.generation import Generation, RequestFailed, StillWaiting, TokenRelayed, submit
 from api.payloads import parse_generate_request
@@ -25,24 +28,52 @@ blueprint = Blueprint("inference", __name__)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _start_generation() -> tuple[GenerateRequest, Generation]:
+def _start_generation(*, multipart: bool = False) -> tuple[GenerateRequest, Generation, images.ImageLease]:
+    """Check the request, store its images, queue its job. The caller releases
+    the returned lease when the request ends."""
     state = app_state()
-    payload = parse_generate_request(request, state.settings.body_size_limit_bytes)
-    admit(state.connection, payload, state.settings)
-    generation = submit(state.connection, state.hub, payload, state.settings, state.metrics)
+    settings = state.settings
+    if multipart:
+        upload = images.read_upload(request, settings)
+        payload, uploaded = upload.payload, upload.images
+    else:
+        payload, uploaded = parse_generate_request(request, settings.body_size_limit_bytes), []
+    check_constraint(payload)
+    image_paths = payload.image_paths or []
+    images.check_image_count(len(uploaded) + len(image_paths))
+    admit(state.connection, payload, settings, with_images=bool(uploaded or image_paths))
+    request_images = [*uploaded, *images.load_image_paths(image_paths, settings)]
+    lease = images.ImageLease.take(state.connection, request_images)
+    try:
+        generation = submit(
+            state.connection, state.hub, payload, settings, state.metrics, image_ids=lease.image_ids
+        )
+    except BaseException:
+        lease.release()
+        raise
     g.job_id = generation.request_id
-    return payload, generation
+    return payload, generation, lease
 
 
 @blueprint.post("/generate")
 def generate() -> Response:
-    payload, generation = _start_generation()
+    return _answer(multipart=False)
+
+
+@blueprint.post("/image_generate")
+def image_generate() -> Response:
+    return _answer(multipart=True)
+
+
+def _answer(*, multipart: bool) -> Response:
+    payload, generation, lease = _start_generation(multipart=multipart)
     try:
         for item in generation.relay():
             if isinstance(item, RequestFailed):
                 raise ApiError(item.message, status=item.status, error_type=item.error_type)
     finally:
         generation.close()
+        lease.release()
     return jsonify(answer_body(payload, generation))
 
 
@@ -63,8 +94,19 @@ def _metadata(payload: GenerateRequest, generation: Generation) -> Any:
 
 @blueprint.post("/generate_stream")
 def generate_stream() -> Response:
-    payload, generation = _start_generation()
-    stream = EventStream(payload, generation, keepalive_seconds=app_state().settings.keepalive_seconds)
+    return _stream(multipart=False)
+
+
+@blueprint.post("/image_generate_stream")
+def image_generate_stream() -> Response:
+    return _stream(multipart=True)
+
+
+def _stream(*, multipart: bool) -> Response:
+    payload, generation, lease = _start_generation(multipart=multipart)
+    stream = EventStream(
+        payload, generation, keepalive_seconds=app_state().settings.keepalive_seconds, lease=lease
+    )
     return Response(stream, mimetype="text/event-stream", headers=STREAM_HEADERS)
 
 
@@ -74,10 +116,18 @@ class EventStream:
     job is cancelled and the request leaves the hub (even if the body was
     never iterated, which a bare generator would not notice)."""
 
-    def __init__(self, payload: GenerateRequest, generation: Generation, *, keepalive_seconds: float) -> None:
+    def __init__(
+        self,
+        payload: GenerateRequest,
+        generation: Generation,
+        *,
+        keepalive_seconds: float,
+        lease: images.ImageLease | None = None,
+    ) -> None:
         self._payload = payload
         self._generation = generation
         self._keepalive_seconds = keepalive_seconds
+        self._lease = lease  # released when the response ends
         self._chunks = self._produce()
 
     def __iter__(self) -> Iterator[str]:
@@ -86,6 +136,8 @@ class EventStream:
     def close(self) -> None:
         self._chunks.close()
         self._generation.close()
+        if self._lease is not None:
+            self._lease.release()
 
     def _produce(self) -> Iterator[str]:
         generation = self._generation
@@ -111,15 +163,8 @@ class EventStream:
             yield sse.error("internal server error", "internal_error")
         finally:
             generation.close()
-
-
-@blueprint.post("/image_generate")
-@blueprint.post("/image_generate_stream")
-def image_generate() -> Response:
-    raise NotImplementedYet(
-        "image inputs are not supported yet: /image_generate and /image_generate_stream "
-        "will accept multipart image_data + json_data in a later version"
-    )
+            if self._lease is not None:
+                self._lease.release()
 
 
 @blueprint.post("/tokenize/<reader_id>")

@@ -40,20 +40,25 @@ def read_json_body(request: Request, limit_bytes: int) -> Any:
     body = request.get_data(cache=True)
     if len(body) > limit_bytes:
         raise PayloadTooLarge(f"the body is over the limit of {limit_bytes} bytes")
+    return parse_json(body, what="the body")
+
+
+def parse_json(data: bytes | str, *, what: str) -> Any:
+    """`data` (UTF-8) as a JSON value; 400 naming `what` when it is not one."""
     try:
-        text = body.decode("utf-8")
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid UTF-8 (byte {exc.start})") from None
+        raise InvalidRequest(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
-            f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            f"{what} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     except RecursionError:
-        raise InvalidRequest("the body is not valid JSON: nested too deeply") from None
+        raise InvalidRequest(f"{what} is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # NaN/Infinity, or an integer with too many digits
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -62,9 +67,13 @@ def _reject_constant(name: str) -> Any:
 
 def parse_generate_request(request: Request, limit_bytes: int) -> GenerateRequest:
     """A validated payload whose every key this server can honour, else the ApiError to answer."""
-    data = read_json_body(request, limit_bytes)
+    return validate_payload(read_json_body(request, limit_bytes), what="the body")
+
+
+def validate_payload(data: Any, *, what: str) -> GenerateRequest:
+    """A parsed JSON value as a payload this server can honour, else the ApiError to answer."""
     if not isinstance(data, dict):
-        raise InvalidPayload(f"the body must be a JSON object, got {_json_type(data)}")
+        raise InvalidPayload(f"{what} must be a JSON object, got {_json_type(data)}")
     try:
         payload = GenerateRequest.model_validate(data)
     except ValidationError as exc:

@@ -35,5 +35,16 @@ def group_readers_key(consumer_group: str) -> str:
     return f"{PREFIX}:group:{consumer_group}:readers"
 
 
+def image_key(image_id: str) -> str:
+    """One image, content-addressed: `image_id` is the sha256 (hex) of the
+    canonical PNG bytes. A hash: field `data` holds the bytes, field `refs`
+    counts the requests using it (the API deletes the key when it drops to 0)."""
+    return f"{PREFIX}:image:{image_id}"
+
+
+IMAGE_DATA_FIELD = "data"
+IMAGE_REFS_FIELD = "refs"
+
+
 GROUPS_KEY = f"{PREFIX}:groups"
 """Set of every consumer group a reader ever registered: 404 vs 503."""

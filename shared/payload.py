@@ -4,19 +4,15 @@ API (422 on bad input) and again when a worker reads a job."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from shared import limits
 
 # Payload keys whose capability is not built yet: the API answers 501 naming
 # them rather than silently ignoring them.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "image_paths": "image inputs are not supported yet",
-    "regex_string": "constrained decoding (regex_string) is not supported yet",
-    "json_schema": "constrained decoding (json_schema) is not supported yet",
-    "constrained_decoding_backend": "constrained decoding backends are not supported yet",
     "lora_id": "LoRA adapters are not supported yet",
 }
 
@@ -61,11 +57,24 @@ class GenerateRequest(BaseModel):
     use_chat_template: bool = Field(
         False, description="Wrap the prompt in the model's chat template as a user turn."
     )
-    regex_string: str | None = None
-    json_schema: dict[str, Any] | str | None = None
-    constrained_decoding_backend: str | None = None
+    regex_string: str | None = Field(
+        None,
+        description="The output fully matches this regex (Python re syntax; \\d, \\w and \\s are ASCII). "
+        "Wins over json_schema when both are set.",
+    )
+    json_schema: dict[str, Any] | str | None = Field(
+        None, description="The output is JSON valid against this JSON Schema (an object or a JSON string)."
+    )
+    constrained_decoding_backend: str | None = Field(
+        None, description="Which library enforces the constraint: outlines (default), xgrammar or llguidance."
+    )
     lora_id: str | None = None
-    image_paths: list[str] | None = None
+    image_paths: list[str] | None = Field(
+        None,
+        max_length=limits.MAX_IMAGES_PER_REQUEST,
+        description="Images for every prompt: files under the server's --image-dir, or http(s) URLs "
+        "when the server allows remote images.",
+    )
     return_metadata: bool = Field(
         False, description="Add token counts, finish reason and timings to the answer."
     )
@@ -141,6 +150,10 @@ class GenerationJob(BaseModel):
     request: GenerateRequest
     seed: int = Field(ge=0, le=limits.MAX_SEED, description="Resolved seed: a re-run repeats itself.")
     enqueued_at: float
+    image_ids: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=list,
+        description="Images every row is asked about, in order: keys of shared.keys.image_key.",
+    )
 
 
 JOB_FUNCTION = "worker.jobs.generate"

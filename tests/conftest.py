@@ -31,3 +31,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
     """A tiny random LlamaForCausalLM with the SmolLM2 tokenizer, saved so that
     AutoModelForCausalLM / AutoTokenizer.from_pretrained(path) load it."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_cache_dir=smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random LLaVA (CLIP tower + Llama + SmolLM2 tokenizer with <image>) and
+    its processor, loadable by AutoModelForImageTextToText / AutoProcessor."""
+    from tests.fixtures.tiny_vlms import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer_cache_dir=smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Idefics3 (the SmolVLM family, with image splitting) and its processor."""
+    from tests.fixtures.tiny_vlms import build_tiny_idefics3
+
+    return build_tiny_idefics3(
+        tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_cache_dir=smollm2_tokenizer_dir
+    )

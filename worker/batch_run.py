@@ -4,14 +4,19 @@ hands back each request's outcome. Knows the event protocol, not RQ."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared import constraints
 from shared.events import DoneEvent, ErrorEvent, FinishReason, TokenEvent, Usage
 from shared.payload import GenerationJob
-from worker.engine.engine import Engine, PromptError
-from worker.engine.rows import GenerationParams, RowOutput, RowRequest
+from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
+from worker.engine.grammar import ConstraintError
+from worker.engine.rows import Constraint, GenerationParams, RowOutput, RowRequest
+from worker.engine.vision import ImageFeatures, VisionPrompt
+from worker.images import ImageStore, ImageUnavailable
 from worker.publisher import Event, EventPublisher
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,23 @@ def row_params(job: GenerationJob, row: int) -> GenerationParams:
     )
 
 
+def row_constraint(job: GenerationJob) -> Constraint | None:
+    """The constraint every row of `job` decodes under: regex_string wins
+    over json_schema. Raises ConstraintError for one that cannot be enforced
+    (the API has checked already; a job may still come from elsewhere)."""
+    request = job.request
+    try:
+        backend = constraints.resolve_backend(request.constrained_decoding_backend)
+        if request.regex_string is not None:
+            return Constraint(constraints.REGEX, constraints.normalize_regex(request.regex_string), backend)
+        if request.json_schema is not None:
+            schema = constraints.normalize_schema(request.json_schema)
+            return Constraint(constraints.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False), backend)
+    except ValueError as exc:  # UnknownBackend, InvalidRegex
+        raise ConstraintError(str(exc)) from None
+    return None
+
+
 class BatchRun:
     def __init__(
         self,
@@ -65,10 +87,12 @@ class BatchRun:
         publisher: EventPublisher,
         jobs: list[GenerationJob],
         on_step: Callable[[], None] = lambda: None,
+        images: ImageStore | None = None,
     ):
         self._engine = engine
         self._publisher = publisher
         self._on_step = on_step
+        self._images = images if images is not None else ImageStore(publisher.connection)
         self.outcomes = {job.request_id: RequestOutcome(job) for job in jobs}
         self.steps = 0
         self.peak_rows = 0
@@ -105,15 +129,21 @@ class BatchRun:
                 outcome.finish_reasons = ["cancelled"] * count
                 outcome.usage = [Usage(prompt_tokens=0, completion_tokens=0)] * count
                 continue
+            features: list[ImageFeatures | None] = [None] * len(request.texts)
             try:
-                prompts = [
-                    self._engine.encode_prompt(
-                        text,
-                        use_chat_template=request.use_chat_template,
-                        prompt_max_tokens=request.prompt_max_tokens,
-                    )
-                    for text in request.texts
-                ]
+                if job.image_ids:
+                    encoded = self._encode_image_prompts(job)
+                    prompts = [prompt.prompt_ids for prompt in encoded]
+                    features = [prompt.image_features for prompt in encoded]
+                else:
+                    prompts = [
+                        self._engine.encode_prompt(
+                            text,
+                            use_chat_template=request.use_chat_template,
+                            prompt_max_tokens=request.prompt_max_tokens,
+                        )
+                        for text in request.texts
+                    ]
                 for prompt in prompts:
                     if context is not None and len(prompt) + request.max_new_tokens > context:
                         raise PromptError(
@@ -121,8 +151,33 @@ class BatchRun:
                             f"exceeds the model's context of {context} tokens; "
                             "shorten the prompt, lower max_new_tokens or set prompt_max_tokens"
                         )
+            except ImagesNotAccepted as exc:
+                outcome.error = ErrorEvent(
+                    error=str(exc), error_type="model_does_not_accept_images", status=400
+                )
+                pending.append((job.request_id, outcome.error))
+                continue
             except PromptError as exc:
                 outcome.error = ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
+                pending.append((job.request_id, outcome.error))
+                continue
+            except ImageUnavailable as exc:
+                outcome.error = ErrorEvent(error=str(exc), error_type="image_unavailable", status=500)
+                pending.append((job.request_id, outcome.error))
+                continue
+            except Exception as exc:  # e.g. the vision tower failed: only this request fails
+                log.exception("request %s: its prompts could not be prepared", job.request_id)
+                outcome.error = ErrorEvent(
+                    error=f"generation failed: {exc}", error_type="generation_error", status=500
+                )
+                pending.append((job.request_id, outcome.error))
+                continue
+            try:
+                constraint = row_constraint(job)
+                if constraint is not None:  # compiled now, before the rows join the batch
+                    self._engine.prepare_constraint(constraint)
+            except ConstraintError as exc:
+                outcome.error = ErrorEvent(error=str(exc), error_type="invalid_constraint", status=exc.status)
                 pending.append((job.request_id, outcome.error))
                 continue
             count = len(prompts)
@@ -131,11 +186,28 @@ class BatchRun:
             outcome.finish_reasons = [None] * count
             outcome.usage = [None] * count
             rows.extend(
-                RowRequest(key=(job.request_id, row), prompt_ids=prompt, params=row_params(job, row))
+                RowRequest(
+                    key=(job.request_id, row),
+                    prompt_ids=prompt,
+                    params=row_params(job, row),
+                    constraint=constraint,
+                    image_features=features[row],
+                )
                 for row, prompt in enumerate(prompts)
             )
         self._publisher.publish(pending)
         return rows
+
+    def _encode_image_prompts(self, job: GenerationJob) -> list[VisionPrompt]:
+        """The rows of a job with images: its images read once, encoded once for all its prompts."""
+        request = job.request
+        images = self._images.load(job.image_ids)
+        return self._engine.encode_image_prompts(
+            request.texts,
+            images,
+            use_chat_template=request.use_chat_template,
+            prompt_max_tokens=request.prompt_max_tokens,
+        )
 
     def _deliver(self, outputs: list[RowOutput]) -> None:
         batch: list[tuple[str, Event]] = []

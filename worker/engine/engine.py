@@ -10,21 +10,34 @@ bfloat16 the padding of a batch changes rounding enough that a row can
 drift from its solo run after a while (it still equals `generate` on the
 same padded batch).
 
+A vision-language model comes with its processor: `encode_image_prompts`
+builds rows that carry their encoded images (worker.engine.vision), which
+`add` hands to the model at prefill; rows with and without images share a
+batch.
+
+A row may carry a `Constraint` (regex or JSON Schema, see worker.engine.grammar):
+its grammar's allowed tokens join the step's bans in the sampler's one pass,
+and the row stops with finish_reason "stop" once its grammar is complete.
+
 The engine knows nothing of Redis, RQ or HTTP; worker/batch_run.py drives it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
+from PIL import Image
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
 from worker.engine.batch import Batch, Row
-from worker.engine.rows import RowOutput, RowRequest
+from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
+from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_token_mask
+from worker.engine.vision import VisionPrompt, VisionPrompter, VisionPromptError
 
 
 class PromptError(ValueError):
@@ -32,8 +45,13 @@ class PromptError(ValueError):
     template...). The message is meant for the API's client."""
 
 
+class ImagesNotAccepted(PromptError):
+    """Images sent to a text-only model."""
+
+
 class Engine:
-    """A batched decode loop over one causal language model."""
+    """A batched decode loop over one causal language model (or the language
+    model of a vision-language model)."""
 
     def __init__(
         self,
@@ -42,14 +60,17 @@ class Engine:
         device: torch.device | str = "cpu",
         *,
         eos_token_ids: Iterable[int] | None = None,
+        processor: Any = None,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
-        model's generation config and the tokenizer."""
+        model's generation config and the tokenizer. `processor` (the
+        model's transformers processor) makes a vision-language model take images."""
         self.device = torch.device(device)
         if getattr(model, "hf_device_map", None) is None and model.device != self.device:
             model = model.to(self.device)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.vision = VisionPrompter(self.model, processor, tokenizer) if processor is not None else None
         self.eos_token_ids = (
             frozenset(int(t) for t in eos_token_ids)
             if eos_token_ids is not None
@@ -93,6 +114,16 @@ class Engine:
         """The keys of the running rows, in batch order."""
         return self._batch.keys if self._batch is not None else []
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def has_chat_template(self) -> bool:
+        if self.vision is not None:
+            return bool(self.vision.chat_template)
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     # -- prompts ------------------------------------------------------------
 
     def encode_prompt(
@@ -108,7 +139,12 @@ class Engine:
         <|im_start|>), so the fallback would generate noise the client did not
         ask for; a clear error is more useful.
         """
-        if use_chat_template:
+        if use_chat_template and self.vision is not None:
+            try:
+                ids = self.vision.text_prompt_ids(text)
+            except VisionPromptError as exc:
+                raise PromptError(str(exc)) from exc
+        elif use_chat_template:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise PromptError("use_chat_template is set but this model's tokenizer has no chat template")
             try:
@@ -133,12 +169,45 @@ class Engine:
             raise PromptError("the prompt is empty after tokenisation")
         return ids
 
+    def encode_image_prompts(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image.Image],
+        *,
+        use_chat_template: bool = False,
+        prompt_max_tokens: int | None = None,
+    ) -> list[VisionPrompt]:
+        """Rows asking about `images` (RGB PIL images), one per text: their
+        token ids with the image tokens in place, and the images encoded once
+        for all of them (see worker.engine.vision.VisionPrompter.prompts)."""
+        if self.vision is None:
+            raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
+        try:
+            return self.vision.prompts(
+                texts, images, use_chat_template=use_chat_template, prompt_max_tokens=prompt_max_tokens
+            )
+        except VisionPromptError as exc:
+            raise PromptError(str(exc)) from exc
+
     def _check(self, request: RowRequest) -> None:
         prompt = request.prompt_ids
         if not prompt:
             raise PromptError(f"row {request.key!r}: the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise PromptError(f"row {request.key!r}: token ids must lie in [0, {self.vocab_size})")
+        features = request.image_features
+        if self.vision is not None:
+            # The model fills image-token positions with image features, in
+            # order, across the whole batch: one row's mismatch would fail them all.
+            expected = features.tokens if features is not None else 0
+            found = self.vision.count_image_tokens(prompt)
+            if found != expected:
+                raise PromptError(
+                    f"row {request.key!r}: the prompt holds {found} image token(s) "
+                    f"({self.vision.image_token}) where its images fill {expected}"
+                )
+        elif features is not None:
+            raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
         max_new = request.params.max_new_tokens
         if max_new < 1:
             raise PromptError(f"row {request.key!r}: max_new_tokens must be at least 1")
@@ -150,6 +219,19 @@ class Engine:
             )
 
     # -- the loop -------------------------------------------------------------
+
+    # -- constraints ----------------------------------------------------------
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler (and cache) shared by every engine over this tokenizer."""
+        return compiler_for(self.tokenizer, self.eos_token_ids, self.vocab_size)
+
+    def prepare_constraint(self, constraint: Constraint) -> Grammar:
+        """Compile `constraint` (or find it in the cache). Call it before `add`
+        so that compiling never holds up the rows already decoding. Raises
+        grammar.ConstraintError (its message is meant for the client)."""
+        return self.grammars.compile(constraint)
 
     @torch.inference_mode()
     def add(self, rows: list[RowRequest]) -> None:
@@ -169,6 +251,7 @@ class Engine:
             if request.key in known:
                 raise ValueError(f"row key {request.key!r} is already in the batch")
             known.add(request.key)
+        grammars = [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
         batch = Batch.from_rows(
             rows,
             tokenizer=self.tokenizer,
@@ -178,7 +261,12 @@ class Engine:
             device=self.device,
             cache=DynamicCache(config=self.model.config),
         )
-        self._forward(batch)
+        for row, grammar in zip(batch.rows, grammars, strict=True):
+            row.grammar = grammar.start() if grammar is not None else None
+        prefill_inputs = (
+            self.vision.prefill_inputs([r.image_features for r in rows]) if self.vision is not None else {}
+        )
+        self._forward(batch, prefill_inputs)
         self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
 
     @torch.inference_mode()
@@ -190,7 +278,12 @@ class Engine:
         if batch is None:
             return []
         assert batch.logits is not None
-        banned = banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device)
+        banned = merge_bans(
+            banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device),
+            grammar_mask(
+                [row.grammar for row in batch.rows], self.vocab_size, self.eos_token_ids, self.device
+            ),
+        )
         tokens = batch.sampler(batch.logits, banned)
         batch.sampler.record(tokens)
         token_list = tokens.tolist()
@@ -199,6 +292,8 @@ class Engine:
         keep: list[int] = []
         for index, (row, token) in enumerate(zip(batch.rows, token_list, strict=True)):
             finish_reason = row.stopping.update(token)
+            if row.grammar is not None:
+                finish_reason = _follow_grammar(row, token, finish_reason)
             text = row.detokenizer.push(token)
             if finish_reason is None:
                 keep.append(index)
@@ -234,7 +329,8 @@ class Engine:
             self._batch = batch.filter(keep) if keep else None
         return outputs
 
-    def _forward(self, batch: Batch) -> None:
+    def _forward(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None) -> None:
+        """Run the model on the batch's pending tokens; `prefill_inputs` (images) go with a prefill only."""
         out = self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -242,6 +338,7 @@ class Engine:
             use_cache=True,
             **{self._cache_argument: batch.cache},
             **self._forward_kwargs,
+            **(prefill_inputs or {}),
         )
         cache = getattr(out, "cache", None)
         batch.cache = cache if cache is not None else out.past_key_values
@@ -257,6 +354,19 @@ class Engine:
             prompt_tokens=row.prompt_length,
             completion_tokens=row.completion_tokens,
         )
+
+
+def _follow_grammar(row: Row, token: int, finish_reason: FinishReason | None) -> FinishReason | None:
+    """Advance a constrained row's grammar by its new token. The row stops
+    ("stop") once the grammar is complete, or on EOS, which the mask only
+    allowed because the grammar accepted; at max_new_tokens it stays "length"."""
+    assert row.grammar is not None
+    if finish_reason == "eos":
+        return row.stopping.stop()
+    row.grammar.advance(token)
+    if row.grammar.complete:
+        return row.stopping.stop()
+    return finish_reason
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
+from shared.constraints import DEFAULT_BACKEND
 from shared.events import FinishReason
+
+if TYPE_CHECKING:
+    from worker.engine.vision import ImageFeatures
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,23 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a constrained row's output must match: a regex (full match) or a
+    JSON Schema (as JSON text, so the constraint is hashable), enforced by
+    one of shared.constraints.BACKENDS."""
+
+    kind: Literal["regex", "json_schema"]
+    value: str
+    backend: str = DEFAULT_BACKEND
+
+
+@dataclass(frozen=True)
 class RowRequest:
     key: Hashable  # the caller's id for this row, echoed back in every RowOutput
     prompt_ids: list[int]
     params: GenerationParams
+    constraint: Constraint | None = None
+    image_features: ImageFeatures | None = None  # the row's images, encoded (vision-language models)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 One `Stopping` per row: it counts the row's tokens, decides its finish reason
 ("eos" for any of the model's end-of-sequence ids, "length" at
-max_new_tokens) and knows the row's bans: end-of-sequence while fewer than
+max_new_tokens, "stop" when the engine finds the row's constraint
+complete) and knows the row's bans: end-of-sequence while fewer than
 min_new_tokens tokens exist, and tokens that would repeat an n-gram
 (Hugging Face `no_repeat_ngram_size` semantics, over prompt + completion).
 `banned_token_mask` gathers every row's bans into one [B, V] mask that the
@@ -78,6 +79,11 @@ class Stopping:
             self.finish_reason = "eos"
         elif self.generated >= self.max_new_tokens:
             self.finish_reason = "length"
+        return self.finish_reason
+
+    def stop(self) -> FinishReason:
+        """The row's constraint is complete."""
+        self.finish_reason = "stop"
         return self.finish_reason
 
     def cancel(self) -> FinishReason:

@@ -184,10 +184,6 @@ def test_chunked_body_within_the_limit_is_read(make_app):
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("image_paths", ["/tmp/cat.png"]),
-        ("regex_string", "[a-z]+"),
-        ("json_schema", {"type": "object"}),
-        ("constrained_decoding_backend", "xgrammar"),
         ("lora_id", "my-adapter"),
     ],
 )
@@ -197,11 +193,6 @@ def test_not_yet_supported_keys_are_501(client, route, key, value):
     assert body["error_type"] == "not_implemented"
     assert key in body["error"]
     assert NOT_YET_SUPPORTED[key] in body["error"]
-
-
-def test_several_not_yet_supported_keys_are_all_named(client):
-    body = error_of(post(client, {"text": "hi", "lora_id": "a", "regex_string": "b"}), 501)
-    assert "regex_string" in body["error"] and "lora_id" in body["error"]
 
 
 def test_validation_comes_before_routing(client):

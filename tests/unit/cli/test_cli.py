@@ -62,3 +62,22 @@ def test_default_threads_leave_a_core_for_redis_and_the_api():
     assert worker_main.default_threads(1, cores=8) == 7
     assert worker_main.default_threads(3, cores=8) == 2
     assert worker_main.default_threads(4, cores=2) == 1
+
+
+def test_image_flags_reach_the_api_process(monkeypatch, tmp_path):
+    from api import wsgi
+
+    seen = {}
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: seen.setdefault("env", env))
+    monkeypatch.delenv("MMSERVE_ALLOW_REMOTE_IMAGES", raising=False)
+    result = CliRunner().invoke(
+        cli.main,
+        ["api", "--redis-url", "redis://x", "--image-dir", str(tmp_path), "--allow-remote-images"],
+    )
+    assert result.exit_code == 0, result.output
+    settings = wsgi.settings_from_env(seen["env"])
+    assert settings.image_dir == str(tmp_path.resolve())
+    assert settings.allow_remote_images is True
+    output = CliRunner().invoke(cli.main, ["serve", "--help"]).output
+    for flag in ("--image-dir", "--allow-remote-images", "--max-image-pixels"):
+        assert flag in output

@@ -128,3 +128,38 @@ def test_request_cancelled_while_queued_never_reaches_the_engine(connection):
     assert [row.key for row in engine.added[0]] == [("here", 0)]
     assert outcomes["gone"].finish_reasons == ["cancelled"]
     assert outcomes["here"].finish_reasons == ["length"]
+
+
+class ConstrainedFakeEngine(FakeEngine):
+    """Compiles any constraint but a regex holding "bad"."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare_constraint(self, constraint):
+        from worker.engine.grammar import ConstraintError
+
+        if "bad" in constraint.value:
+            raise ConstraintError("the outlines backend cannot compile this regex: bad")
+        self.prepared.append(constraint)
+
+
+def test_a_constraint_that_does_not_compile_fails_only_its_request(connection):
+    engine = ConstrainedFakeEngine()
+    jobs = [
+        make_job("ok", text="a b", max_new_tokens=2, regex_string=r"\d+", json_schema={"type": "integer"}),
+        make_job("bad", text="c", max_new_tokens=2, regex_string="bad"),
+        make_job("json", text="d", max_new_tokens=1, json_schema='{"type": "string", "pattern": "^\\\\d$"}'),
+    ]
+    pubsub = collect(connection, "bad")
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert outcomes["bad"].error.status == 400
+    assert outcomes["bad"].error.error_type == "invalid_constraint"
+    assert [event for _, event in drain(pubsub)] == [outcomes["bad"].error]
+    assert outcomes["ok"].result()["text"] == ["w1 w2 "]
+    # regex wins over json_schema; both are handed over in the shared dialect, compiled before add
+    regex, schema = engine.prepared
+    assert (regex.kind, regex.value, regex.backend) == ("regex", "[0-9]+", "outlines")
+    assert schema.kind == "json_schema" and '"^[0-9]$"' in schema.value
+    assert [row.constraint for row in engine.added[0]] == [regex, schema]

@@ -1,0 +1,211 @@
+"""Image-to-text end to end: multipart HTTP -> API -> Redis -> worker serving a
+tiny random vision-language model (LLaVA, Idefics3) -> JSON / SSE."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import torch
+from PIL import Image
+from takeoff_client import TakeoffClient
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from shared import keys
+from tests.fixtures.tiny_vlms import sample_image
+from tests.sse import read_stream
+
+pytestmark = pytest.mark.integration
+
+IMAGES = {
+    "red": sample_image((220, 30, 30)),
+    "blue": sample_image((20, 40, 210)),
+    "green": sample_image((30, 170, 60), size=(24, 80)),
+    "grey": sample_image((128, 128, 128), size=(70, 30)),
+    "yellow": sample_image((230, 220, 20)),
+}
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Reference:
+    """Greedy answers of HF generate, one prompt and its image at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.processor = AutoProcessor.from_pretrained(directory)
+        self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
+
+    def __call__(self, text: str, image: Image.Image, max_new_tokens: int) -> str:
+        prompt = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            add_generation_prompt=True,
+        )
+        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
+            )
+        new = output[0, inputs["input_ids"].shape[1] :]
+        return self.processor.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def llava_reference(tiny_llava_dir) -> Reference:
+    return Reference(tiny_llava_dir)
+
+
+def payload(text, max_new_tokens: int = 8, **extra) -> dict:
+    return {
+        "text": text,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": max_new_tokens,
+        "use_chat_template": True,
+        **extra,
+    }
+
+
+def post_image(url: str, image: Image.Image, body: dict, *, stream: bool = False) -> requests.Response:
+    """As the Takeoff client sends it: the image as a file part, json_data as application/json."""
+    files = {
+        "image_data": ("image.png", png(image), "image/png"),
+        "json_data": (None, json.dumps(body), "application/json"),
+    }
+    route = "/image_generate_stream" if stream else "/image_generate"
+    return requests.post(url + route, files=files, stream=stream, timeout=60)
+
+
+def assert_no_images_left(redis_client) -> None:
+    assert list(redis_client.scan_iter(keys.image_key("*"))) == []
+
+
+def test_llava_answers_equal_hf_greedy_streamed_or_not(
+    start_api, start_worker, tiny_llava_dir, llava_reference, redis_client
+):
+    start_worker(model=tiny_llava_dir)
+    api = start_api()
+    groups = requests.get(api.management_url + "/reader_groups").json()
+    assert [reader["model_type"] for reader in groups["primary"]] == ["VISION"]
+
+    red = IMAGES["red"]
+    response = post_image(api.url, red, payload("What is in the picture?", return_metadata=True))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == llava_reference("What is in the picture?", red, 8)
+    assert body["metadata"]["prompt_tokens"] > 16  # the image's 16 tokens are part of the prompt
+
+    with post_image(api.url, red, payload("What is in the picture?"), stream=True) as stream:
+        events = read_stream(stream)
+    assert "".join(event.data for event in events) == body["text"]
+
+    questions = ["Describe it.", "Which colour?", "How big?"]
+    whole = post_image(api.url, red, payload(questions, 6)).json()
+    assert whole == {"text": [llava_reference(question, red, 6) for question in questions]}
+    with post_image(api.url, red, payload(questions, 6), stream=True) as stream:
+        texts = ["", "", ""]
+        for event in read_stream(stream):
+            texts[event.json()["batch_id"]] += event.json()["text"]
+    assert texts == whole["text"]
+    assert_no_images_left(redis_client)
+
+
+def test_concurrent_requests_with_different_images_share_a_batch(
+    start_api, start_worker, tiny_llava_dir, llava_reference, redis_client
+):
+    worker = start_worker("--batch-duration-millis", "1500", "--max-batch-size", "8", model=tiny_llava_dir)
+    api = start_api()
+    question = "What do you see?"
+
+    def ask_all(names: list[str]) -> list[str]:
+        def ask(name: str) -> str:
+            response = post_image(api.url, IMAGES[name], payload(question, 6))
+            assert response.status_code == 200, response.text
+            return response.json()["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            return list(pool.map(ask, names))
+
+    first = ask_all(["red", "blue", "green", "grey"])
+    assert first == [llava_reference(question, IMAGES[name], 6) for name in ("red", "blue", "green", "grey")]
+    assert len(set(first)) == 4, "each image should get its own answer"
+    second = ask_all(["red", "yellow", "green", "grey"])  # one image changed
+    assert [a == b for a, b in zip(first, second, strict=True)] == [True, False, True, True]
+    batches = [int(n) for n in re.findall(r"running a batch of (\d+) request", worker.log())]
+    assert batches == [4, 4], worker.log()[-3000:]
+    assert_no_images_left(redis_client)
+
+
+def test_idefics3_answers_equal_hf_greedy(start_api, start_worker, tiny_idefics3_dir, redis_client):
+    start_worker(model=tiny_idefics3_dir, group="smolvlm")
+    api = start_api()
+    reference = Reference(tiny_idefics3_dir)
+    for name in ("green", "grey"):  # split into different numbers of tiles
+        body = payload(["Describe it.", "Anything else?"], 6, consumer_group="smolvlm")
+        response = post_image(api.url, IMAGES[name], body)
+        assert response.status_code == 200, response.text
+        expected = [reference(text, IMAGES[name], 6) for text in body["text"]]
+        assert response.json() == {"text": expected}
+    assert_no_images_left(redis_client)
+
+
+def test_text_groups_refuse_images_and_image_paths_read_the_image_dir(
+    start_api, start_worker, tiny_llava_dir, llava_reference, tmp_path, redis_client
+):
+    start_worker(group="text")  # the tiny text-only Llama
+    start_worker(model=tiny_llava_dir)
+    image_dir = tmp_path / "pictures"
+    image_dir.mkdir()
+    (image_dir / "blue.png").write_bytes(png(IMAGES["blue"]))
+    (tmp_path / "private.png").write_bytes(png(IMAGES["red"]))
+    api = start_api("--image-dir", str(image_dir))
+
+    refused = post_image(api.url, IMAGES["red"], payload("Hi", consumer_group="text"))
+    assert refused.status_code == 400
+    assert refused.json()["error_type"] == "model_does_not_accept_images"
+
+    response = requests.post(api.url + "/generate", json=payload("What?", image_paths=["blue.png"]))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"text": llava_reference("What?", IMAGES["blue"], 8)}
+    for path in ("../private.png", str(tmp_path / "private.png"), "http://127.0.0.1:9/x.png"):
+        response = requests.post(api.url + "/generate", json=payload("What?", image_paths=[path]))
+        assert response.status_code == 400, (path, response.text)
+
+    garbage = requests.post(
+        api.url + "/image_generate",
+        files={"image_data": ("x.png", b"\x89PNG garbage"), "json_data": (None, json.dumps(payload("x")))},
+    )
+    assert garbage.status_code == 400 and garbage.json()["error_type"] == "invalid_image"
+    assert_no_images_left(redis_client)
+
+
+def test_the_takeoff_client_sends_images(
+    start_api, start_worker, tiny_llava_dir, llava_reference, tmp_path, redis_client
+):
+    start_worker(model=tiny_llava_dir)
+    api = start_api()
+    client = TakeoffClient(
+        base_url="http://127.0.0.1",
+        port=urlsplit(api.url).port,
+        mgmt_port=urlsplit(api.management_url).port,
+    )
+    path = tmp_path / "grey.png"
+    path.write_bytes(png(IMAGES["grey"]))
+    expected = llava_reference("What is this?", IMAGES["grey"], 7)
+    answer = client.generate(
+        "What is this?", image_path=path, max_new_tokens=7, min_new_tokens=7, use_chat_template=True
+    )
+    assert answer["text"] == expected
+    streamed = client.generate_stream(
+        "What is this?", image_path=str(path), max_new_tokens=7, min_new_tokens=7, use_chat_template=True
+    )
+    assert "".join(event.data for event in streamed if event.event == "message") == expected
+    assert_no_images_left(redis_client)

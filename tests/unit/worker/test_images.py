@@ -1,0 +1,135 @@
+"""The worker's side of images: loading a vision-language model, reading a
+job's images from Redis, and running image jobs in a batch."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import fakeredis
+import pytest
+from PIL import Image
+
+from shared import keys, limits
+from shared.payload import GenerateRequest, GenerationJob
+from tests.fixtures.tiny_vlms import sample_image
+from tests.unit.worker.fake_engine import FakeEngine
+from worker.batch_run import BatchRun
+from worker.engine.engine import Engine
+from worker.images import ImageStore, ImageUnavailable
+from worker.model_loading import load_model
+from worker.publisher import EventPublisher
+
+
+def png(image: Image.Image) -> tuple[str, bytes]:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def store(connection, image: Image.Image) -> str:
+    image_id, data = png(image)
+    connection.hset(keys.image_key(image_id), mapping={keys.IMAGE_DATA_FIELD: data, keys.IMAGE_REFS_FIELD: 1})
+    connection.expire(keys.image_key(image_id), 5)
+    return image_id
+
+
+def image_job(request_id: str, image_ids: list[str], **payload) -> GenerationJob:
+    return GenerationJob(
+        request_id=request_id,
+        request=GenerateRequest(**payload),
+        seed=3,
+        enqueued_at=time.time(),
+        image_ids=image_ids,
+    )
+
+
+@pytest.fixture
+def connection():
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir):
+    return load_model(str(tiny_llava_dir), device="cpu", dtype="float32")
+
+
+def test_a_vision_language_model_loads_with_its_processor(llava):
+    assert llava.model_type == "VISION"
+    assert type(llava.model).__name__ == "LlavaForConditionalGeneration"
+    assert llava.processor is not None and llava.tokenizer is llava.processor.tokenizer
+
+
+def test_a_text_model_loads_as_causal(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert loaded.model_type == "CAUSAL" and loaded.processor is None
+
+
+def test_images_are_read_in_order_and_their_ttl_renewed(connection):
+    red, blue = store(connection, sample_image("red")), store(connection, sample_image("blue"))
+    images = ImageStore(connection).load([blue, red, blue])
+    assert [image.getpixel((5, 0)) for image in images] == [(0, 0, 255), (255, 0, 0), (0, 0, 255)]
+    assert all(image.mode == "RGB" for image in images)
+    assert connection.ttl(keys.image_key(red)) > 5
+
+
+def test_a_missing_or_damaged_image_is_unavailable(connection):
+    with pytest.raises(ImageUnavailable, match="no longer stored"):
+        ImageStore(connection).load(["0" * 64])
+    image_id = store(connection, sample_image("red"))
+    connection.hset(keys.image_key(image_id), keys.IMAGE_DATA_FIELD, b"not the same bytes")
+    with pytest.raises(ImageUnavailable, match="damaged"):
+        ImageStore(connection).load([image_id])
+
+
+def test_image_jobs_and_text_jobs_run_in_one_batch(connection, llava):
+    engine = Engine(llava.model, llava.tokenizer, processor=llava.processor)
+    red, blue = store(connection, sample_image("red")), store(connection, sample_image("blue"))
+    jobs = [
+        image_job("a", [red], text=["What is it?", "Colour?"], max_new_tokens=6, min_new_tokens=6),
+        image_job("b", [blue], text="What is it?", max_new_tokens=6, min_new_tokens=6),
+        image_job("c", [], text="Plain text", max_new_tokens=6, min_new_tokens=6),
+    ]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert all(outcome.error is None for outcome in outcomes.values())
+    texts = {request_id: outcome.result()["text"] for request_id, outcome in outcomes.items()}
+
+    alone = BatchRun(engine, EventPublisher(connection), [jobs[1]]).run()["b"].result()["text"]
+    assert texts["b"] == alone
+    assert texts["a"][0] != texts["b"][0], "the image should change the answer"
+    assert all(usage["prompt_tokens"] > 16 for usage in outcomes["a"].result()["usage"])
+
+
+def test_an_expired_image_fails_only_its_request(connection, llava):
+    engine = Engine(llava.model, llava.tokenizer, processor=llava.processor)
+    jobs = [image_job("gone", ["f" * 64], text="x", max_new_tokens=2), image_job("ok", [], text="y")]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs).run()
+    assert outcomes["gone"].error.error_type == "image_unavailable"
+    assert outcomes["ok"].error is None and outcomes["ok"].finished
+
+
+def test_a_text_only_worker_answers_an_image_job_with_400(connection, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer)
+    image_id = store(connection, sample_image("red"))
+    outcomes = BatchRun(engine, EventPublisher(connection), [image_job("a", [image_id], text="x")]).run()
+    assert outcomes["a"].error.error_type == "model_does_not_accept_images"
+    assert outcomes["a"].error.status == 400
+
+
+def test_a_failing_prompt_fails_only_its_request(connection):
+    class BrokenVision(FakeEngine):
+        def encode_image_prompts(self, *args, **kwargs):
+            raise RuntimeError("vision tower exploded")
+
+    image_id = store(connection, sample_image("red"))
+    jobs = [image_job("bad", [image_id], text="x"), image_job("good", [], text="y", max_new_tokens=2)]
+    outcomes = BatchRun(BrokenVision(), EventPublisher(connection), jobs).run()
+    assert outcomes["bad"].error.error_type == "generation_error"
+    assert outcomes["good"].result()["text"] == ["w1 w2 "]
+
+
+def test_the_image_ttl_covers_a_queued_job():
+    assert limits.IMAGE_TTL_SECONDS >= limits.JOB_TTL_SECONDS

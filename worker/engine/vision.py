@@ -1,0 +1,287 @@
+"""Prompts with images, for vision-language models.
+
+`VisionPrompter` turns a request's prompts and images into what the engine
+runs: each row's token ids, built with the processor's chat template (or the
+prompt as given) and with every image placeholder expanded into the image
+tokens the model expects, plus the images encoded by the model's vision
+tower (`ImageFeatures`). The images of a request are processed and encoded
+once, however many prompts ask about them.
+
+At prefill, the features of every row of a batch are handed to the model
+together (`prefill_inputs`), in the form transformers' own `generate` uses
+(`mm_encoder_outputs={"image": ...}`); the model scatters them, in order,
+into the image-token positions of its input. Decode steps are text only.
+Rows with images, with other images and without images therefore share one
+prefill and one batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+# What the processor returns besides the pixels: the token ids and masks the
+# engine builds itself, and bookkeeping the model does not take.
+_TEXT_OUTPUTS = frozenset(
+    {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "text_replacement_offsets"}
+)
+
+
+class VisionPromptError(ValueError):
+    """A prompt with images that cannot be built; worker.engine.engine re-raises it as PromptError."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFeatures:
+    """A row's images as the model's vision encoder outputs them (its
+    `pooler_output`: a tensor [images, tokens, hidden] or a list of
+    [tokens, hidden]), filling `tokens` image-token positions of the row's
+    prompt. The rows of one request share one object."""
+
+    pooler_output: Any
+    tokens: int
+
+
+@dataclass(frozen=True)
+class VisionPrompt:
+    prompt_ids: list[int]
+    image_features: ImageFeatures | None
+
+
+@dataclass(frozen=True)
+class _Processed:
+    ids: list[int]
+    image_start: int  # index of the first token that belongs to an image
+    pixel_inputs: dict[str, Any]
+
+
+class VisionPrompter:
+    """Prompt building and image encoding for one vision-language model."""
+
+    def __init__(self, model: PreTrainedModel, processor: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.image_token: str = getattr(processor, "image_token", None) or "<image>"
+        token_id = getattr(processor, "image_token_id", None)
+        if token_id is None:
+            token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_token_id = int(token_id)
+        encoder = getattr(model.base_model, "get_image_features", None) or getattr(
+            model, "get_image_features", None
+        )
+        if encoder is None or "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+            raise NotImplementedError(
+                f"{type(model).__name__} cannot take pre-encoded images (get_image_features and "
+                "mm_encoder_outputs), which mmserve's batched prefill needs"
+            )
+        if hasattr(model.base_model, "get_rope_index"):
+            raise NotImplementedError(
+                f"{type(model).__name__} places image tokens with multimodal rotary positions, "
+                "which mmserve's engine does not compute yet"
+            )
+        self._encoder = encoder
+        self._encoder_arguments = {
+            name for name in inspect.signature(encoder).parameters if name not in ("self", "kwargs")
+        }
+
+    # -- facts ----------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+
+    # -- prompts --------------------------------------------------------------
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        """A prompt without images in the chat template, assistant turn opened."""
+        return self._processed(self._chat_prompt(text, 0), []).ids
+
+    def prompts(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image.Image],
+        *,
+        use_chat_template: bool,
+        prompt_max_tokens: int | None,
+    ) -> list[VisionPrompt]:
+        """One VisionPrompt per text, every one asking about all of `images`.
+
+        With `use_chat_template` the images are placed as the chat template
+        places them (before the text, in one user turn). Without it the text
+        is used as given: it may hold one placeholder (processor.image_token,
+        e.g. `<image>`) per image to say where each goes, or none, in which
+        case the placeholders go before the text. `prompt_max_tokens` keeps
+        the last n tokens but never cuts into an image.
+        """
+        if not images:
+            raise VisionPromptError("no images given")
+        strings = [
+            self._chat_prompt(text, len(images)) if use_chat_template else self._raw_prompt(text, len(images))
+            for text in texts
+        ]
+        first = self._processed(strings[0], images)
+        features = self._encode(first.pixel_inputs)
+        splice = _Splice.of(self._plain_ids(strings[0]), first.ids, self.image_token_id)
+        prompts = []
+        for index, string in enumerate(strings):
+            spliced = None if index == 0 or splice is None else splice.apply(self._plain_ids(string))
+            if index == 0:
+                ids, image_start = first.ids, first.image_start
+            elif spliced is not None:
+                ids, image_start = spliced
+            else:
+                processed = self._processed(string, images)
+                ids, image_start = processed.ids, processed.image_start
+            prompts.append(VisionPrompt(self._truncate(ids, image_start, prompt_max_tokens), features))
+        return prompts
+
+    def _chat_prompt(self, text: str, image_count: int) -> str:
+        if not self.chat_template:
+            raise VisionPromptError("use_chat_template is set but this model has no chat template")
+        try:
+            if getattr(self.processor, "chat_template", None):
+                content = [{"type": "image"} for _ in range(image_count)]
+                content.append({"type": "text", "text": text})
+                prompt = self.processor.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            else:  # only the tokenizer has a template: placeholders lead the text
+                prompt = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": self.image_token * image_count + text}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+        except Exception as exc:  # jinja2 errors, templates that raise on purpose
+            raise VisionPromptError(f"the chat template could not be applied: {exc}") from exc
+        return prompt if isinstance(prompt, str) else prompt[0]
+
+    def _raw_prompt(self, text: str, image_count: int) -> str:
+        placeholders = text.count(self.image_token)
+        if placeholders == 0:
+            return self.image_token * image_count + text
+        if placeholders != image_count:
+            raise VisionPromptError(
+                f"the prompt holds {placeholders} {self.image_token} placeholder(s) but the request "
+                f"has {image_count} image(s): use one per image, or none to put the images first"
+            )
+        return text
+
+    def _add_special_tokens(self, prompt: str) -> bool:
+        # As transformers' processors do: a prompt that already starts with BOS
+        # (a rendered chat template) gets no second one.
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and prompt.startswith(bos))
+
+    def _plain_ids(self, prompt: str) -> list[int]:
+        """Token ids of `prompt` with its placeholders not expanded."""
+        return list(self.tokenizer(prompt, add_special_tokens=self._add_special_tokens(prompt))["input_ids"])
+
+    def _processed(self, prompt: str, images: Sequence[Image.Image]) -> _Processed:
+        kwargs: dict[str, Any] = {"add_special_tokens": self._add_special_tokens(prompt)}
+        if images:
+            kwargs.update(images=[list(images)], return_mm_token_type_ids=True)
+        try:
+            encoded = self.processor(text=[prompt], return_tensors="pt", **kwargs)
+        except Exception as exc:
+            raise VisionPromptError(f"the processor could not build the prompt: {exc}") from exc
+        ids = [int(token) for token in encoded["input_ids"][0]]
+        image_start = len(ids)
+        if images:
+            marks = encoded.get("mm_token_type_ids")
+            flagged = (
+                torch.as_tensor(marks[0]).nonzero().flatten().tolist()
+                if marks is not None
+                else [i for i, token in enumerate(ids) if token == self.image_token_id]
+            )
+            image_start = flagged[0] if flagged else len(ids)
+        pixel_inputs = {key: value for key, value in encoded.items() if key not in _TEXT_OUTPUTS}
+        return _Processed(ids=ids, image_start=image_start, pixel_inputs=pixel_inputs)
+
+    @staticmethod
+    def _truncate(ids: list[int], image_start: int, prompt_max_tokens: int | None) -> list[int]:
+        if prompt_max_tokens is None or len(ids) <= prompt_max_tokens:
+            return ids
+        if prompt_max_tokens < 1:
+            raise VisionPromptError("prompt_max_tokens must be at least 1")
+        cut = len(ids) - prompt_max_tokens
+        if cut > image_start:
+            raise VisionPromptError(
+                f"prompt_max_tokens ({prompt_max_tokens}) would cut into the image: the image(s) and "
+                f"the text after them take {len(ids) - image_start} tokens"
+            )
+        return ids[cut:]
+
+    # -- images ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _encode(self, pixel_inputs: Mapping[str, Any]) -> ImageFeatures:
+        """Run the vision tower once over a request's images."""
+        arguments = {}
+        for name, value in pixel_inputs.items():
+            if name not in self._encoder_arguments:
+                continue
+            if isinstance(value, torch.Tensor):
+                dtype = self.model.dtype if value.is_floating_point() else None
+                value = value.to(self.model.device, dtype)
+            arguments[name] = value
+        output = self._encoder(**arguments, return_dict=True)
+        pooled = output.pooler_output
+        parts = [pooled] if isinstance(pooled, torch.Tensor) and pooled.ndim == 2 else list(pooled)
+        return ImageFeatures(pooler_output=pooled, tokens=sum(int(part.shape[-2]) for part in parts))
+
+    def count_image_tokens(self, prompt_ids: Sequence[int]) -> int:
+        return sum(1 for token in prompt_ids if token == self.image_token_id)
+
+    @staticmethod
+    def prefill_inputs(features: Sequence[ImageFeatures | None]) -> dict[str, Any]:
+        """Model inputs for a prefill whose rows (in batch order) carry these features."""
+        present = [f.pooler_output for f in features if f is not None]
+        if not present:
+            return {}
+        if all(isinstance(p, torch.Tensor) for p in present) and len({p.shape[1:] for p in present}) == 1:
+            merged: Any = torch.cat(present, dim=0) if len(present) > 1 else present[0]
+        else:
+            merged = []
+            for pooled in present:
+                if isinstance(pooled, torch.Tensor) and pooled.ndim == 2:
+                    merged.append(pooled)
+                else:
+                    merged.extend(pooled)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=merged)}}
+
+
+@dataclass(frozen=True)
+class _Splice:
+    """How one image placeholder expands, learnt from a prompt the processor
+    expanded, so that more prompts about the same image need only the tokenizer."""
+
+    expansion: list[int]
+    placeholder: int
+
+    @classmethod
+    def of(cls, plain: list[int], expanded: list[int], placeholder: int) -> _Splice | None:
+        positions = [i for i, token in enumerate(plain) if token == placeholder]
+        if len(positions) != 1:
+            return None  # several images: each prompt goes through the processor
+        (at,) = positions
+        after = len(plain) - at - 1
+        if expanded[:at] != plain[:at] or (after and expanded[-after:] != plain[at + 1 :]):
+            return None
+        return cls(expansion=expanded[at : len(expanded) - after], placeholder=placeholder)
+
+    def apply(self, plain: list[int]) -> tuple[list[int], int] | None:
+        positions = [i for i, token in enumerate(plain) if token == self.placeholder]
+        if len(positions) != 1:
+            return None
+        (at,) = positions
+        return plain[:at] + self.expansion + plain[at + 1 :], at
