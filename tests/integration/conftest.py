@@ -16,7 +16,7 @@ import redis
 import requests
 
 from mmserve.redis_server import RedisServer, free_port
-from shared import readers
+from shared import keys, readers
 
 pytestmark = pytest.mark.integration
 
@@ -88,18 +88,23 @@ class Api:
     process: Process
 
 
-@pytest.fixture
-def start_api(redis_server, tmp_path) -> Iterator:
-    started: list[Process] = []
+class Launcher:
+    """Starts API and worker processes against one Redis and stops them all at the end."""
 
-    def start(*extra: str, redis_url: str | None = None) -> Api:
+    def __init__(self, redis_url: str, model: Path, log_dir: Path):
+        self.redis_url = redis_url
+        self.model = model
+        self.log_dir = log_dir
+        self.started: list[Process] = []
+
+    def api(self, *extra: str, redis_url: str | None = None) -> Api:
         port, management_port = free_port(), free_port()
         process = Process(
             "api",
             mmserve(
                 "api",
                 "--redis-url",
-                redis_url or redis_server.url,
+                redis_url or self.redis_url,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -108,9 +113,9 @@ def start_api(redis_server, tmp_path) -> Iterator:
                 str(management_port),
                 *extra,
             ),
-            tmp_path / f"api-{port}.log",
+            self.log_dir / f"api-{port}.log",
         ).start()
-        started.append(process)
+        self.started.append(process)
         api = Api(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{management_port}", process)
 
         def healthy() -> bool:
@@ -122,20 +127,11 @@ def start_api(redis_server, tmp_path) -> Iterator:
         wait_for(healthy, "the API to answer /healthz", process)
         return api
 
-    yield start
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
-def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
-    started: list[Process] = []
-
-    def start(
-        *extra: str, group: str = "primary", model: Path | None = None, redis_url: str | None = None
+    def worker(
+        self, *extra: str, group: str = "primary", model: Path | None = None, redis_url: str | None = None
     ) -> Process:
-        index = len(started)
-        redis_url = redis_url or redis_server.url
+        index = len(self.started)
+        redis_url = redis_url or self.redis_url
         process = Process(
             f"worker-{index}",
             mmserve(
@@ -143,7 +139,7 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
                 "--redis-url",
                 redis_url,
                 "--model",
-                str(model or tiny_model_dir),
+                str(model or self.model),
                 "--consumer-group",
                 group,
                 "--threads",
@@ -154,9 +150,9 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
                 "cpu",
                 *extra,
             ),
-            tmp_path / f"worker-{index}.log",
+            self.log_dir / f"worker-{index}.log",
         ).start()
-        started.append(process)
+        self.started.append(process)
         client = redis.Redis.from_url(redis_url)
         known = {reader.reader_id for reader in readers.live_readers(client, group)}
 
@@ -169,12 +165,48 @@ def start_worker(redis_server, tiny_model_dir, tmp_path) -> Iterator:
         wait_for(ready, f"worker {index} to register as ready", process)
         return process
 
-    yield start
-    for process in started:
-        process.stop()
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+@pytest.fixture
+def launcher(redis_server, tiny_model_dir, tmp_path) -> Iterator[Launcher]:
+    launched = Launcher(redis_server.url, tiny_model_dir, tmp_path)
+    yield launched
+    launched.stop_all()
+
+
+@pytest.fixture
+def start_api(launcher: Launcher):
+    return launcher.api
+
+
+@pytest.fixture
+def start_worker(launcher: Launcher):
+    return launcher.worker
+
+
+@pytest.fixture(scope="module")
+def shared_server(redis_server, tiny_model_dir, tmp_path_factory) -> Iterator[Api]:
+    """One worker and one API kept for a whole test module (for tests that leave
+    no state behind: each request is independent)."""
+    launched = Launcher(redis_server.url, tiny_model_dir, tmp_path_factory.mktemp("shared-server"))
+    launched.worker()
+    yield launched.api()
+    launched.stop_all()
 
 
 @pytest.fixture(autouse=True)
 def _clean_redis(redis_server) -> Iterator[None]:
+    """After each test: drop every key but the registrations of workers still
+    running (a module's shared server), and forget groups nobody serves."""
     yield
-    redis.Redis.from_url(redis_server.url).flushall()
+    client = redis.Redis.from_url(redis_server.url)
+    keep = (b"mmserve:reader:", b"mmserve:group:", b"mmserve:groups", b"rq:worker")
+    doomed = [key for key in client.scan_iter(count=1000) if not key.startswith(keep)]
+    if doomed:
+        client.delete(*doomed)
+    for group in readers.known_groups(client):
+        if not readers.live_readers(client, group):
+            client.srem(keys.GROUPS_KEY, group)

@@ -28,9 +28,8 @@ SAMPLED = {"sampling_temperature": 1.0, "sampling_topk": 0}
 
 
 @pytest.fixture
-def server(start_api, start_worker):
-    start_worker()
-    return start_api()
+def server(shared_server):
+    return shared_server
 
 
 def streamed(url: str, payload: dict) -> tuple[str, dict | None]:

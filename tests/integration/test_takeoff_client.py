@@ -13,9 +13,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(start_api, start_worker) -> TakeoffClient:
-    start_worker()
-    api = start_api()
+def client(shared_server) -> TakeoffClient:
+    api = shared_server
     return TakeoffClient(
         base_url="http://127.0.0.1",
         port=urlsplit(api.url).port,

@@ -33,9 +33,8 @@ def reference(tiny_model_dir):
 
 
 @pytest.fixture
-def server(start_api, start_worker):
-    start_worker()
-    return start_api()
+def server(shared_server):
+    return shared_server
 
 
 def test_generate_string_equals_hf_greedy(server, reference):
@@ -106,12 +105,12 @@ def test_seeded_sampling_is_reproducible(server):
     assert first != other
 
 
-def test_concurrent_clients_share_one_batch(start_api, start_worker, reference):
-    worker = start_worker("--batch-duration-millis", "1500", "--max-batch-size", "8")
-    api = start_api()
+def test_concurrent_clients_share_one_batch(server, start_worker, reference):
+    worker = start_worker("--batch-duration-millis", "1500", "--max-batch-size", "8", group="batched")
 
     def ask(prompt: str) -> dict:
-        return requests.post(api.url + "/generate", json={"text": prompt, "max_new_tokens": 6}).json()
+        payload = {"text": prompt, "max_new_tokens": 6, "consumer_group": "batched"}
+        return requests.post(server.url + "/generate", json=payload).json()
 
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         answers = list(pool.map(ask, PROMPTS))
