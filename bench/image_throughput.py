@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmserve.redis_server import RedisServer, free_port
+from mmserve.redis_server import RedisServer
+from tests.serving import ServeProcess, percentile
 from tests.sse import iter_lines, parse_sse
 
 QUESTION = "What is in this picture?"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def small_image(index: int) -> bytes:
@@ -176,19 +171,8 @@ def _store_fresh(connection, images, canonical):
     return images.ImageLease.take(connection, [canonical])
 
 
-def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
-    port, management = free_port(), free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "mmserve",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--management-port",
-        str(management),
+def start_server(model: Path, args) -> ServeProcess:
+    flags = [
         "--model",
         str(model),
         "--workers",
@@ -202,20 +186,7 @@ def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
         "--log-level",
         "WARNING",
     ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("mmserve serve did not become ready")
+    return ServeProcess(*flags).wait_ready()
 
 
 def main() -> None:
@@ -246,7 +217,8 @@ def main() -> None:
             "machine": platform.machine(),
         }
         jpeg = photo_jpeg()
-        server, url = start_server(model, args)
+        server = start_server(model, args)
+        url = server.url
         try:
             bench_http(url, 1, 1, 4, offset=10_000)  # warm-up
             report["http"] = [
@@ -260,8 +232,7 @@ def main() -> None:
                 "difference_ms": round((large - small) * 1000, 1),
             }
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     report["api_cost_per_upload"] = api_upload_cost(jpeg)
     print(json.dumps(report, indent=2))
 

@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,18 +26,11 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmserve.redis_server import free_port
 from tests.fixtures.tiny_models import build_tiny_llama
+from tests.serving import ServeProcess, percentile
 from tests.sse import iter_lines, parse_sse
 
 DEADLINE_SECONDS = 600
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def stream(url: str, payload: dict) -> tuple[str | None, float | None, str | None]:
@@ -80,49 +72,24 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="mmserve-soak-"))
     model = build_tiny_llama(workdir / "model", tokenizer_cache_dir=workdir / "tokenizer")
-    port, management = free_port(), free_port()
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mmserve",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--management-port",
-            str(management),
-            "--workers",
-            str(args.workers),
-            "--model",
-            str(model),
-            "--dtype",
-            "float32",
-            "--threads",
-            "1",
-            "--max-batch-size",
-            "16",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "serve.log").open("wb"),
+    serve = ServeProcess(
+        "--workers",
+        str(args.workers),
+        "--model",
+        str(model),
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "16",
+        "--log-level",
+        "WARNING",
+        log_path=workdir / "serve.log",
     )
-    url, management_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{management}"
+    url = serve.url
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                ready = requests.get(url + "/readyz", timeout=1)
-                readers = requests.get(management_url + "/reader_groups", timeout=1).json().get("primary", [])
-                if ready.status_code == 200 and len(readers) == args.workers:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline or serve.poll() is not None:
-                raise RuntimeError(f"mmserve serve did not become ready; see {workdir / 'serve.log'}")
-            time.sleep(0.5)
+        serve.wait_ready(300, also=lambda: len(serve.readers()) == args.workers)
 
         prompts = [f"soak prompt number {i % 16}" for i in range(args.clients)]
         payload = {"max_new_tokens": args.new_tokens}
@@ -130,7 +97,7 @@ def main() -> None:
             p: requests.post(url + "/generate", json={"text": p, **payload}, timeout=60).json()["text"]
             for p in sorted(set(prompts))
         }
-        rss_before = api_rss(psutil.Process(serve.pid))
+        rss_before = api_rss(psutil.Process(serve.process.pid))
 
         answered = threading.Semaphore(0)
         killed: dict = {}
@@ -138,7 +105,7 @@ def main() -> None:
         def killer() -> None:
             for _ in range(int(args.clients * args.kill_after)):
                 answered.acquire()
-            victim = requests.get(management_url + "/reader_groups", timeout=5).json()["primary"][0]
+            victim = serve.readers()[0]
             os.kill(victim["pids"][0], signal.SIGKILL)
             killed.update(reader_id=victim["reader_id"], at=time.monotonic())
 
@@ -153,8 +120,8 @@ def main() -> None:
             results = list(pool.map(client, prompts, timeout=DEADLINE_SECONDS))
         elapsed = time.monotonic() - started
         time.sleep(1)
-        rss_after = api_rss(psutil.Process(serve.pid))
-        readers_after = requests.get(management_url + "/reader_groups", timeout=5).json().get("primary", [])
+        rss_after = api_rss(psutil.Process(serve.process.pid))
+        readers_after = serve.readers()
 
         completed = [(p, r) for p, r in results if r[2] is None]
         mismatched = sum(1 for p, (text, _, _) in completed if text != expected[p])
@@ -183,11 +150,7 @@ def main() -> None:
             )
         )
     finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        serve.stop()
 
 
 if __name__ == "__main__":

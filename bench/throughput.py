@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmserve.redis_server import free_port
+from tests.serving import ServeProcess, percentile
 from tests.sse import iter_lines, parse_sse
 
 PROMPTS = [
@@ -35,14 +34,6 @@ PROMPTS = [
     "Give advice to someone learning to cook.",
     "Why is the sky blue?",
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def prompts_for(count: int) -> list[str]:
@@ -95,19 +86,8 @@ def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict
     }
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port, management = free_port(), free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "mmserve",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--management-port",
-        str(management),
+def start_server(args) -> ServeProcess:
+    flags = [
         "--workers",
         "1",
         "--max-batch-size",
@@ -119,20 +99,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "--log-level",
         "WARNING",
     ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("mmserve serve did not become ready")
+    return ServeProcess(*flags).wait_ready()
 
 
 # -- in-process ----------------------------------------------------------------
@@ -228,13 +195,13 @@ def main() -> None:
         "machine": platform.machine(),
     }
 
-    server, url = start_server(args)
+    server = start_server(args)
+    url = server.url
     try:
         bench_http(url, 1, 1, 8)  # warm-up
         report["http"] = [bench_http(url, c, args.rounds, args.new_tokens) for c in args.concurrency]
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
     configure_threads(args.threads)
     loaded = load_model(None, dtype=args.dtype)

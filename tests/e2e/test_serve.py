@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import requests
 
-from mmserve.redis_server import free_port
+from tests.serving import ServeProcess
 from tests.sse import read_stream
 
 pytestmark = pytest.mark.e2e
@@ -22,44 +19,13 @@ READY_TIMEOUT = 300.0  # first start converts the bundled GGUF (~20 s on 2 cores
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    port, management_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mmserve",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--management-port",
-            str(management_port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("mmserve serve did not become ready:\n" + log_path.read_text()[-5000:])
-        time.sleep(0.5)
-    yield process, url, f"http://127.0.0.1:{management_port}", log_path
-    if process.poll() is None:
-        process.kill()
-    log.close()
+    serve = ServeProcess("--workers", "1", log_path=tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        serve.wait_ready(READY_TIMEOUT)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield serve.process, serve.url, serve.management_url, serve.log_path
+    serve.kill()
 
 
 def test_chat_template_question_is_answered_with_paris(served):

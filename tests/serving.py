@@ -1,0 +1,80 @@
+"""`mmserve serve` as a child process on free loopback ports, for the e2e
+tests and the benchmarks; and the percentile they report."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from mmserve.redis_server import free_port
+
+
+class ServeProcess:
+    def __init__(self, *flags: str, log_path: Path | None = None):
+        self.port, self.management_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.management_url = f"http://127.0.0.1:{self.management_port}"
+        self.log_path = log_path
+        argv = [
+            sys.executable,
+            "-m",
+            "mmserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--management-port",
+            str(self.management_port),
+            *flags,
+        ]
+        output = log_path.open("wb") if log_path is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
+
+    def wait_ready(self, timeout: float = 300.0, also: Callable[[], bool] = lambda: True) -> ServeProcess:
+        """Wait for /readyz (and `also`); raise with the log's tail if it never comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200 and also():
+                    return self
+            except requests.RequestException:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("mmserve serve did not become ready:\n" + self.log()[-5000:])
+            time.sleep(0.5)
+
+    def readers(self, group: str = "primary") -> list[dict]:
+        return requests.get(self.management_url + "/reader_groups", timeout=5).json().get(group, [])
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ctrl-C, as a user would; kill if it does not stop in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
