@@ -10,15 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
+from pydantic import ValidationError
 
 from api import images, sse
 from api.admission import admit
 from api.constraints import check_constraint
-from api.errors import ApiError, NotImplementedYet, UnknownReader
+from api.errors import ApiError, InvalidPayload, UnknownReader
 from api.generation import Generation, RequestFailed, StillWaiting, TokenRelayed, submit
-from api.payloads import parse_generate_request
+from api.payloads import describe_validation_error, parse_generate_request, read_json_body
 from api.state import app_state
-from shared import readers
+from shared import reader_tools, readers, rpc
 from shared.payload import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,27 @@ class EventStream:
 @blueprint.post("/detokenize/<reader_id>")
 @blueprint.post("/chat_template/<reader_id>")
 def reader_tool(reader_id: str) -> Response:
-    if readers.find_reader(app_state().connection, reader_id) is None:
+    """Takeoff's tokenizer routes, answered by that reader's own tokenizer."""
+    state = app_state()
+    if readers.find_reader(state.connection, reader_id) is None:
         raise UnknownReader(f"no live reader '{reader_id}'")
-    route = request.path.strip("/").split("/", 1)[0]
-    raise NotImplementedYet(f"/{route} is not supported yet: workers do not answer tokenizer requests")
+    tool = request.path.strip("/").split("/", 1)[0]
+    body = read_json_body(request, state.settings.body_size_limit_bytes)
+    try:
+        checked = reader_tools.REQUESTS[tool].model_validate(body)
+    except ValidationError as exc:
+        raise InvalidPayload(describe_validation_error(exc)) from None
+    answer = rpc.call(
+        state.connection,
+        reader_tools.inbox(reader_id),
+        {"tool": tool, "request": checked.model_dump(mode="json")},
+    )
+    if answer is None:
+        raise ApiError(
+            f"reader '{reader_id}' did not answer in time", error_type="reader_unavailable", status=503
+        )
+    if not answer.get("ok"):
+        raise ApiError(
+            str(answer.get("error")), error_type="tokenizer_error", status=int(answer.get("status", 400))
+        )
+    return jsonify(answer["result"])

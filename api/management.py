@@ -77,9 +77,7 @@ def create_reader() -> tuple[Response, int]:
         spec = supervision.ReaderSpec.model_validate(body)
     except ValidationError as exc:
         raise InvalidPayload(describe_validation_error(exc)) from None
-    reply = _ask_supervisor(
-        supervision.Command(action="start", reply_key=supervision.new_reply_key(), spec=spec)
-    )
+    reply = _ask_supervisor(supervision.Command(action="start", spec=spec))
     return jsonify(
         {
             "reader_id": reply.reader_id,
@@ -96,7 +94,5 @@ def delete_reader(reader_id: str) -> Response:
     _supervisor_id()
     if readers.find_reader(app_state().connection, reader_id) is None:
         raise UnknownReader(f"no live reader '{reader_id}'")
-    reply = _ask_supervisor(
-        supervision.Command(action="stop", reply_key=supervision.new_reply_key(), reader_id=reader_id)
-    )
+    reply = _ask_supervisor(supervision.Command(action="stop", reader_id=reader_id))
     return jsonify({"reader_id": reply.reader_id, "stopping": True})

@@ -70,9 +70,8 @@ class LocalWorkerCommands:
 
     def poll(self, supervisor: Supervisor) -> None:
         try:
-            commands = supervision.take_commands(self._connection, self._supervisor_id)
-            for command in commands:
-                supervision.answer(self._connection, command, self._carry_out(command, supervisor))
+            for call, command in supervision.take_commands(self._connection, self._supervisor_id):
+                supervision.answer(self._connection, call, self._carry_out(command, supervisor))
         except redis.RedisError as exc:
             log.debug("could not read worker commands: %s", exc)
 

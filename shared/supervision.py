@@ -1,20 +1,14 @@
 """How the API asks `mmserve serve` to start or stop local worker processes
-(Takeoff's POST /reader and DELETE /reader/{id}): a command list in Redis that
-the supervisor polls, and a reply key per command."""
+(Takeoff's POST /reader and DELETE /reader/{id}), over shared.rpc."""
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import keys, limits
-
-REPLY_TTL_SECONDS = 60
-REPLY_TIMEOUT_SECONDS = 5  # below the client's socket timeout (shared.limits)
+from shared import keys, limits, rpc
 
 
 class ReaderSpec(BaseModel):
@@ -33,7 +27,6 @@ class ReaderSpec(BaseModel):
 
 class Command(BaseModel):
     action: Literal["start", "stop"]
-    reply_key: str
     spec: ReaderSpec | None = None
     reader_id: str | None = None
 
@@ -52,32 +45,20 @@ def commands_key(supervisor_id: str) -> str:
 
 def send(connection: redis.Redis, supervisor_id: str, command: Command) -> Reply | None:
     """Hand a command to the supervisor and wait for its reply (None: no answer in time)."""
-    with connection.pipeline() as pipe:
-        pipe.rpush(commands_key(supervisor_id), command.model_dump_json())
-        pipe.expire(commands_key(supervisor_id), REPLY_TTL_SECONDS)
-        pipe.execute()
-    answer = connection.blpop([command.reply_key], timeout=REPLY_TIMEOUT_SECONDS)
-    return None if answer is None else Reply.model_validate_json(answer[1])
+    answer = rpc.call(connection, commands_key(supervisor_id), command.model_dump(mode="json"))
+    return None if answer is None else Reply.model_validate(answer)
 
 
-def new_reply_key() -> str:
-    return f"{keys.PREFIX}:supervisor:reply:{uuid.uuid4().hex}"
-
-
-def take_commands(connection: redis.Redis, supervisor_id: str, most: int = 16) -> list[Command]:
-    """Commands waiting for the supervisor (non-blocking)."""
-    raw = connection.lpop(commands_key(supervisor_id), most) or []
+def take_commands(connection: redis.Redis, supervisor_id: str) -> list[tuple[rpc.Call, Command]]:
+    """Commands waiting for the supervisor (non-blocking); malformed ones are dropped."""
     commands = []
-    for blob in raw:
+    for call in rpc.take(connection, commands_key(supervisor_id)):
         try:
-            commands.append(Command.model_validate(json.loads(blob)))
-        except ValueError:
+            commands.append((call, Command.model_validate(call.body)))
+        except ValidationError:
             continue
     return commands
 
 
-def answer(connection: redis.Redis, command: Command, reply: Reply) -> None:
-    with connection.pipeline() as pipe:
-        pipe.rpush(command.reply_key, reply.model_dump_json())
-        pipe.expire(command.reply_key, REPLY_TTL_SECONDS)
-        pipe.execute()
+def answer(connection: redis.Redis, call: rpc.Call, reply: Reply) -> None:
+    rpc.reply(connection, call, reply.model_dump(mode="json"))

@@ -19,6 +19,7 @@ from worker.batch_worker import BatchWorker
 from worker.engine.engine import Engine
 from worker.model_loading import DEFAULT_MODEL_NAME, load_model
 from worker.reader import ReaderHeartbeat
+from worker.reader_tools import ReaderTools
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ def run_worker(settings: WorkerSettings) -> None:
             settings.max_batch_size,
             settings.batch_duration_millis,
         )
-        worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
+        tools = ReaderTools(connection, reader_id, loaded.tokenizer).start()
+        try:
+            worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
+        finally:
+            tools.stop()
     finally:
         heartbeat.stop()

@@ -51,3 +51,15 @@ def test_errors_surface_as_takeoff_exceptions(client):
     with pytest.raises(TakeoffException) as raised:
         client.generate("x", consumer_group="missing")
     assert raised.value.status_code == 404
+
+
+def test_tokenizer_routes(client):
+    (reader,) = client.get_readers()["primary"]
+    reader_id = reader["reader_id"]
+    tokens = client.tokenize("hello, world", reader_id=reader_id, use_chat_template=False)
+    assert client.tokens_count("hello, world", reader_id=reader_id) == len(tokens)
+    assert client.detokenize(tokens, reader_id=reader_id) == "hello, world"
+    (formatted,) = client.chat_template(
+        [{"role": "user", "content": "Hi"}], reader_id=reader_id, add_generation_prompt=True
+    )
+    assert "Hi" in formatted

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from shared import supervision
+from shared import rpc, supervision
 from tests.unit.api.conftest import client_on
 from tests.unit.api.fakes import MANAGEMENT_URL, add_reader
 
@@ -27,10 +27,9 @@ def supervised(make_app, connection):
 
     def answer_one(reply: supervision.Reply) -> threading.Thread:
         def run() -> None:
-            item = connection.blpop([supervision.commands_key("sup-1")], timeout=5)
-            command = supervision.Command.model_validate_json(item[1])
-            received.append(command)
-            supervision.answer(connection, command, reply)
+            (call,) = rpc.take(connection, supervision.commands_key("sup-1"), block_seconds=5)
+            received.append(supervision.Command.model_validate(call.body))
+            supervision.answer(connection, call, reply)
 
         thread = threading.Thread(target=run)
         thread.start()
