@@ -7,6 +7,7 @@ mapped here too, and anything unexpected becomes a logged 500."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -131,7 +132,16 @@ class GatewayTimeout(ApiError):
     error_type = "timeout"
 
 
+def count_error(error_type: str) -> None:
+    """Count an error in the app's metrics (mmserve_api_errors_total)."""
+    from api.state import app_state  # the state module imports the metrics, which import nothing of errors
+
+    with contextlib.suppress(RuntimeError, KeyError):  # outside an app, or before the app is set up
+        app_state().metrics.errors.labels(error_type).inc()
+
+
 def error_response(message: str, error_type: str, status: int, *, retry_after: int | None = None) -> Response:
+    count_error(error_type)
     response = jsonify(error=message, error_type=error_type)
     response.status_code = status
     if retry_after is not None:

@@ -141,6 +141,7 @@ class Generation:
         self._last_event_at = now
         if self._first_event_at is None:
             self._first_event_at = now
+            self._metrics.queue_time.labels(self.consumer_group).observe(now - self._submitted_at)
         if isinstance(event, events.ErrorEvent):
             self._worker_failed = True
             status = event.status if 400 <= event.status <= 599 else 500
@@ -174,6 +175,10 @@ class Generation:
             self._metrics.time_to_first_token.labels(self.consumer_group).observe(now - self._submitted_at)
         self._metrics.tokens_relayed.labels(self.consumer_group).inc()
         return TokenRelayed(event.row, event.text)
+
+    def count_error(self, error_type: str) -> None:
+        """Count an error told to the client inside a stream (JSON errors are counted by the app)."""
+        self._metrics.errors.labels(error_type).inc()
 
     def texts(self) -> list[str]:
         return [row.text for row in self.rows]

@@ -155,6 +155,7 @@ class EventStream:
                 elif isinstance(item, StillWaiting):
                     yield sse.KEEPALIVE
                 elif isinstance(item, RequestFailed):
+                    generation.count_error(item.error_type)
                     yield sse.error(item.message, item.error_type)
                     return
             if self._payload.return_metadata:

@@ -103,6 +103,19 @@ class ApiMetrics:
             ["consumer_group"],
             registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "mmserve_api_queue_time_seconds",
+            "Time from enqueueing a job to the first event from a worker (time in queue).",
+            ["consumer_group"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "mmserve_api_errors",
+            "Errors answered to clients (JSON bodies and error events in streams), by error_type.",
+            ["error_type"],
+            registry=self.registry,
+        )
         self.registry.register(RedisStateCollector(connection, hub))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

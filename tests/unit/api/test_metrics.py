@@ -1,0 +1,54 @@
+"""Metrics move when requests flow."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.unit.api.fakes import add_reader, done, token
+
+
+@pytest.fixture(autouse=True)
+def _reader(connection):
+    add_reader(connection)
+
+
+def sample(client, name: str, **labels: str) -> float:
+    text = client.get("/metrics").get_data(as_text=True)
+    label_text = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    pattern = (
+        rf"^{re.escape(name)}{{{re.escape(label_text)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
+    )
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_errors_are_counted_by_type(client):
+    before = sample(client, "mmserve_api_errors_total", error_type="validation_error")
+    client.post("/generate", json={"text": "x", "bogus": 1})
+    client.post("/generate", json={"text": "x", "max_new_tokens": 0})
+    assert sample(client, "mmserve_api_errors_total", error_type="validation_error") == before + 2
+
+
+def test_a_served_request_moves_requests_queue_time_and_tokens(client, worker):
+    worker.serve(lambda job: [token(0, 0, "a"), token(0, 1, "b"), done(0, 2)])
+    labels = {"consumer_group": "primary"}
+    queue_before = sample(client, "mmserve_api_queue_time_seconds_count", **labels)
+    tokens_before = sample(client, "mmserve_api_tokens_relayed_total", **labels)
+    with client.post("/generate", json={"text": "x"}) as response:  # counted when the response closes
+        assert response.status_code == 200
+    worker.join()
+    assert sample(client, "mmserve_api_queue_time_seconds_count", **labels) == queue_before + 1
+    assert sample(client, "mmserve_api_tokens_relayed_total", **labels) == tokens_before + 2
+    assert sample(client, "mmserve_api_requests_total", route="/generate", method="POST", status="200") >= 1
+
+
+def test_an_error_inside_a_stream_is_counted(client, worker):
+    from shared import events
+
+    worker.serve(lambda job: [events.ErrorEvent(error="boom", error_type="generation_error", status=500)])
+    with client.post("/generate_stream", json={"text": "x"}) as response:
+        assert b"event: error" in response.get_data()
+    worker.join()
+    assert sample(client, "mmserve_api_errors_total", error_type="generation_error") == 1
