@@ -6,14 +6,13 @@ process, after gevent has patched the standard library."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 
 from flask import Flask
 
 from api.app import create_app
-from shared import limits
+from shared import limits, logs
 from shared.settings import ApiSettings
 
 
@@ -66,6 +65,7 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
 
 
 def app_from_env() -> Flask:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(
+        os.environ.get("MMSERVE_LOG_LEVEL") or "INFO", os.environ.get("MMSERVE_LOG_FORMAT") or "text"
+    )
     return create_app(settings_from_env(os.environ))

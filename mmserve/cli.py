@@ -11,14 +11,13 @@ import click
 
 from mmserve import options
 from mmserve.supervisor import REDIS, Child, LocalWorkerCommands, Supervisor, python_command
+from shared import logs
 
 GUNICORN_APP = "api.wsgi:app_from_env()"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s", stream=sys.stderr
-    )
+def _setup_logging(level: str, log_format: str) -> None:
+    logs.configure(level, log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -26,10 +25,12 @@ def main() -> None:
     """mmserve: a Takeoff-compatible text generation server (API + Redis/RQ + batch workers)."""
 
 
-def _api_env(redis_url: str, api: dict) -> dict[str, str]:
+def _api_env(redis_url: str, api: dict, log_level: str, log_format: str) -> dict[str, str]:
     """The environment the gunicorn app reads (api/wsgi.py): every API flag as MMSERVE_<FLAG>."""
     env = dict(os.environ)
     env["MMSERVE_REDIS_URL"] = redis_url
+    env["MMSERVE_LOG_LEVEL"] = log_level
+    env["MMSERVE_LOG_FORMAT"] = log_format
     for key, value in api.items():
         name = "MMSERVE_" + key.upper()
         if value is None or value is False:
@@ -39,7 +40,7 @@ def _api_env(redis_url: str, api: dict) -> dict[str, str]:
     return env
 
 
-def _gunicorn_argv(api: dict, log_level: str) -> list[str]:
+def _gunicorn_argv(api: dict, log_level: str, log_format: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -60,14 +61,17 @@ def _gunicorn_argv(api: dict, log_level: str) -> list[str]:
         "5",
         "--log-level",
         log_level.lower(),
-        "--access-logfile",
-        "-",
+        # the app itself logs one line per request (with its request and job ids); gunicorn's
+        # access log only adds a second, plain-text line per request, so only in text mode
+        *(["--access-logfile", "-"] if log_format == "text" else []),
         GUNICORN_APP,
     ]
 
 
-def _worker_argv(redis_url: str, worker: dict, log_level: str) -> list[str]:
-    argv = python_command("worker", "--redis-url", redis_url, "--log-level", log_level)
+def _worker_argv(redis_url: str, worker: dict, log_level: str, log_format: str) -> list[str]:
+    argv = python_command(
+        "worker", "--redis-url", redis_url, "--log-level", log_level, "--log-format", log_format
+    )
     for key, value in worker.items():
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]
@@ -88,12 +92,13 @@ def _worker_argv(redis_url: str, worker: dict, log_level: str) -> list[str]:
 @options.apply(options.API_OPTIONS)
 @options.apply(options.WORKER_OPTIONS)
 @options.LOG_LEVEL
-def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None:
+@options.LOG_FORMAT
+def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, **kwargs) -> None:
     """Everything on one machine: Redis (private unless --redis-url), the API and N workers."""
     from mmserve.redis_server import RedisServer
     from worker.main import default_threads
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     api = options.pick(kwargs, options.API_OPTIONS)
     worker = options.pick(kwargs, options.WORKER_OPTIONS)
     if worker["threads"] is None:
@@ -108,13 +113,13 @@ def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None
         logging.getLogger("mmserve.serve").info("started a private redis-server at %s", redis_url)
         children.append(Child(REDIS, [], {}, restart=False, process=private_redis.process))
     supervisor_id = uuid.uuid4().hex
-    api_env = {**_api_env(redis_url, api), "MMSERVE_SUPERVISOR_ID": supervisor_id}
-    children.append(Child("api", _gunicorn_argv(api, log_level), api_env, restart=False))
+    api_env = {**_api_env(redis_url, api, log_level, log_format), "MMSERVE_SUPERVISOR_ID": supervisor_id}
+    children.append(Child("api", _gunicorn_argv(api, log_level, log_format), api_env, restart=False))
 
     def make_worker(overrides: dict) -> Child:
         settings = {**worker, **{key: value for key, value in overrides.items() if value is not None}}
         reader_id = f"{settings['consumer_group']}-{uuid.uuid4().hex[:8]}"
-        argv = _worker_argv(redis_url, {**settings, "reader_id": reader_id}, log_level)
+        argv = _worker_argv(redis_url, {**settings, "reader_id": reader_id}, log_level, log_format)
         return Child(f"worker {reader_id}", argv, dict(os.environ), restart=True, reader_id=reader_id)
 
     children.extend(make_worker({}) for _ in range(workers))
@@ -133,24 +138,26 @@ def serve(redis_url: str | None, workers: int, log_level: str, **kwargs) -> None
 @options.REDIS_URL
 @options.apply(options.API_OPTIONS)
 @options.LOG_LEVEL
-def api_command(redis_url: str | None, log_level: str, **api) -> None:
+@options.LOG_FORMAT
+def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -> None:
     """The API alone (gunicorn + gevent) on the inference and management ports."""
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
-    env = _api_env(redis_url, api)
-    os.execve(sys.executable, _gunicorn_argv(api, log_level), env)
+    env = _api_env(redis_url, api, log_level, log_format)
+    os.execve(sys.executable, _gunicorn_argv(api, log_level, log_format), env)
 
 
 @main.command("worker")
 @options.REDIS_URL
 @options.apply(options.WORKER_OPTIONS)
 @options.LOG_LEVEL
-def worker_command(redis_url: str | None, log_level: str, **worker) -> None:
+@options.LOG_FORMAT
+def worker_command(redis_url: str | None, log_level: str, log_format: str, **worker) -> None:
     """One worker process: loads the model and serves its consumer group's queue."""
     from shared.settings import WorkerSettings
     from worker.main import run_worker
 
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     run_worker(WorkerSettings(redis_url=redis_url, **worker))

@@ -35,6 +35,12 @@ REDIS_URL = _option(
     help="Redis to use (redis://, rediss://, unix://). `serve` starts a private redis-server when unset.",
 )
 LOG_LEVEL = _option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+LOG_FORMAT = _option(
+    "--log-format",
+    default="text",
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per line.",
+)
 
 API_OPTIONS = [
     _option("--host", default="0.0.0.0", help="Address the API listens on."),
