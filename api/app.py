@@ -1,8 +1,9 @@
-"""The Flask app factory. One app serves both ports (gunicorn binds both to it):
-a route of the inference port answers only requests that arrived on
-`settings.port`, a management route only those on `settings.management_port`,
-and the probes (/healthz, /readyz, /metrics) answer on both. A route asked on
-the wrong port is a 404.
+"""The Flask app factory. One app serves the three ports (gunicorn binds all
+of them to it): a route of the inference port answers only requests that
+arrived on `settings.port`, a management route only those on
+`settings.management_port`, an OpenAI route (/v1/...) only those on
+`settings.openai_port`, and the probes (/healthz, /readyz, /metrics) answer on
+all. A route asked on the wrong port is a 404.
 
 Every request gets an id (the client's X-Request-ID when it is sane, else a
 fresh one), echoed in the response and in the one log line written when the
@@ -20,7 +21,7 @@ import redis
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import NotFound
 
-from api import docs, inference, management, probes
+from api import docs, inference, management, openai_routes, probes
 from api.errors import Unauthorized, register_error_handlers
 from api.metrics import ApiMetrics
 from api.relay import EventHub
@@ -32,13 +33,15 @@ log = logging.getLogger("mmserve.api")
 
 INFERENCE = "inference"
 MANAGEMENT = "management"
+OPENAI = "OpenAI"
 
 PORT_OF_BLUEPRINT = {
     inference.blueprint.name: INFERENCE,
     docs.blueprint.name: INFERENCE,
     management.blueprint.name: MANAGEMENT,
+    openai_routes.blueprint.name: OPENAI,
 }
-"""Which port each blueprint answers on; blueprints not listed (probes) answer on both."""
+"""Which port each blueprint answers on; blueprints not listed (probes) answer on every port."""
 
 OPEN_ENDPOINTS = {"probes.healthz"}
 """Endpoints that never ask for the API key."""
@@ -62,7 +65,13 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
         app, AppState(settings=settings, connection=connection, hub=hub, metrics=ApiMetrics(connection, hub))
     )
 
-    for blueprint in (inference.blueprint, management.blueprint, probes.blueprint, docs.blueprint):
+    for blueprint in (
+        inference.blueprint,
+        management.blueprint,
+        probes.blueprint,
+        docs.blueprint,
+        openai_routes.blueprint,
+    ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     app.before_request(_start_request)
@@ -94,7 +103,11 @@ def _check_port() -> None:
     if port_kind is None:
         return
     settings = app_state().settings
-    expected = settings.port if port_kind == INFERENCE else settings.management_port
+    expected = {
+        INFERENCE: settings.port,
+        MANAGEMENT: settings.management_port,
+        OPENAI: settings.openai_port,
+    }[port_kind]
     if request.environ.get("SERVER_PORT") != str(expected):
         raise NotFound(f"{request.path} is served on the {port_kind} port ({expected})")
 

@@ -259,6 +259,7 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             },
         }
     }
+    paths.update(_openai_paths(settings))
 
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -280,6 +281,63 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
     if settings.api_key:
         document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
     return document
+
+
+def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
+    """The OpenAI-compatible routes (api.openai_routes): OpenAI's own shapes, described briefly."""
+    port = f"OpenAI port ({settings.openai_port}). OpenAI's request and answer shapes; errors are "
+    errors = {
+        str(status): {"description": meaning, "content": {"application/json": {}}}
+        for status, meaning in {
+            400: "Invalid or unsupported parameter (named in error.param).",
+            404: "Unknown model (consumer group): error.code model_not_found.",
+            503: "No live, ready worker for the group, or Redis is unavailable.",
+        }.items()
+    }
+    shape = '`{"error": {"message", "type", "param", "code"}}`. '
+    body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    answer = {
+        "description": "JSON, or with stream: true an SSE stream of chunks ending in `data: [DONE]`.",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return {
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI chat completions (text and image_url parts)",
+                "description": port + shape + "See the README for the supported parameters.",
+                "requestBody": body,
+                "responses": {"200": answer, **errors},
+            }
+        },
+        "/v1/completions": {
+            "post": {
+                "summary": "OpenAI text completions",
+                "description": port + shape,
+                "requestBody": body,
+                "responses": {"200": answer, **errors},
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "The models: one per consumer group",
+                "description": port + shape,
+                "responses": {"200": {"description": "A list.", "content": {"application/json": {}}}},
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model (consumer group)",
+                "description": port + shape,
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "The model.", "content": {"application/json": {}}},
+                    **errors,
+                },
+            }
+        },
+    }
 
 
 @blueprint.get("/openapi.json")

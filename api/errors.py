@@ -1,5 +1,6 @@
 """The API's errors and the handlers that turn every exception into the JSON
-error body `{"error": "...", "error_type": "..."}`.
+error body `{"error": "...", "error_type": "..."}` (on the OpenAI port,
+OpenAI's shape instead: see api.openai_errors).
 
 Routes raise an `ApiError` subclass; werkzeug's HTTP exceptions (unknown route,
 wrong method, body over MAX_CONTENT_LENGTH) and Redis connection failures are
@@ -12,7 +13,7 @@ import logging
 import re
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,34 @@ def count_error(error_type: str) -> None:
         app_state().metrics.errors.labels(error_type).inc()
 
 
-def error_response(message: str, error_type: str, status: int, *, retry_after: int | None = None) -> Response:
+def _on_openai_port() -> bool:
+    from api.state import app_state
+
+    if not has_request_context():
+        return False
+    try:
+        openai_port = app_state().settings.openai_port
+    except (RuntimeError, KeyError):
+        return False
+    return request.environ.get("SERVER_PORT") == str(openai_port)
+
+
+def error_response(
+    message: str,
+    error_type: str,
+    status: int,
+    *,
+    retry_after: int | None = None,
+    param: str | None = None,
+) -> Response:
     count_error(error_type)
-    response = jsonify(error=message, error_type=error_type)
+    if _on_openai_port():
+        from api.openai_errors import openai_error_body, openai_status
+
+        status = openai_status(status)
+        response = jsonify(openai_error_body(message, error_type, status, param=param))
+    else:
+        response = jsonify(error=message, error_type=error_type)
     response.status_code = status
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -159,7 +185,13 @@ def _snake_case(name: str) -> str:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
-        return error_response(error.message, error.error_type, error.status, retry_after=error.retry_after)
+        return error_response(
+            error.message,
+            error.error_type,
+            error.status,
+            retry_after=error.retry_after,
+            param=getattr(error, "param", None),
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:

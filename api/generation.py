@@ -21,7 +21,7 @@ from api.metrics import ApiMetrics
 from api.relay import EventHub, Subscription
 from api.schemas import RowMetadata
 from shared import events, keys, limits
-from shared.payload import JOB_FUNCTION, GenerateRequest, GenerationJob
+from shared.payload import JOB_FUNCTION, ChatMessage, GenerateRequest, GenerationJob
 from shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,11 @@ def submit(
     metrics: ApiMetrics,
     *,
     image_ids: Sequence[str] = (),
+    messages: Sequence[ChatMessage] | None = None,
 ) -> Generation:
     """Register the request's inbox (subscription confirmed), then enqueue its job.
-    `image_ids` name images already stored in Redis (api.images), asked about by every row."""
+    `image_ids` name images already stored in Redis (api.images), asked about by every row;
+    `messages` (the OpenAI chat route) is the conversation every row's prompt is built from."""
     request_id = uuid.uuid4().hex
     seed = payload.seed if payload.seed is not None else secrets.randbits(63)
     job = GenerationJob(
@@ -241,6 +243,7 @@ def submit(
         seed=seed,
         enqueued_at=time.time(),
         image_ids=list(image_ids),
+        messages=list(messages) if messages is not None else None,
     )
     subscription = hub.subscribe(request_id)
     try:

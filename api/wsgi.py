@@ -47,6 +47,7 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
         redis_url=redis_url,
         port=number("PORT", int, limits.INFERENCE_PORT),
         management_port=number("MANAGEMENT_PORT", int, limits.MANAGEMENT_PORT),
+        openai_port=number("OPENAI_PORT", int, limits.OPENAI_PORT),
         body_size_limit_bytes=number("BODY_SIZE_LIMIT_BYTES", int, limits.DEFAULT_BODY_SIZE_LIMIT_BYTES),
         max_queue_depth=number("MAX_QUEUE_DEPTH", int, None),
         api_key=value("API_KEY"),

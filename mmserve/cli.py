@@ -55,6 +55,8 @@ def _gunicorn_argv(api: dict, log_level: str, log_format: str) -> list[str]:
         f"{api['host']}:{api['port']}",
         "--bind",
         f"{api['host']}:{api['management_port']}",
+        "--bind",
+        f"{api['host']}:{api['openai_port']}",
         "--graceful-timeout",
         "30",
         "--keep-alive",
@@ -140,7 +142,7 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
 @options.LOG_LEVEL
 @options.LOG_FORMAT
 def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -> None:
-    """The API alone (gunicorn + gevent) on the inference and management ports."""
+    """The API alone (gunicorn + gevent) on the inference, management and OpenAI ports."""
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
     env = _api_env(redis_url, api, log_level, log_format)

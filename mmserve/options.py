@@ -47,6 +47,12 @@ API_OPTIONS = [
     _option("--port", default=limits.INFERENCE_PORT, type=int, help="Inference port."),
     _option("--management-port", default=limits.MANAGEMENT_PORT, type=int, help="Management port."),
     _option(
+        "--openai-port",
+        default=limits.OPENAI_PORT,
+        type=int,
+        help="Port of the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).",
+    ),
+    _option(
         "--body-size-limit-bytes",
         default=limits.DEFAULT_BODY_SIZE_LIMIT_BYTES,
         type=click.IntRange(1),
@@ -115,6 +121,20 @@ WORKER_OPTIONS = [
         default=limits.DEFAULT_BATCH_DURATION_MILLIS,
         type=click.IntRange(0),
         help="How long a worker keeps collecting jobs after the first one before it starts.",
+    ),
+    _option(
+        "--batching",
+        default=limits.DEFAULT_BATCHING,
+        type=click.Choice(limits.BATCHING_MODES),
+        help="continuous = requests join and leave the running batch between decode steps; "
+        "micro = a batch runs to the end before the next starts.",
+    ),
+    _option(
+        "--max-prefill-tokens-per-step",
+        default=limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
+        type=click.IntRange(1),
+        help="Continuous batching: most prompt tokens prefilled between two decode steps "
+        "(a longer prompt runs alone in its step).",
     ),
     _option("--device", default="auto", type=DEVICES, help="auto = cuda when available, else cpu."),
     _option(

@@ -28,6 +28,12 @@ CONSUMER_GROUP_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 RETRY_AFTER_NO_READER_SECONDS = 5
 RETRY_AFTER_QUEUE_FULL_SECONDS = 1
 
+# OpenAI-compatible API: max_tokens when the request gives none. Chat: at most
+# half the model's context (the prompt needs room too); text completions:
+# OpenAI's own default.
+OPENAI_CHAT_DEFAULT_MAX_TOKENS = 512
+OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
+
 # HTTP limits.
 DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
 
@@ -42,6 +48,11 @@ REMOTE_IMAGE_TIMEOUT_SECONDS = 10.0  # whole download, with --allow-remote-image
 # Worker batching.
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_DURATION_MILLIS = 20
+BATCHING_MODES = ("continuous", "micro")
+DEFAULT_BATCHING = "continuous"
+# Prompt tokens (padding included) prefilled per decode step when requests join
+# a running batch; a longer prompt still runs, alone in its step.
+DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
 
 # Lifetimes (seconds). Nothing in Redis lives without a TTL, except the set of
 # group names (a handful of short strings) that lets the API tell 404 from 503.

@@ -141,6 +141,19 @@ class GenerateRequest(BaseModel):
         return [key for key in NOT_YET_SUPPORTED if getattr(self, key) is not None]
 
 
+class ChatMessage(BaseModel):
+    """One turn of a chat conversation as chat templates read it: `content` is
+    a string, or a list of parts {"type": "text", "text": ...} / {"type": "image"}."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str
+    content: str | list[dict[str, str]]
+
+    def as_template_input(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
 class GenerationJob(BaseModel):
     """What the API puts in an RQ job (JSON-serialised) and a worker reads back."""
 
@@ -154,6 +167,16 @@ class GenerationJob(BaseModel):
         default_factory=list,
         description="Images every row is asked about, in order: keys of shared.keys.image_key.",
     )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        description="Set by the OpenAI chat route, never by /generate: every row's prompt is this "
+        "conversation in the model's chat template (assistant turn opened) instead of its text; "
+        "each {'type': 'image'} part stands for the next of image_ids.",
+    )
+
+    def template_messages(self) -> list[dict[str, Any]] | None:
+        """`messages` as plain dicts, the input of apply_chat_template (None for /generate jobs)."""
+        return None if self.messages is None else [message.as_template_input() for message in self.messages]
 
 
 JOB_FUNCTION = "worker.jobs.generate"

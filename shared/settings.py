@@ -13,6 +13,7 @@ class ApiSettings:
     redis_url: str
     port: int = limits.INFERENCE_PORT
     management_port: int = limits.MANAGEMENT_PORT
+    openai_port: int = limits.OPENAI_PORT
     body_size_limit_bytes: int = limits.DEFAULT_BODY_SIZE_LIMIT_BYTES
     max_queue_depth: int | None = None
     api_key: str | None = None
@@ -32,6 +33,8 @@ class WorkerSettings:
     consumer_group: str = limits.DEFAULT_CONSUMER_GROUP
     max_batch_size: int = limits.DEFAULT_MAX_BATCH_SIZE
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
+    batching: str = limits.DEFAULT_BATCHING  # "continuous" or "micro"
+    max_prefill_tokens_per_step: int = limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None  # None = chosen from the core count

@@ -17,7 +17,7 @@ from mmserve.redis_server import free_port
 
 class ServeProcess:
     def __init__(self, *flags: str, log_path: Path | None = None):
-        self.port, self.management_port = free_port(), free_port()
+        self.port, self.management_port, self.openai_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.management_url = f"http://127.0.0.1:{self.management_port}"
         self.log_path = log_path
@@ -32,6 +32,8 @@ class ServeProcess:
             str(self.port),
             "--management-port",
             str(self.management_port),
+            "--openai-port",
+            str(self.openai_port),
             *flags,
         ]
         output = log_path.open("wb") if log_path is not None else subprocess.DEVNULL

@@ -1,12 +1,27 @@
-"""One micro-batch, start to end: turns GenerationJobs into engine rows, runs
-the decode loop, publishes every step's events, drops cancelled requests, and
-hands back each request's outcome. Knows the event protocol, not RQ."""
+"""A running batch, start to end: turns GenerationJobs into engine rows,
+admits them into the engine as row slots and the prefill budget allow, runs
+the decode loop one step at a time, publishes every step's events, drops
+cancelled requests, and hands back each request's outcome as soon as its last
+row is done. Knows the event protocol, not RQ.
+
+Two ways to drive it: `run()` (micro-batching: every job prefilled at once,
+decoded to the end) or `admit()` + `step()` in a loop (continuous batching:
+newcomers join between decode steps; see worker.batch_worker).
+
+Which admitted rows are prefilled next (continuous batching): while a row
+slot is free, the waiting request with the fewest rows already running goes
+first, ties in admission (queue) order, and a step prefills at most
+`max_prefill_tokens` prompt tokens (padding included; always at least one
+row, so a prompt longer than the budget runs alone in its step). A batch
+request's rows thus take turns with single requests instead of holding every
+slot until its last row has run."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared import constraints
@@ -85,42 +100,176 @@ class BatchRun:
         self,
         engine: Engine,
         publisher: EventPublisher,
-        jobs: list[GenerationJob],
+        jobs: Sequence[GenerationJob] = (),
         on_step: Callable[[], None] = lambda: None,
         images: ImageStore | None = None,
+        *,
+        max_rows: int | None = None,
+        max_prefill_tokens: int | None = None,
     ):
+        """`jobs` are what `run()` runs; `max_rows` bounds the rows in the
+        engine, `max_prefill_tokens` the prompt tokens prefilled per step
+        (None = no bound, everything admitted is prefilled at once)."""
         self._engine = engine
         self._publisher = publisher
         self._on_step = on_step
         self._images = images if images is not None else ImageStore(publisher.connection)
-        self.outcomes = {job.request_id: RequestOutcome(job) for job in jobs}
+        self._jobs = list(jobs)
+        self._max_rows = max_rows
+        self._max_prefill_tokens = max_prefill_tokens
+        self.outcomes: dict[str, RequestOutcome] = {}  # requests not finished yet
+        self._waiting: dict[str, deque[RowRequest]] = {}  # admitted rows not prefilled yet, by request
+        self._running: Counter[str] = Counter()  # rows in the engine, by request
+        self._finished: list[RequestOutcome] = []
         self.steps = 0
         self.peak_rows = 0
 
+    # -- micro-batching ---------------------------------------------------------
+
     def run(self) -> dict[str, RequestOutcome]:
-        rows = self._prepare_rows()
+        """Run the jobs given at construction to the end; every request's outcome."""
+        results: dict[str, RequestOutcome] = {}
+        for outcome in self.admit(self._jobs):
+            results[outcome.request_id] = outcome
+        while self.has_work:
+            for outcome in self.step():
+                results[outcome.request_id] = outcome
+        return {job.request_id: results[job.request_id] for job in self._jobs if job.request_id in results}
+
+    # -- continuous batching -------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self._engine.has_work
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the engine."""
+        return self._engine.num_rows
+
+    @property
+    def waiting_rows(self) -> int:
+        """Rows admitted but not prefilled yet."""
+        return sum(len(rows) for rows in self._waiting.values())
+
+    @property
+    def waiting_requests(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def entering_request_waits(self) -> bool:
+        """A request whose first rows have been prefilled still has rows
+        waiting (a batch request bigger than the free slots, entering as rows leave)."""
+        return any(
+            len(rows) < len(self.outcomes[request_id].finish_reasons)
+            for request_id, rows in self._waiting.items()
+        )
+
+    def admit(self, jobs: Sequence[GenerationJob]) -> list[RequestOutcome]:
+        """Prepare `jobs`' rows (prompts, images, constraints compiled) and
+        queue them for prefill. Returns the requests that ended at once
+        (errors, cancelled while queued); the others end in a later `step`."""
+        for job in jobs:
+            self.outcomes[job.request_id] = RequestOutcome(job)
+        self._prepare_rows(jobs)
+        return self._take_finished()
+
+    def step(self) -> list[RequestOutcome]:
+        """Prefill what the budget allows, then one decode step. Returns the
+        requests whose last row ended in this step."""
         try:
-            if rows:
-                self._engine.add(rows)
-                self.peak_rows = self._engine.num_rows
-            while self._engine.has_work:
+            self._prefill()
+            if self._engine.has_work:
                 outputs = self._engine.step()
                 self.steps += 1
                 self._deliver(outputs)
                 self._on_step()
         except Exception as exc:  # the model itself failed: every unfinished request fails
             log.exception("batch failed")
+            self._engine.clear()
+            self._waiting.clear()
+            self._running.clear()
             self._fail_unfinished(f"generation failed: {exc}", "generation_error")
-        return self.outcomes
+        return self._take_finished()
 
-    def _prepare_rows(self) -> list[RowRequest]:
-        rows: list[RowRequest] = []
+    def _take_finished(self) -> list[RequestOutcome]:
+        finished, self._finished = self._finished, []
+        for outcome in finished:
+            self.outcomes.pop(outcome.request_id, None)
+            self._waiting.pop(outcome.request_id, None)
+            self._running.pop(outcome.request_id, None)
+        return finished
+
+    def _end(self, outcome: RequestOutcome) -> None:
+        if outcome not in self._finished:
+            self._finished.append(outcome)
+
+    def _prefill(self) -> None:
+        if not self._waiting:
+            return
+        if self._engine.has_work and not self._engine.accepts_rows_mid_batch:
+            return  # e.g. sliding-window caches: newcomers wait for the batch to empty
+        free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
+        budget = self._max_prefill_tokens
+        chosen: list[RowRequest] = []
+        width = 0
+        while self._waiting and (free is None or free > 0):
+            order = list(self._waiting)
+            request_id = min(order, key=lambda r: self._running[r])  # ties: admission order
+            row = self._waiting[request_id][0]
+            wider = max(width, len(row.prompt_ids))
+            if chosen and budget is not None and wider * (len(chosen) + 1) > budget:
+                break
+            self._waiting[request_id].popleft()
+            if not self._waiting[request_id]:
+                del self._waiting[request_id]
+            self._running[request_id] += 1
+            chosen.append(row)
+            width = wider
+            if free is not None:
+                free -= 1
+        if chosen:
+            self._add(chosen)
+            self.peak_rows = max(self.peak_rows, self._engine.num_rows)
+
+    def _add(self, rows: list[RowRequest]) -> None:
+        """Prefill `rows`; when that fails, retry request by request so that
+        only the request at fault fails (the running batch is untouched)."""
+        try:
+            self._engine.add(rows)
+            return
+        except Exception as exc:
+            request_ids = list(dict.fromkeys(row.key[0] for row in rows))
+            if len(request_ids) > 1:
+                for request_id in request_ids:
+                    self._add([row for row in rows if row.key[0] == request_id])
+                return
+            if isinstance(exc, PromptError):
+                error = ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
+            else:
+                log.exception("request %s could not be prefilled", request_ids[0])
+                error = ErrorEvent(
+                    error=f"generation failed: {exc}", error_type="generation_error", status=500
+                )
+            self._running[request_ids[0]] -= len(rows)
+            self._fail_request(request_ids[0], error)
+
+    def _fail_request(self, request_id: str, error: ErrorEvent) -> None:
+        """End one request with `error`: its rows leave the engine and the waiting line."""
+        outcome = self.outcomes[request_id]
+        self._waiting.pop(request_id, None)
+        self._engine.cancel([(request_id, row) for row in range(len(outcome.finish_reasons))])
+        outcome.error = error
+        self._publisher.publish([(request_id, error)])
+        self._end(outcome)
+
+    def _prepare_rows(self, jobs: Sequence[GenerationJob]) -> None:
         pending: list[tuple[str, Event]] = []
         context = self._engine.context_length
         # A client may have gone away while its job waited in the queue.
-        gone = self._publisher.publish([], watch_cancelled=list(self.outcomes))
-        for outcome in self.outcomes.values():
-            job = outcome.job
+        gone = self._publisher.publish([], watch_cancelled=[job.request_id for job in jobs])
+        for job in jobs:
+            outcome = self.outcomes[job.request_id]
             request = job.request
             if job.request_id in gone:
                 count = len(request.texts)
@@ -128,6 +277,7 @@ class BatchRun:
                 outcome.token_events = [0] * count
                 outcome.finish_reasons = ["cancelled"] * count
                 outcome.usage = [Usage(prompt_tokens=0, completion_tokens=0)] * count
+                self._end(outcome)
                 continue
             features: list[ImageFeatures | None] = [None] * len(request.texts)
             try:
@@ -141,6 +291,7 @@ class BatchRun:
                             text,
                             use_chat_template=request.use_chat_template,
                             prompt_max_tokens=request.prompt_max_tokens,
+                            messages=job.template_messages(),
                         )
                         for text in request.texts
                     ]
@@ -156,14 +307,17 @@ class BatchRun:
                     error=str(exc), error_type="model_does_not_accept_images", status=400
                 )
                 pending.append((job.request_id, outcome.error))
+                self._end(outcome)
                 continue
             except PromptError as exc:
                 outcome.error = ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
                 pending.append((job.request_id, outcome.error))
+                self._end(outcome)
                 continue
             except ImageUnavailable as exc:
                 outcome.error = ErrorEvent(error=str(exc), error_type="image_unavailable", status=500)
                 pending.append((job.request_id, outcome.error))
+                self._end(outcome)
                 continue
             except Exception as exc:  # e.g. the vision tower failed: only this request fails
                 log.exception("request %s: its prompts could not be prepared", job.request_id)
@@ -171,6 +325,7 @@ class BatchRun:
                     error=f"generation failed: {exc}", error_type="generation_error", status=500
                 )
                 pending.append((job.request_id, outcome.error))
+                self._end(outcome)
                 continue
             try:
                 constraint = row_constraint(job)
@@ -179,13 +334,14 @@ class BatchRun:
             except ConstraintError as exc:
                 outcome.error = ErrorEvent(error=str(exc), error_type="invalid_constraint", status=exc.status)
                 pending.append((job.request_id, outcome.error))
+                self._end(outcome)
                 continue
             count = len(prompts)
             outcome.texts = [[] for _ in range(count)]
             outcome.token_events = [0] * count
             outcome.finish_reasons = [None] * count
             outcome.usage = [None] * count
-            rows.extend(
+            self._waiting[job.request_id] = deque(
                 RowRequest(
                     key=(job.request_id, row),
                     prompt_ids=prompt,
@@ -196,7 +352,6 @@ class BatchRun:
                 for row, prompt in enumerate(prompts)
             )
         self._publisher.publish(pending)
-        return rows
 
     def _encode_image_prompts(self, job: GenerationJob) -> list[VisionPrompt]:
         """The rows of a job with images: its images read once, encoded once for all its prompts."""
@@ -207,6 +362,7 @@ class BatchRun:
             images,
             use_chat_template=request.use_chat_template,
             prompt_max_tokens=request.prompt_max_tokens,
+            messages=job.template_messages(),
         )
 
     def _deliver(self, outputs: list[RowOutput]) -> None:
@@ -227,6 +383,9 @@ class BatchRun:
                 batch.append(
                     (request_id, DoneEvent(row=row, finish_reason=output.finish_reason, usage=usage))
                 )
+                self._running[request_id] -= 1
+                if outcome.finished:
+                    self._end(outcome)
         running = [request_id for request_id, outcome in self.outcomes.items() if not outcome.finished]
         cancelled = self._publisher.publish(batch, watch_cancelled=running)
         if cancelled:
@@ -240,7 +399,12 @@ class BatchRun:
             if reason is None
         ]
         log.info("cancelling %d row(s) of %d request(s)", len(keys), len(request_ids))
-        self._deliver(self._engine.cancel(keys))
+        never_started = [
+            RowOutput(row.key, None, "", "cancelled", len(row.prompt_ids), 0)
+            for request_id in request_ids
+            for row in self._waiting.pop(request_id, ())
+        ]
+        self._deliver([*self._engine.cancel(keys), *never_started])
 
     def _fail_unfinished(self, message: str, error_type: str) -> None:
         pending: list[tuple[str, Event]] = []
@@ -248,6 +412,7 @@ class BatchRun:
             if not outcome.finished:
                 outcome.error = ErrorEvent(error=message, error_type=error_type, status=500)
                 pending.append((outcome.request_id, outcome.error))
+                self._end(outcome)
         try:
             self._publisher.publish(pending)
         except Exception:  # Redis may be what failed; the jobs still fail through RQ

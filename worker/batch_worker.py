@@ -1,4 +1,4 @@
-"""An RQ worker that runs jobs in micro-batches.
+"""An RQ worker that runs jobs in batches.
 
 It extends RQ's SimpleWorker (the model stays loaded in this process; no fork
 per job): after RQ hands it one job, it keeps popping jobs from its queue for
@@ -6,6 +6,21 @@ up to `batch_duration_millis` or until `max_batch_size` rows are collected, then
 runs them together. Every job still goes through RQ's own bookkeeping
 (executions, StartedJobRegistry, heartbeats, FinishedJobRegistry /
 FailedJobRegistry, retries), so `rq info` and rq-dashboard show the truth.
+
+Two modes (`batching`):
+
+- "continuous" (default): the batch keeps running while jobs join and leave.
+  Between decode steps, when a row slot is free, the worker pops more jobs
+  with the same non-blocking dequeue (one Redis round-trip, only when there
+  is room), prepares their rows and lets them join (worker.batch_run decides
+  which waiting rows are prefilled, within `max_prefill_tokens_per_step`).
+  A job finishes in RQ as soon as its last row is done. Admission is FIFO by
+  queue order: a job is popped when a row slot is free that no admitted row
+  waits for; besides, while a batch request's rows are still entering, one
+  more job may be popped so that single requests take turns with it. On
+  SIGTERM the worker stops admitting, finishes the rows in flight and exits.
+- "micro": the jobs collected at the start run to the end together; newcomers
+  wait for the next batch.
 
 Crashes: while a batch runs, a thread refreshes every job's RQ heartbeat. If
 the process dies, the heartbeats stop, and within seconds another worker's
@@ -19,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from pydantic import ValidationError
@@ -50,6 +66,8 @@ class BatchWorker(SimpleWorker):
         engine: Engine,
         max_batch_size: int,
         batch_duration_millis: int,
+        batching: str = limits.DEFAULT_BATCHING,
+        max_prefill_tokens_per_step: int = limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
         **kwargs,
     ):
         kwargs.setdefault("worker_ttl", WORKER_TTL_SECONDS)
@@ -59,6 +77,11 @@ class BatchWorker(SimpleWorker):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.batch_duration = batch_duration_millis / 1000.0
+        if batching not in limits.BATCHING_MODES:
+            raise ValueError(f"batching must be one of {limits.BATCHING_MODES}, not {batching!r}")
+        self.batching = batching
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self._in_flight: dict[str, tuple[Job, Queue]] = {}  # continuous batching: jobs started, by id
         self.publisher = EventPublisher(self.connection)
         self._executions: dict[str, Execution] = {}
         self.batches_run = 0
@@ -72,9 +95,13 @@ class BatchWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         claimed = [(job, queue), *self._collect_more(self._rows_of(job))]
         try:
-            self._run_batch(claimed)
+            if self.batching == "micro":
+                self._run_batch(claimed)
+            else:
+                self._run_continuous(claimed)
         finally:
             self._executions.clear()
+            self._in_flight.clear()
             self.set_state(WorkerStatus.IDLE)
 
     def _rows_of(self, job: Job) -> int:
@@ -117,6 +144,102 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
 
     def _run_batch(self, claimed: list[tuple[Job, Queue]]) -> None:
+        runnable = self._start(claimed)
+        if not runnable:
+            return
+        rows = sum(len(generation.request.texts) for _, _, generation in runnable)
+        log.info("running a batch of %d request(s), %d row(s)", len(runnable), rows)
+        run = BatchRun(self.engine, self.publisher, [generation for _, _, generation in runnable])
+        with _Heartbeat(self, lambda: [job for job, _, _ in runnable]):
+            outcomes = run.run()
+        self.batches_run += 1
+        for job, queue, generation in runnable:
+            self._end_job(job, queue, outcomes[generation.request_id])
+
+    def _run_continuous(self, claimed: list[tuple[Job, Queue]]) -> None:
+        """One running batch, until no row is left: admit, step, finish jobs as they end."""
+        run = BatchRun(
+            self.engine,
+            self.publisher,
+            max_rows=self.max_batch_size,
+            max_prefill_tokens=self.max_prefill_tokens_per_step,
+        )
+        admitted = self._admit(run, claimed)
+        if not admitted and not run.has_work:
+            return
+        log.info(
+            "running a batch of %d request(s), %d row(s) (continuous batching)",
+            admitted,
+            run.running_rows + run.waiting_rows,
+        )
+        with _Heartbeat(self, self._jobs_in_flight):
+            while run.has_work:
+                if not self._stop_requested and self._has_room(run):
+                    try:
+                        self._admit_newcomers(run)
+                    except redis.RedisError as exc:  # the rows in flight go on; retry next step
+                        log.warning("could not look for new jobs: %s", exc)
+                for outcome in run.step():
+                    self._end_job(*self._in_flight.pop(outcome.request_id), outcome)
+        self.batches_run += 1
+
+    def _jobs_in_flight(self) -> list[Job]:
+        """The jobs a continuous run holds now (called from the heartbeat thread)."""
+        return [job for job, _ in list(self._in_flight.values())]
+
+    def _has_room(self, run: BatchRun) -> bool:
+        """Whether to pop another job (see the module docstring for the policy)."""
+        if run.running_rows + run.waiting_rows < self.max_batch_size:
+            return True
+        return (
+            run.running_rows < self.max_batch_size
+            and run.waiting_requests == 1
+            and run.entering_request_waits
+        )
+
+    def _admit_newcomers(self, run: BatchRun) -> None:
+        joined = 0
+        while self._has_room(run):
+            result = self.queue_class.dequeue_any(
+                self._ordered_queues,
+                None,
+                connection=self.connection,
+                job_class=self.job_class,
+                serializer=self.serializer,
+            )
+            if result is None:
+                break
+            joined += self._admit(run, [result])
+        if joined:
+            log.info(
+                "%d request(s) joined the running batch (%d row(s) running, %d waiting)",
+                joined,
+                run.running_rows,
+                run.waiting_rows,
+            )
+
+    def _admit(self, run: BatchRun, claimed: list[tuple[Job, Queue]]) -> int:
+        """Start `claimed` in RQ and hand them to `run`; how many were runnable."""
+        runnable = self._start(claimed)
+        for job, queue, generation in runnable:
+            self._in_flight[generation.request_id] = (job, queue)
+        for outcome in run.admit([generation for _, _, generation in runnable]):
+            self._end_job(*self._in_flight.pop(outcome.request_id), outcome)
+        return len(runnable)
+
+    def _end_job(self, job: Job, queue: Queue, outcome: RequestOutcome) -> None:
+        try:
+            self._finish(job, queue, outcome)
+        except redis.RedisError as exc:
+            # Redis went away at the end of the job: RQ's sweep will find it
+            # abandoned once Redis is back, and retry it.
+            log.warning("could not record the end of job %s: %s", job.id, exc)
+        finally:
+            self._executions.pop(job.id, None)
+
+    def _start(self, claimed: list[tuple[Job, Queue]]) -> list[tuple[Job, Queue, GenerationJob]]:
+        """Start `claimed` jobs in RQ; the runnable ones with their payloads
+        (a malformed job fails at once)."""
         started = []
         for job, queue in claimed:
             self._executions[job.id] = self.prepare_execution(job)
@@ -132,22 +255,7 @@ class BatchWorker(SimpleWorker):
                 error = ErrorEvent(error=f"malformed job: {exc}", error_type="bad_job", status=500)
                 self.publisher.publish([(job.id, error)])
                 self._finish_failed(job, queue, f"malformed job: {exc}")
-
-        if not runnable:
-            return
-        rows = sum(len(generation.request.texts) for _, _, generation in runnable)
-        log.info("running a batch of %d request(s), %d row(s)", len(runnable), rows)
-        run = BatchRun(self.engine, self.publisher, [generation for _, _, generation in runnable])
-        with _Heartbeat(self, [job for job, _, _ in runnable]):
-            outcomes = run.run()
-        self.batches_run += 1
-        for job, queue, generation in runnable:
-            try:
-                self._finish(job, queue, outcomes[generation.request_id])
-            except redis.RedisError as exc:
-                # Redis went away at the end of the batch: RQ's sweep will find
-                # the job abandoned once Redis is back, and retry it.
-                log.warning("could not record the end of job %s: %s", job.id, exc)
+        return runnable
 
     def beat(self, jobs: list[Job]) -> None:
         """Refresh the RQ heartbeats of a running batch (worker, executions, jobs)."""
@@ -207,7 +315,8 @@ class _Heartbeat:
     """Keeps a batch's jobs alive in RQ while the decode loop runs, and runs
     RQ's registry sweep (abandoned jobs of dead workers) when it is due."""
 
-    def __init__(self, worker: BatchWorker, jobs: list[Job]):
+    def __init__(self, worker: BatchWorker, jobs: Callable[[], list[Job]]):
+        """`jobs` tells which jobs are in flight now (continuous batching changes them)."""
         self._worker = worker
         self._jobs = jobs
         self._stop = threading.Event()
@@ -224,7 +333,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(limits.JOB_HEARTBEAT_SECONDS):
             try:
-                self._worker.beat(self._jobs)
+                self._worker.beat(self._jobs())
                 if self._worker.should_run_maintenance_tasks:
                     self._worker.clean_registries()
             except redis.RedisError as exc:

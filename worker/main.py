@@ -70,6 +70,8 @@ def run_worker(settings: WorkerSettings) -> None:
             engine=engine,
             max_batch_size=settings.max_batch_size,
             batch_duration_millis=settings.batch_duration_millis,
+            batching=settings.batching,
+            max_prefill_tokens_per_step=settings.max_prefill_tokens_per_step,
             connection=connection,
             name=reader_id,
         )

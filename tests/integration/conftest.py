@@ -86,6 +86,7 @@ class Api:
     url: str
     management_url: str
     process: Process
+    openai_url: str = ""
 
 
 class Launcher:
@@ -98,7 +99,7 @@ class Launcher:
         self.started: list[Process] = []
 
     def api(self, *extra: str, redis_url: str | None = None) -> Api:
-        port, management_port = free_port(), free_port()
+        port, management_port, openai_port = free_port(), free_port(), free_port()
         process = Process(
             "api",
             mmserve(
@@ -111,12 +112,19 @@ class Launcher:
                 str(port),
                 "--management-port",
                 str(management_port),
+                "--openai-port",
+                str(openai_port),
                 *extra,
             ),
             self.log_dir / f"api-{port}.log",
         ).start()
         self.started.append(process)
-        api = Api(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{management_port}", process)
+        api = Api(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{management_port}",
+            process,
+            openai_url=f"http://127.0.0.1:{openai_port}",
+        )
 
         def healthy() -> bool:
             try:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import threading
+import time
 
 import pytest
 import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.sse import read_stream
+from tests.sse import iter_lines, parse_sse, read_stream
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +119,42 @@ def test_concurrent_clients_share_one_batch(server, start_worker, reference):
     assert answers == [{"text": reference(prompt, 6)} for prompt in PROMPTS]
     batches = [int(n) for n in re.findall(r"running a batch of (\d+) request", worker.log())]
     assert batches == [len(PROMPTS)], worker.log()[-3000:]
+
+
+def test_a_request_arriving_mid_run_streams_before_the_running_one_ends(server, start_worker, reference):
+    start_worker("--batching", "continuous", group="joining")
+    long_payload = {
+        "text": PROMPTS[1],
+        "max_new_tokens": 600,
+        "min_new_tokens": 600,
+        "consumer_group": "joining",
+    }
+    short_payload = {"text": PROMPTS[0], "max_new_tokens": 8, "consumer_group": "joining"}
+
+    def timed_stream(payload: dict, started: threading.Event | None = None) -> tuple[str, float, float]:
+        """(text, time of the first token, time of the end)."""
+        first = None
+        pieces = []
+        with requests.post(
+            server.url + "/generate_stream", json=payload, stream=True, timeout=120
+        ) as response:
+            for event in parse_sse(iter_lines(response)):
+                assert event.event == "message", event
+                first = first or time.monotonic()
+                pieces.append(event.data)
+                if started is not None and len(pieces) == 5:
+                    started.set()
+        return "".join(pieces), first, time.monotonic()
+
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(timed_stream, long_payload, started)
+        assert started.wait(60)
+        short_text, short_first, short_end = timed_stream(short_payload)
+        long_text, _, long_end = running.result(timeout=120)
+    assert short_first < long_end and short_end < long_end
+    assert short_text == reference(PROMPTS[0], 8)
+    assert timed_stream(long_payload)[0] == long_text  # the same tokens as alone
 
 
 def test_unknown_group_is_404(server):

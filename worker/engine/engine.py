@@ -110,6 +110,12 @@ class Engine:
         return self.num_rows > 0
 
     @property
+    def accepts_rows_mid_batch(self) -> bool:
+        """Whether `add` can merge rows into the running batch now (False for
+        KV caches `Batch.concatenate` cannot pad, e.g. sliding-window layers)."""
+        return self._batch is None or self._batch.can_concatenate
+
+    @property
     def keys(self) -> list[Hashable]:
         """The keys of the running rows, in batch order."""
         return self._batch.keys if self._batch is not None else []
@@ -127,29 +133,35 @@ class Engine:
     # -- prompts ------------------------------------------------------------
 
     def encode_prompt(
-        self, text: str, *, use_chat_template: bool = False, prompt_max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        use_chat_template: bool = False,
+        prompt_max_tokens: int | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids for `text`: plain tokenisation (with the tokenizer's usual
         special tokens, e.g. BOS), or the chat template with `text` as one user
-        turn and the assistant's turn opened. `prompt_max_tokens` keeps the
-        last n tokens.
+        turn and the assistant's turn opened. `messages` (a whole conversation,
+        as apply_chat_template takes it) replaces `text` and implies the chat
+        template. `prompt_max_tokens` keeps the last n tokens.
 
         An empty result raises PromptError rather than falling back to a lone
         BOS: for chat models BOS is often a turn marker (SmolLM2's is
         <|im_start|>), so the fallback would generate noise the client did not
         ask for; a clear error is more useful.
         """
-        if use_chat_template and self.vision is not None:
+        if (use_chat_template or messages is not None) and self.vision is not None:
             try:
-                ids = self.vision.text_prompt_ids(text)
+                ids = self.vision.text_prompt_ids(text, messages=messages)
             except VisionPromptError as exc:
                 raise PromptError(str(exc)) from exc
-        elif use_chat_template:
+        elif use_chat_template or messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise PromptError("use_chat_template is set but this model's tokenizer has no chat template")
             try:
                 encoded = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}],
+                    list(messages) if messages is not None else [{"role": "user", "content": text}],
                     add_generation_prompt=True,
                     tokenize=True,
                     return_dict=False,
@@ -176,15 +188,21 @@ class Engine:
         *,
         use_chat_template: bool = False,
         prompt_max_tokens: int | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[VisionPrompt]:
         """Rows asking about `images` (RGB PIL images), one per text: their
         token ids with the image tokens in place, and the images encoded once
-        for all of them (see worker.engine.vision.VisionPrompter.prompts)."""
+        for all of them (see worker.engine.vision.VisionPrompter.prompts).
+        `messages` replaces every text with that conversation."""
         if self.vision is None:
             raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
         try:
             return self.vision.prompts(
-                texts, images, use_chat_template=use_chat_template, prompt_max_tokens=prompt_max_tokens
+                texts,
+                images,
+                use_chat_template=use_chat_template,
+                prompt_max_tokens=prompt_max_tokens,
+                messages=messages,
             )
         except VisionPromptError as exc:
             raise PromptError(str(exc)) from exc
@@ -328,6 +346,10 @@ class Engine:
         if outputs:
             self._batch = batch.filter(keep) if keep else None
         return outputs
+
+    def clear(self) -> None:
+        """Drop every row without a word (after a failed forward left the batch unusable)."""
+        self._batch = None
 
     def _forward(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None) -> None:
         """Run the model on the batch's pending tokens; `prefill_inputs` (images) go with a prefill only."""

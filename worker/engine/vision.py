@@ -102,9 +102,10 @@ class VisionPrompter:
 
     # -- prompts --------------------------------------------------------------
 
-    def text_prompt_ids(self, text: str) -> list[int]:
-        """A prompt without images in the chat template, assistant turn opened."""
-        return self._processed(self._chat_prompt(text, 0), []).ids
+    def text_prompt_ids(self, text: str, *, messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """A prompt without images in the chat template (`text` as the user turn, or the
+        conversation `messages`), assistant turn opened."""
+        return self._processed(self._chat_prompt(text, 0, messages), []).ids
 
     def prompts(
         self,
@@ -113,6 +114,7 @@ class VisionPrompter:
         *,
         use_chat_template: bool,
         prompt_max_tokens: int | None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[VisionPrompt]:
         """One VisionPrompt per text, every one asking about all of `images`.
 
@@ -121,12 +123,16 @@ class VisionPrompter:
         is used as given: it may hold one placeholder (processor.image_token,
         e.g. `<image>`) per image to say where each goes, or none, in which
         case the placeholders go before the text. `prompt_max_tokens` keeps
-        the last n tokens but never cuts into an image.
+        the last n tokens but never cuts into an image. `messages` (a
+        conversation whose {"type": "image"} parts stand for `images`, in order)
+        replaces every text and implies the chat template.
         """
         if not images:
             raise VisionPromptError("no images given")
         strings = [
-            self._chat_prompt(text, len(images)) if use_chat_template else self._raw_prompt(text, len(images))
+            self._chat_prompt(text, len(images), messages)
+            if use_chat_template or messages is not None
+            else self._raw_prompt(text, len(images))
             for text in texts
         ]
         first = self._processed(strings[0], images)
@@ -145,9 +151,13 @@ class VisionPrompter:
             prompts.append(VisionPrompt(self._truncate(ids, image_start, prompt_max_tokens), features))
         return prompts
 
-    def _chat_prompt(self, text: str, image_count: int) -> str:
+    def _chat_prompt(
+        self, text: str, image_count: int, messages: Sequence[Mapping[str, Any]] | None = None
+    ) -> str:
         if not self.chat_template:
             raise VisionPromptError("use_chat_template is set but this model has no chat template")
+        if messages is not None:
+            return self._conversation_prompt(messages, image_count)
         try:
             if getattr(self.processor, "chat_template", None):
                 content = [{"type": "image"} for _ in range(image_count)]
@@ -161,6 +171,39 @@ class VisionPrompter:
                     add_generation_prompt=True,
                     tokenize=False,
                 )
+        except Exception as exc:  # jinja2 errors, templates that raise on purpose
+            raise VisionPromptError(f"the chat template could not be applied: {exc}") from exc
+        return prompt if isinstance(prompt, str) else prompt[0]
+
+    def _conversation_prompt(self, messages: Sequence[Mapping[str, Any]], image_count: int) -> str:
+        """A whole conversation in the chat template: the processor's takes content as a
+        list of parts, a tokenizer's as a string (each image part becomes a placeholder)."""
+        parts = [
+            part
+            for message in messages
+            if not isinstance(message["content"], str)
+            for part in message["content"]
+        ]
+        images_asked = sum(part.get("type") == "image" for part in parts)
+        if images_asked != image_count:
+            raise VisionPromptError(
+                f"the messages hold {images_asked} image part(s) but the request has {image_count} image(s)"
+            )
+        by_processor = bool(getattr(self.processor, "chat_template", None))
+        conversation = []
+        for message in messages:
+            content = message["content"]
+            if by_processor and isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            elif not by_processor and not isinstance(content, str):
+                content = "".join(
+                    self.image_token if part.get("type") == "image" else part.get("text", "")
+                    for part in content
+                )
+            conversation.append({**message, "content": content})
+        template = self.processor if by_processor else self.tokenizer
+        try:
+            prompt = template.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja2 errors, templates that raise on purpose
             raise VisionPromptError(f"the chat template could not be applied: {exc}") from exc
         return prompt if isinstance(prompt, str) else prompt[0]

@@ -1,5 +1,7 @@
 """A scripted stand-in for worker.engine.engine.Engine: each row emits
-"w<n> " per step until max_new_tokens; prompts are whitespace-split words."""
+"w<n> " per step until max_new_tokens; prompts are whitespace-split words.
+Rows may be added while others run (as the real engine's Batch.concatenate
+allows); `add_log` records (step, keys) of every add."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ class FakeEngine:
         self.rows: dict = {}
         self.added: list[list[RowRequest]] = []
         self.steps = 0
+        self.add_log: list[tuple[int, list]] = []
+        self.accepts_rows_mid_batch = True
 
     def encode_prompt(
-        self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None
+        self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None, messages=None
     ) -> list[int]:
         if text == "":
             raise PromptError("empty prompt")
@@ -25,7 +29,10 @@ class FakeEngine:
 
     def add(self, rows: list[RowRequest]) -> None:
         self.added.append(rows)
+        self.add_log.append((self.steps, [row.key for row in rows]))
         for row in rows:
+            if row.key in self.rows:
+                raise ValueError(f"row key {row.key!r} is already in the batch")
             self.rows[row.key] = [row, 0]
 
     @property
@@ -55,9 +62,14 @@ class FakeEngine:
                 del self.rows[key]
         return outputs
 
+    def clear(self) -> None:
+        self.rows.clear()
+
     def cancel(self, keys) -> list[RowOutput]:
         outputs = []
         for key in keys:
+            if key not in self.rows:
+                continue
             row, produced = self.rows.pop(key)
             outputs.append(RowOutput(key, None, "", "cancelled", len(row.prompt_ids), produced))
         return outputs

@@ -163,3 +163,34 @@ def test_a_constraint_that_does_not_compile_fails_only_its_request(connection):
     assert (regex.kind, regex.value, regex.backend) == ("regex", "[0-9]+", "outlines")
     assert schema.kind == "json_schema" and '"^[0-9]$"' in schema.value
     assert [row.constraint for row in engine.added[0]] == [regex, schema]
+
+
+def test_a_request_cancelled_before_its_rows_were_prefilled_never_reaches_the_engine(connection):
+    engine = FakeEngine()
+    run = BatchRun(engine, EventPublisher(connection), max_rows=1)
+    run.admit([make_job("first", text="a", max_new_tokens=3), make_job("later", text="b", max_new_tokens=3)])
+    assert run.step() == [] and run.waiting_rows == 1
+    connection.set(keys.cancel_key("later"), 1)
+    (ended,) = run.step()
+    assert ended.request_id == "later" and ended.finish_reasons == ["cancelled"]
+    while run.has_work:
+        run.step()
+    assert [row.key for rows in engine.added for row in rows] == [("first", 0)]
+
+
+def test_a_newcomer_that_fails_to_prefill_fails_alone(connection):
+    class RefusesB(FakeEngine):
+        def add(self, rows):
+            if any(row.key[0] == "b" for row in rows):
+                raise RuntimeError("prefill failed")
+            super().add(rows)
+
+    run = BatchRun(RefusesB(), EventPublisher(connection))
+    run.admit([make_job("a", text="x", max_new_tokens=3)])
+    run.step()
+    run.admit([make_job("b", text="y", max_new_tokens=3), make_job("c", text="z", max_new_tokens=1)])
+    ended = {outcome.request_id: outcome for outcome in run.step()}
+    assert ended["b"].error.error_type == "generation_error"
+    assert ended["c"].result()["text"] == ["w1 "]
+    (last,) = [outcome for _ in range(2) for outcome in run.step()]
+    assert last.request_id == "a" and last.result()["text"] == ["w1 w2 w3 "]

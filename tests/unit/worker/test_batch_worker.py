@@ -90,3 +90,118 @@ def test_a_request_with_a_bad_prompt_fails_alone(connection):
     worker.work(burst=True)
     assert queue.fetch_job(too_long).get_status() == JobStatus.FAILED
     assert queue.fetch_job(fine).get_status() == JobStatus.FINISHED
+
+
+class ScriptedArrivals(FakeEngine):
+    """Runs `arrivals[step]()` after that decode step (a request arriving mid-run)."""
+
+    def __init__(self, arrivals: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.arrivals = arrivals
+
+    def step(self):
+        outputs = super().step()
+        if self.steps in self.arrivals:
+            self.arrivals[self.steps]()
+        return outputs
+
+
+def test_a_job_arriving_mid_run_joins_the_running_batch_and_finishes_first(connection):
+    seen = {}
+    engine = ScriptedArrivals({})
+    worker, queue = make_worker(connection, engine)
+    long_job = enqueue(queue, text="long", max_new_tokens=10)
+
+    def arrive():
+        seen["short"] = enqueue(queue, text="short", max_new_tokens=2)
+
+    def check():
+        seen["started"] = queue.started_job_registry.get_job_ids()
+        seen["short status"] = queue.fetch_job(seen["short"]).get_status()
+        seen["long running"] = (long_job, 0) in engine.rows
+
+    engine.arrivals = {3: arrive, 6: check}
+    worker.work(burst=True)
+    assert worker.batches_run == 1
+    assert engine.add_log == [(0, [(long_job, 0)]), (3, [(seen["short"], 0)])]
+    assert seen["short status"] == JobStatus.FINISHED and seen["long running"]
+    assert seen["started"] == [long_job]
+    assert queue.fetch_job(long_job).return_value()["text"] == ["".join(f"w{n} " for n in range(1, 11))]
+    assert queue.fetch_job(seen["short"]).return_value()["text"] == ["w1 w2 "]
+
+
+def test_the_heartbeat_covers_jobs_that_join_mid_run(connection):
+    seen = []
+    engine = ScriptedArrivals({})
+    worker, queue = make_worker(connection, engine)
+    first = enqueue(queue, text="a", max_new_tokens=6)
+    engine.arrivals = {
+        1: lambda: seen.append(enqueue(queue, text="b", max_new_tokens=3)),
+        3: lambda: seen.append(sorted(job.id for job in worker._jobs_in_flight())),
+    }
+    worker.work(burst=True)
+    assert seen[1] == sorted([first, seen[0]])
+
+
+def test_rows_in_flight_never_exceed_max_batch_size_and_free_slots_admit_newcomers(connection):
+    engine = ScriptedArrivals({})
+    worker, queue = make_worker(connection, engine, max_batch_size=2)
+    ids = [enqueue(queue, text="a", max_new_tokens=n) for n in (2, 5, 3, 1)]
+    peak = []
+    engine.arrivals = {n: (lambda: peak.append(engine.num_rows)) for n in range(1, 12)}
+    worker.work(burst=True)
+    assert max(peak) <= 2
+    assert [keys_ for _, keys_ in engine.add_log] == [
+        [(ids[0], 0), (ids[1], 0)],
+        [(ids[2], 0)],
+        [(ids[3], 0)],
+    ]
+    assert [step for step, _ in engine.add_log] == [0, 2, 5]
+    assert all(queue.fetch_job(job_id).get_status() == JobStatus.FINISHED for job_id in ids)
+
+
+def test_a_single_request_takes_turns_with_a_big_batch_request(connection):
+    engine = FakeEngine()
+    worker, queue = make_worker(connection, engine, max_batch_size=2)
+    big = enqueue(queue, text=[f"r{n}" for n in range(6)], max_new_tokens=2)
+    single = enqueue(queue, text="s", max_new_tokens=2)
+    worker.work(burst=True)
+    # the big request's first two rows; when they end, the single request gets
+    # one of the free slots (the big request, with no row running, the other)
+    assert [keys_ for _, keys_ in engine.add_log[:2]] == [[(big, 0), (big, 1)], [(big, 2), (single, 0)]]
+    assert queue.fetch_job(big).return_value()["text"] == ["w1 w2 "] * 6
+    assert queue.fetch_job(single).get_status() == JobStatus.FINISHED
+
+
+def test_the_prefill_budget_spreads_newcomers_over_steps(connection):
+    engine = FakeEngine()
+    worker, queue = make_worker(connection, engine, max_prefill_tokens_per_step=4)
+    ids = [enqueue(queue, text="a b c", max_new_tokens=4) for _ in range(3)]
+    worker.work(burst=True)
+    assert engine.add_log == [(0, [(ids[0], 0)]), (1, [(ids[1], 0)]), (2, [(ids[2], 0)])]
+
+
+def test_micro_batching_keeps_newcomers_for_the_next_batch(connection):
+    engine = ScriptedArrivals({})
+    worker, queue = make_worker(connection, engine, batching="micro")
+    enqueue(queue, text="long", max_new_tokens=5)
+    engine.arrivals = {2: lambda: enqueue(queue, text="late", max_new_tokens=1)}
+    worker.work(burst=True)
+    assert worker.batches_run == 2
+    assert [step for step, _ in engine.add_log] == [0, 5]
+
+
+def test_a_stop_request_ends_admission_but_lets_rows_in_flight_finish(connection):
+    engine = ScriptedArrivals({})
+    worker, queue = make_worker(connection, engine)
+    running = enqueue(queue, text="a", max_new_tokens=4)
+    late = []
+
+    def stop_then_arrive():
+        worker._stop_requested = True
+        late.append(enqueue(queue, text="b", max_new_tokens=1))
+
+    engine.arrivals = {1: stop_then_arrive}
+    worker.work(burst=True)
+    assert queue.fetch_job(running).get_status() == JobStatus.FINISHED
+    assert queue.fetch_job(late[0]).get_status() == JobStatus.QUEUED
