@@ -16,6 +16,25 @@ from shared import keys, limits
 ModelType = Literal["CAUSAL", "VISION"]
 
 
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class WorkerStats(BaseModel):
+    """What a worker has done since it started; carried in its registry entry so
+    the API's /metrics can report every worker (see api/metrics.py)."""
+
+    requests_finished: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    rows_per_step: dict[str, int] = Field(
+        default_factory=dict,
+        description="Decode steps by batch rows: cumulative counts per bucket, '+Inf' last.",
+    )
+    rows_sum: int = 0
+
+
 class ReaderInfo(BaseModel):
     reader_id: str
     consumer_group: str
@@ -31,6 +50,7 @@ class ReaderInfo(BaseModel):
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
     context_length: int | None = Field(None, description="Longest prompt + output the model takes.")
     has_chat_template: bool = False
+    stats: WorkerStats = Field(default_factory=WorkerStats)
     started_at: float = Field(default_factory=time.time)
 
 

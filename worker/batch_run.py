@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from worker.engine.rows import Constraint, GenerationParams, RowOutput, RowReque
 from worker.engine.vision import ImageFeatures, VisionPrompt
 from worker.images import ImageStore, ImageUnavailable
 from worker.publisher import Event, EventPublisher
+from worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class BatchRun:
         *,
         max_rows: int | None = None,
         max_prefill_tokens: int | None = None,
+        stats: StatsRecorder | None = None,
     ):
         """`jobs` are what `run()` runs; `max_rows` bounds the rows in the
         engine, `max_prefill_tokens` the prompt tokens prefilled per step
@@ -117,6 +120,7 @@ class BatchRun:
         self._jobs = list(jobs)
         self._max_rows = max_rows
         self._max_prefill_tokens = max_prefill_tokens
+        self._stats = stats
         self.outcomes: dict[str, RequestOutcome] = {}  # requests not finished yet
         self._waiting: dict[str, deque[RowRequest]] = {}  # admitted rows not prefilled yet, by request
         self._running: Counter[str] = Counter()  # rows in the engine, by request
@@ -180,8 +184,12 @@ class BatchRun:
         try:
             self._prefill()
             if self._engine.has_work:
+                started = time.perf_counter()
                 outputs = self._engine.step()
                 self.steps += 1
+                if self._stats is not None:
+                    tokens = sum(1 for output in outputs if output.token_id is not None)
+                    self._stats.record_step(len(outputs), tokens, time.perf_counter() - started)
                 self._deliver(outputs)
                 self._on_step()
         except Exception as exc:  # the model itself failed: every unfinished request fails

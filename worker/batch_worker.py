@@ -51,6 +51,7 @@ from shared.payload import GenerationJob
 from worker.batch_run import BatchRun, RequestOutcome
 from worker.engine.engine import Engine
 from worker.publisher import EventPublisher
+from worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class BatchWorker(SimpleWorker):
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self._in_flight: dict[str, tuple[Job, Queue]] = {}  # continuous batching: jobs started, by id
         self.publisher = EventPublisher(self.connection)
+        self.stats = StatsRecorder()
         self._executions: dict[str, Execution] = {}
         self.batches_run = 0
         self.push_exc_handler(self._report_abandoned)
@@ -149,7 +151,9 @@ class BatchWorker(SimpleWorker):
             return
         rows = sum(len(generation.request.texts) for _, _, generation in runnable)
         log.info("running a batch of %d request(s), %d row(s)", len(runnable), rows)
-        run = BatchRun(self.engine, self.publisher, [generation for _, _, generation in runnable])
+        run = BatchRun(
+            self.engine, self.publisher, [generation for _, _, generation in runnable], stats=self.stats
+        )
         with _Heartbeat(self, lambda: [job for job, _, _ in runnable]):
             outcomes = run.run()
         self.batches_run += 1
@@ -163,6 +167,7 @@ class BatchWorker(SimpleWorker):
             self.publisher,
             max_rows=self.max_batch_size,
             max_prefill_tokens=self.max_prefill_tokens_per_step,
+            stats=self.stats,
         )
         admitted = self._admit(run, claimed)
         if not admitted and not run.has_work:
@@ -228,6 +233,18 @@ class BatchWorker(SimpleWorker):
         return len(runnable)
 
     def _end_job(self, job: Job, queue: Queue, outcome: RequestOutcome) -> None:
+        self.stats.record_request(failed=outcome.error is not None)
+        if outcome.error is not None:
+            log.info("job %s failed: %s (%s)", job.id, outcome.error.error_type, outcome.error.error)
+        else:
+            tokens = sum(usage.completion_tokens for usage in outcome.usage if usage is not None)
+            log.info(
+                "job %s done: %d row(s), %d token(s), %s",
+                job.id,
+                len(outcome.finish_reasons),
+                tokens,
+                ",".join(str(reason) for reason in outcome.finish_reasons),
+            )
         try:
             self._finish(job, queue, outcome)
         except redis.RedisError as exc:
@@ -251,6 +268,7 @@ class BatchWorker(SimpleWorker):
         for job, queue in started:
             try:
                 runnable.append((job, queue, GenerationJob.model_validate(job.kwargs["job"])))
+                log.info("job %s started", job.id)
             except (ValidationError, KeyError, TypeError) as exc:
                 error = ErrorEvent(error=f"malformed job: {exc}", error_type="bad_job", status=500)
                 self.publisher.publish([(job.id, error)])

@@ -93,6 +93,7 @@ def run_worker(settings: WorkerSettings) -> None:
             settings.max_batch_size,
             settings.batch_duration_millis,
         )
+        heartbeat.stats = worker.stats.snapshot
         tools = ReaderTools(connection, reader_id, loaded.tokenizer).start()
         try:
             worker.work(logging_level=logging.getLevelName(logging.getLogger().level))

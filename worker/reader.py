@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis
 
 from shared import limits, readers
-from shared.readers import ReaderInfo
+from shared.readers import ReaderInfo, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class ReaderHeartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.info = info
+        self.stats: Callable[[], WorkerStats] | None = None  # where each beat reads the worker's counters
 
     def update(self, **changes) -> None:
         """Change what the registry says (e.g. ready=True) and publish it now."""
@@ -48,6 +50,8 @@ class ReaderHeartbeat:
             self._beat()
 
     def _beat(self) -> None:
+        if self.stats is not None:
+            self.info = self.info.model_copy(update={"stats": self.stats()})
         try:
             readers.register(self._connection, self.info)
         except redis.RedisError as exc:

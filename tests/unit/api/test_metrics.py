@@ -52,3 +52,33 @@ def test_an_error_inside_a_stream_is_counted(client, worker):
         assert b"event: error" in response.get_data()
     worker.join()
     assert sample(client, "mmserve_api_errors_total", error_type="generation_error") == 1
+
+
+def test_worker_counters_from_the_reader_registry_are_exported(client, connection):
+    from shared.readers import WorkerStats
+
+    stats = WorkerStats(
+        requests_finished=5,
+        requests_failed=1,
+        tokens_generated=321,
+        decode_steps=40,
+        decode_seconds=2.5,
+        rows_per_step={
+            "1": 10,
+            "2": 10,
+            "4": 25,
+            "8": 40,
+            "16": 40,
+            "32": 40,
+            "64": 40,
+            "128": 40,
+            "+Inf": 40,
+        },
+        rows_sum=150,
+    )
+    add_reader(connection, reader_id="w-1", stats=stats)
+    labels = {"consumer_group": "primary", "reader_id": "w-1"}
+    assert sample(client, "mmserve_worker_tokens_generated_total", **labels) == 321
+    assert sample(client, "mmserve_worker_requests_total", **labels, outcome="failed") == 1
+    assert sample(client, "mmserve_worker_batch_rows_count", **labels) == 40
+    assert sample(client, "mmserve_worker_batch_rows_bucket", **labels, le="4") == 25

@@ -61,6 +61,8 @@ def test_queued_jobs_run_as_one_batch_and_finish_in_rq(connection):
     assert second.return_value()["text"] == ["w1 ", "w1 "]
     assert set(queue.finished_job_registry.get_job_ids()) == set(ids)
     assert queue.started_job_registry.get_job_ids() == []
+    stats = worker.stats.snapshot()  # published through the reader registry to /metrics
+    assert stats.requests_finished == 2 and stats.decode_steps == 2 and stats.tokens_generated == 4
 
 
 def test_a_job_that_would_overflow_the_batch_waits_for_the_next_one(connection):

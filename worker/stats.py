@@ -1,0 +1,41 @@
+"""Counting what a worker does (tokens, decode steps, rows per step, requests),
+cheaply, on the decode thread; the reader heartbeat publishes a snapshot."""
+
+from __future__ import annotations
+
+import threading
+
+from shared.readers import BATCH_ROWS_BUCKETS, WorkerStats
+
+
+class StatsRecorder:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = WorkerStats()
+        self._buckets = [0] * (len(BATCH_ROWS_BUCKETS) + 1)
+
+    def record_step(self, rows: int, tokens: int, seconds: float) -> None:
+        with self._lock:
+            stats = self._stats
+            stats.decode_steps += 1
+            stats.decode_seconds += seconds
+            stats.tokens_generated += tokens
+            stats.rows_sum += rows
+            index = next((i for i, bound in enumerate(BATCH_ROWS_BUCKETS) if rows <= bound), -1)
+            self._buckets[index] += 1
+
+    def record_request(self, failed: bool) -> None:
+        with self._lock:
+            if failed:
+                self._stats.requests_failed += 1
+            else:
+                self._stats.requests_finished += 1
+
+    def snapshot(self) -> WorkerStats:
+        """A copy, with rows_per_step as Prometheus-style cumulative bucket counts."""
+        with self._lock:
+            cumulative, total = {}, 0
+            for bound, count in zip((*map(str, BATCH_ROWS_BUCKETS), "+Inf"), self._buckets, strict=True):
+                total += count
+                cumulative[bound] = total
+            return self._stats.model_copy(update={"rows_per_step": cumulative})
