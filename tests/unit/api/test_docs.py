@@ -2,6 +2,8 @@
 
 import json
 
+from openapi_spec_validator import validate
+
 from api.docs import build_openapi
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
@@ -69,3 +71,7 @@ def test_docs_page_is_self_contained_html(client):
     assert "/generate_stream" in page
     assert "max_new_tokens" in page
     assert "http://" not in page and "https://" not in page
+
+
+def test_openapi_document_validates_as_openapi_3(client):
+    validate(client.get("/openapi.json").get_json())  # raises on any schema violation
