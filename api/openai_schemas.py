@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.openai_errors import OpenAIError, UnsupportedParameter
 from api.payloads import describe_validation_error
 from shared import limits
+from shared.payload import NullMeansDefault
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
@@ -32,17 +33,8 @@ OFF_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
-class _Strict(BaseModel):
+class _Strict(NullMeansDefault):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_not_given(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {
-                key: value for key, value in data.items() if value is not None or key not in cls.model_fields
-            }
-        return data
 
 
 class TextPart(_Strict):

@@ -17,7 +17,21 @@ NOT_YET_SUPPORTED: dict[str, str] = {
 }
 
 
-class GenerateRequest(BaseModel):
+class NullMeansDefault(BaseModel):
+    """Base of request models where `null` means "not given" for every known key
+    (Takeoff and OpenAI clients send nulls); an unknown key is an error even when null."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {
+                key: value for key, value in data.items() if value is not None or key not in cls.model_fields
+            }
+        return data
+
+
+class GenerateRequest(NullMeansDefault):
     """JSON body of /generate and /generate_stream. `null` means "default" for every key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -79,16 +93,6 @@ class GenerateRequest(BaseModel):
         False, description="Add token counts, finish reason and timings to the answer."
     )
     seed: int | None = Field(None, ge=0, le=limits.MAX_SEED, description="Reproducible sampling.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            # Only known keys fall back to defaults: an unknown key is an error even when null.
-            return {
-                key: value for key, value in data.items() if value is not None or key not in cls.model_fields
-            }
-        return data
 
     @field_validator("text")
     @classmethod

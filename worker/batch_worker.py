@@ -117,13 +117,7 @@ class BatchWorker(SimpleWorker):
         claimed: list[tuple[Job, Queue]] = []
         deadline = time.monotonic() + self.batch_duration
         while rows < self.max_batch_size:
-            result = self.queue_class.dequeue_any(
-                self._ordered_queues,
-                None,
-                connection=self.connection,
-                job_class=self.job_class,
-                serializer=self.serializer,
-            )
+            result = self._pop_job()
             if result is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -138,6 +132,16 @@ class BatchWorker(SimpleWorker):
             rows += job_rows
             claimed.append(result)
         return claimed
+
+    def _pop_job(self) -> tuple[Job, Queue] | None:
+        """The next job of this worker's queues, without blocking (RQ's own dequeue)."""
+        return self.queue_class.dequeue_any(
+            self._ordered_queues,
+            None,
+            connection=self.connection,
+            job_class=self.job_class,
+            serializer=self.serializer,
+        )
 
     def _hand_back(self, job: Job, queue: Queue) -> None:
         with self.connection.pipeline() as pipe:
@@ -205,13 +209,7 @@ class BatchWorker(SimpleWorker):
     def _admit_newcomers(self, run: BatchRun) -> None:
         joined = 0
         while self._has_room(run):
-            result = self.queue_class.dequeue_any(
-                self._ordered_queues,
-                None,
-                connection=self.connection,
-                job_class=self.job_class,
-                serializer=self.serializer,
-            )
+            result = self._pop_job()
             if result is None:
                 break
             joined += self._admit(run, [result])
