@@ -31,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmserve.redis_server import RedisServer
+from shared import keys
 from tests.serving import ServeProcess, percentile
 from tests.sse import iter_lines, parse_sse
 
@@ -167,26 +168,14 @@ def api_upload_cost(jpeg: bytes, repeats: int = 5) -> dict:
 
 
 def _store_fresh(connection, images, canonical):
-    connection.delete(f"mmserve:image:{canonical.image_id}")
+    connection.delete(keys.image_key(canonical.image_id))
     return images.ImageLease.take(connection, [canonical])
 
 
 def start_server(model: Path, args) -> ServeProcess:
-    flags = [
-        "--model",
-        str(model),
-        "--workers",
-        "1",
-        "--max-batch-size",
-        str(max(args.concurrency)),
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--log-level",
-        "WARNING",
-    ]
-    return ServeProcess(*flags).wait_ready()
+    return ServeProcess.for_benchmark(
+        "--model", str(model), max_batch_size=max(args.concurrency), dtype=args.dtype, threads=args.threads
+    )
 
 
 def main() -> None:

@@ -87,19 +87,9 @@ def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict
 
 
 def start_server(args) -> ServeProcess:
-    flags = [
-        "--workers",
-        "1",
-        "--max-batch-size",
-        str(max(args.concurrency)),
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--log-level",
-        "WARNING",
-    ]
-    return ServeProcess(*flags).wait_ready()
+    return ServeProcess.for_benchmark(
+        max_batch_size=max(args.concurrency), dtype=args.dtype, threads=args.threads
+    )
 
 
 # -- in-process ----------------------------------------------------------------

@@ -39,6 +39,24 @@ class ServeProcess:
         output = log_path.open("wb") if log_path is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
 
+    @classmethod
+    def for_benchmark(cls, *extra: str, max_batch_size: int, dtype: str, threads: int) -> ServeProcess:
+        """One worker, quiet logs, the benchmark's batch size, dtype and threads; ready."""
+        flags = [
+            "--workers",
+            "1",
+            "--max-batch-size",
+            str(max_batch_size),
+            "--dtype",
+            dtype,
+            "--threads",
+            str(threads),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+        return cls(*flags).wait_ready()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
 
