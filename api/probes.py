@@ -7,7 +7,7 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.state import app_state
-from shared import readers
+from shared import limits, readers
 
 blueprint = Blueprint("probes", __name__)
 
@@ -19,13 +19,15 @@ def healthz() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
-    """200 when Redis answers and every known group has a live, ready worker."""
+    """200 when Redis answers and every group that had a worker in the last
+    IDLE_GROUP_SECONDS has a live, ready one."""
     state = app_state()
     reasons: list[str] = []
     ready_readers: dict[str, int] = {}
     try:
         state.connection.ping()
         groups = readers.all_live_readers(state.connection)
+        recent = readers.groups_seen_since(state.connection, limits.IDLE_GROUP_SECONDS)
     except redis.exceptions.RedisError as exc:
         reasons.append(f"redis is unreachable: {exc}")
         groups = None
@@ -33,6 +35,8 @@ def readyz() -> Response:
         if not groups:
             reasons.append("no worker has registered")
         for group, live in groups.items():
+            if not live and group not in recent:
+                continue  # idle: no worker for a long time; its requests still get 503
             ready_readers[group] = sum(reader.ready for reader in live)
             if not live:
                 reasons.append(f"consumer_group '{group}' has no live worker")

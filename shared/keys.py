@@ -47,4 +47,5 @@ IMAGE_REFS_FIELD = "refs"
 
 
 GROUPS_KEY = f"{PREFIX}:groups"
-"""Set of every consumer group a reader ever registered: 404 vs 503."""
+"""Sorted set: every consumer group a reader ever registered, scored by the last
+time one of its readers sent a heartbeat (404 vs 503, and /readyz)."""

@@ -58,6 +58,10 @@ DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
 # group names (a handful of short strings) that lets the API tell 404 from 503.
 READER_TTL_SECONDS = 10
 READER_HEARTBEAT_SECONDS = 2.0
+# /readyz fails while a group has no live worker, for this long after its last
+# worker's last heartbeat (a restart, a crash); after that the group is idle and
+# only its own requests get 503.
+IDLE_GROUP_SECONDS = 300
 JOB_TTL_SECONDS = 600  # how long a job may wait in its queue before RQ drops it
 JOB_RESULT_TTL_SECONDS = 300
 JOB_FAILURE_TTL_SECONDS = 3600

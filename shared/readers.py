@@ -59,7 +59,7 @@ def register(connection: redis.Redis, info: ReaderInfo) -> None:
     with connection.pipeline() as pipe:
         pipe.set(keys.reader_key(info.reader_id), info.model_dump_json(), ex=limits.READER_TTL_SECONDS)
         pipe.sadd(keys.group_readers_key(info.consumer_group), info.reader_id)
-        pipe.sadd(keys.GROUPS_KEY, info.consumer_group)
+        pipe.zadd(keys.GROUPS_KEY, {info.consumer_group: time.time()})
         pipe.execute()
 
 
@@ -71,7 +71,13 @@ def deregister(connection: redis.Redis, info: ReaderInfo) -> None:
 
 
 def known_groups(connection: redis.Redis) -> set[str]:
-    return {name.decode() for name in connection.smembers(keys.GROUPS_KEY)}
+    return {name.decode() for name in connection.zrange(keys.GROUPS_KEY, 0, -1)}
+
+
+def groups_seen_since(connection: redis.Redis, seconds: float) -> set[str]:
+    """Groups one of whose readers sent a heartbeat in the last `seconds`."""
+    since = time.time() - seconds
+    return {name.decode() for name in connection.zrangebyscore(keys.GROUPS_KEY, since, "+inf")}
 
 
 def live_readers(connection: redis.Redis, consumer_group: str) -> list[ReaderInfo]:

@@ -217,4 +217,4 @@ def _clean_redis(redis_server) -> Iterator[None]:
         client.delete(*doomed)
     for group in readers.known_groups(client):
         if not readers.live_readers(client, group):
-            client.srem(keys.GROUPS_KEY, group)
+            client.zrem(keys.GROUPS_KEY, group)

@@ -166,7 +166,7 @@ def test_unknown_group_is_404(server):
 def test_group_without_live_workers_is_503(server, redis_client):
     from shared import keys
 
-    redis_client.sadd(keys.GROUPS_KEY, "ghosts")
+    redis_client.zadd(keys.GROUPS_KEY, {"ghosts": time.time()})
     response = requests.post(server.url + "/generate", json={"text": "x", "consumer_group": "ghosts"})
     assert response.status_code == 503
     assert "Retry-After" in response.headers

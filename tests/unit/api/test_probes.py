@@ -1,6 +1,8 @@
 """/healthz, /readyz and /metrics."""
 
-from shared import keys
+import time
+
+from shared import keys, limits
 from tests.unit.api.fakes import add_reader
 
 
@@ -79,3 +81,14 @@ def test_each_app_has_its_own_registry(make_app):
     first.get("/healthz").close()
     assert 'route="/healthz"' in first.get("/metrics").get_data(as_text=True)
     assert 'route="/healthz"' not in second.get("/metrics").get_data(as_text=True)
+
+
+def test_a_group_without_workers_for_a_long_time_no_longer_fails_readiness(client, connection):
+    add_reader(connection)  # primary: live and ready
+    connection.zadd(keys.GROUPS_KEY, {"retired": time.time() - limits.IDLE_GROUP_SECONDS - 60})
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/generate", json={"text": "x", "consumer_group": "retired"}).status_code == 503
+    connection.zadd(keys.GROUPS_KEY, {"restarting": time.time() - 5})
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert any("restarting" in reason for reason in response.get_json()["reasons"])

