@@ -55,19 +55,16 @@ def prompt_ids_and_eog() -> tuple[list[list[int]], set[int]]:
     from worker.model_loading import cache_dir, converted_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(converted_default_model(cache_dir()))
-    ids = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-            )
+    ids = []
+    for p in PROMPTS:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
         )
-        for p in PROMPTS
-    ]
+        ids.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
     eog = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            eog.add(token_id)
+        if token in tokenizer.get_vocab():
+            eog.add(tokenizer.convert_tokens_to_ids(token))
     return ids, {i for i in eog if i is not None}
 
 
@@ -104,8 +101,23 @@ def bench_mmserve(args) -> dict:
 
 
 def load_llama(args):
+    """The high-level Llama object on the bundled GGUF. Weight repacking ("extra buffer
+    types": the CPU repack/AMX kernels) is turned off: with it, llama-cpp-python 0.3.36 built
+    here segfaults in llama_decode on any batch of more than one token on this CPU (AMX_INT8,
+    AVX512); with n_batch=1 or without extra buffers it runs."""
+    import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
+    default_params = lc.llama_model_default_params
+    if not getattr(default_params, "_mmserve_patched", False):
+
+        def without_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        without_extra_bufts._mmserve_patched = True
+        lc.llama_model_default_params = without_extra_bufts
     return Llama(
         model_path=gguf_path(),
         n_ctx=2048,
@@ -132,14 +144,16 @@ def bench_llama_high_level(llm, prompts: list[list[int]], eog: set[int], new_tok
         return scores
 
     processors = LogitsProcessorList([ban_eog])
-    llm(prompts[0], max_tokens=8, temperature=0, logits_processor=processors)  # warm-up
+    llm(prompts[0], max_tokens=8, temperature=0, repeat_penalty=1.0, logits_processor=processors)  # warm-up
     tokens, ttfts, texts = 0, [], []
     started = time.perf_counter()
     for prompt in prompts:
         llm.reset()  # no prefix reuse between prompts: every request pays its prefill
         calls.clear()
         request_started = time.perf_counter()
-        result = llm(prompt, max_tokens=new_tokens, temperature=0, logits_processor=processors)
+        result = llm(
+            prompt, max_tokens=new_tokens, temperature=0, repeat_penalty=1.0, logits_processor=processors
+        )
         ttfts.append(calls[0] - request_started)
         tokens += result["usage"]["completion_tokens"]
         texts.append(result["choices"][0]["text"])
@@ -158,11 +172,12 @@ def bench_llama_batched(llm, prompts: list[list[int]], eog: set[int], args, roun
     banned = np.array(sorted(eog))
     n = BATCHED_SEQUENCES
     total_prompt = sum(len(p) for p in prompts[:n])
-    n_ctx = total_prompt + n * (args.new_tokens + 8)
+    # cells per sequence (llama.cpp splits n_ctx between sequences unless kv_unified)
+    n_ctx = n * 256 * (1 + (max(len(p) for p in prompts) + args.new_tokens) // 256)
 
     def run_round(batch_prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
         params = lc.llama_context_default_params()
-        params.n_ctx = max(512, n_ctx)
+        params.n_ctx = n_ctx
         params.n_batch = max(512, total_prompt)
         params.n_ubatch = max(512, total_prompt)
         params.n_seq_max = n
@@ -237,15 +252,20 @@ def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
         return {"skipped": reason, "batch1": {"skipped": reason}, "batched8": {"skipped": reason}}
     import llama_cpp
 
-    report: dict = {"llama_cpp_python": llama_cpp.__version__, "weights": "Q4_1 (GGUF as shipped)"}
+    report: dict = {
+        "llama_cpp_python": llama_cpp.__version__,
+        "weights": "Q4_1 (GGUF as shipped)",
+        "use_extra_bufts": False,
+        "note": "weight repacking off: with it, multi-token llama_decode segfaults on this build/CPU",
+    }
     llm = load_llama(args)
     try:
         report["batch1"] = bench_llama_high_level(llm, prompts, eog, args.new_tokens)
-    except Exception as error:  # noqa: BLE001 - reported, the other parts still run
+    except Exception as error:  # reported; the other parts still run
         report["batch1"] = {"skipped": f"{type(error).__name__}: {error}"}
     try:
         report["batched8"] = bench_llama_batched(llm, prompts, eog, args, args.rounds)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         report["batched8"] = {"skipped": f"{type(error).__name__}: {error}"}
     with contextlib.suppress(Exception):
         llm.close()
