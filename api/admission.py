@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import redis
 import rq
-from rq.serializers import JSONSerializer
 
 from api.errors import ImagesNotAccepted, InvalidPayload, NoLiveReader, QueueFull, UnknownConsumerGroup
-from shared import keys, limits, readers
+from shared import jobs, limits, readers
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
 
 
 def job_queue(connection: redis.Redis, consumer_group: str) -> rq.Queue:
     """The RQ queue feeding a consumer group, JSON-serialised (never pickle)."""
-    return rq.Queue(keys.queue_name(consumer_group), connection=connection, serializer=JSONSerializer)
+    return jobs.queue_for(connection, consumer_group)
 
 
 def admit(

@@ -14,14 +14,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
-from rq import Retry
 
 from api.admission import job_queue
 from api.metrics import ApiMetrics
 from api.relay import EventHub, Subscription
 from api.schemas import RowMetadata
-from shared import events, keys, limits
-from shared.payload import JOB_FUNCTION, ChatMessage, GenerateRequest, GenerationJob
+from shared import events, jobs, keys, limits
+from shared.payload import ChatMessage, GenerateRequest, GenerationJob
 from shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -247,16 +246,7 @@ def submit(
     )
     subscription = hub.subscribe(request_id)
     try:
-        job_queue(connection, payload.consumer_group).enqueue(
-            JOB_FUNCTION,
-            kwargs={"job": job.model_dump(mode="json")},
-            job_id=request_id,
-            ttl=limits.JOB_TTL_SECONDS,
-            result_ttl=limits.JOB_RESULT_TTL_SECONDS,
-            failure_ttl=limits.JOB_FAILURE_TTL_SECONDS,
-            job_timeout=limits.JOB_TIMEOUT_SECONDS,
-            retry=Retry(max=limits.JOB_MAX_ATTEMPTS - 1),
-        )
+        jobs.enqueue(job_queue(connection, payload.consumer_group), job)
     except BaseException:
         with contextlib.suppress(Exception):
             subscription.close()

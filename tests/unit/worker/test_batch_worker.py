@@ -7,9 +7,8 @@ import fakeredis
 import pytest
 from rq import Queue
 from rq.job import JobStatus
-from rq.serializers import JSONSerializer
 
-from shared import keys, limits
+from shared import jobs
 from shared.payload import JOB_FUNCTION, GenerateRequest, GenerationJob
 from tests.unit.worker.fake_engine import FakeEngine
 from worker.batch_worker import BatchWorker
@@ -25,18 +24,12 @@ def enqueue(queue: Queue, **payload) -> str:
     job = GenerationJob(
         request_id=request_id, request=GenerateRequest(**payload), seed=1, enqueued_at=time.time()
     )
-    queue.enqueue(
-        JOB_FUNCTION,
-        kwargs={"job": job.model_dump(mode="json")},
-        job_id=request_id,
-        ttl=limits.JOB_TTL_SECONDS,
-        result_ttl=limits.JOB_RESULT_TTL_SECONDS,
-    )
+    jobs.enqueue(queue, job)
     return request_id
 
 
 def make_worker(connection, engine, **kwargs) -> tuple[BatchWorker, Queue]:
-    queue = Queue(keys.queue_name("primary"), connection=connection, serializer=JSONSerializer)
+    queue = jobs.queue_for(connection, "primary")
     worker = BatchWorker(
         [queue],
         engine=engine,
