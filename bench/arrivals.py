@@ -41,12 +41,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from mmserve.redis_server import RedisServer
-from shared import events, keys, limits, readers
-from shared.payload import JOB_FUNCTION, GenerateRequest, GenerationJob
+from shared import events, jobs, keys, limits, readers
+from shared.payload import GenerateRequest, GenerationJob
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -168,15 +166,9 @@ def one_request(redis_url: str, group: str, text: str, new_tokens: int, trace: d
         consumer_group=group,
     )
     job = GenerationJob(request_id=request_id, request=request, seed=1, enqueued_at=time.time())
-    queue = Queue(keys.queue_name(group), connection=client, serializer=JSONSerializer)
+    queue = jobs.queue_for(client, group)
     trace["arrival"] = time.perf_counter()
-    queue.enqueue(
-        JOB_FUNCTION,
-        kwargs={"job": job.model_dump(mode="json")},
-        job_id=request_id,
-        ttl=limits.JOB_TTL_SECONDS,
-        result_ttl=limits.JOB_RESULT_TTL_SECONDS,
-    )
+    jobs.enqueue(queue, job)
     while True:
         message = pubsub.get_message(timeout=120)
         if message is None:
@@ -189,6 +181,15 @@ def one_request(redis_url: str, group: str, text: str, new_tokens: int, trace: d
         elif event.type in ("done", "error"):
             break
     pubsub.close()
+
+
+def measure_rates(submit, work, args) -> dict:
+    """A warm-up, then the workload at every arrival rate: {rate: summary}."""
+    run_arrivals(submit, workload(2, 99), [0.0, 0.0])
+    return {
+        str(rate): summarise(run_arrivals(submit, work, arrival_times(len(work), rate, args.seed)))
+        for rate in args.rates
+    }
 
 
 def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
@@ -215,12 +216,7 @@ def bench_worker(redis_url: str, batching: str, args, work: list[dict]) -> dict:
         def submit(item, trace):
             one_request(redis_url, worker.group, item["text"], item["new_tokens"], trace)
 
-        run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
-        results = {}
-        for rate in args.rates:
-            traces = run_arrivals(submit, work, arrival_times(len(work), rate, args.seed))
-            results[str(rate)] = summarise(traces)
-        return results
+        return measure_rates(submit, work, args)
     finally:
         worker.stop()
 
@@ -316,12 +312,7 @@ def bench_transformers_cb(loaded, args, work: list[dict]) -> dict:
                 if seen >= item["new_tokens"]:
                     break
 
-        run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
-        results = {}
-        for rate in args.rates:
-            traces = run_arrivals(submit, work, arrival_times(len(work), rate, args.seed))
-            results[str(rate)] = summarise(traces)
-        return results
+        return measure_rates(submit, work, args)
     finally:
         manager.stop(block=True, timeout=30)
 
