@@ -8,7 +8,14 @@ from __future__ import annotations
 import redis
 import rq
 
-from api.errors import ImagesNotAccepted, InvalidPayload, NoLiveReader, QueueFull, UnknownConsumerGroup
+from api.errors import (
+    ImagesNotAccepted,
+    InvalidPayload,
+    NoLiveReader,
+    QueueFull,
+    UnknownConsumerGroup,
+    UnknownLora,
+)
 from shared import jobs, limits, readers
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
@@ -22,7 +29,8 @@ def job_queue(connection: redis.Redis, consumer_group: str) -> rq.Queue:
 def admit(
     connection: redis.Redis, payload: GenerateRequest, settings: ApiSettings, *, with_images: bool = False
 ) -> list[readers.ReaderInfo]:
-    """Raise the ApiError that stops this request, or return the group's live readers.
+    """Raise the ApiError that stops this request, or return the group's live
+    readers that can serve it (those with its lora_id, when it names one).
     `with_images`: the request carries images, which only a VISION model accepts."""
     group = payload.consumer_group
     if group not in readers.known_groups(connection):
@@ -44,6 +52,14 @@ def admit(
         raise ImagesNotAccepted(
             f"the model of consumer_group '{group}' ({models}) is text-only: it does not accept images"
         )
+
+    if payload.lora_id is not None:
+        live = [reader for reader in live if payload.lora_id in reader.loras.available]
+        if not live:
+            raise UnknownLora(
+                f"unknown lora_id '{payload.lora_id}': no worker of consumer_group '{group}' has that "
+                "adapter (GET /loras on the management port lists them)"
+            )
 
     context_lengths = [reader.context_length for reader in live]
     if all(length is not None for length in context_lengths):

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from api.schemas import ErrorBody, GenerateResponse, Health, ReaderSummary, Readiness
 from api.state import app_state
-from shared.payload import NOT_YET_SUPPORTED, GenerateRequest
+from shared.payload import GenerateRequest
 from shared.readers import ReaderInfo
 from shared.settings import ApiSettings
 from shared.supervision import ReaderSpec
@@ -70,8 +70,7 @@ def _reader_id_parameter() -> dict[str, Any]:
 def build_openapi(settings: ApiSettings) -> dict[str, Any]:
     _, definitions = models_json_schema(_SCHEMA_MODELS, ref_template="#/components/schemas/{model}")
     schemas = definitions["$defs"]
-    not_yet = ", ".join(NOT_YET_SUPPORTED)
-    generate_errors = _errors(400, 401, 404, 413, 415, 422, 429, 501, 503, 504)
+    generate_errors = _errors(400, 401, 404, 413, 415, 422, 429, 503, 504)
     request_body = {"required": True, "content": _json_content("GenerateRequest")}
     inference = f"Inference port ({settings.port})."
     management = f"Management port ({settings.management_port})."
@@ -81,8 +80,8 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
         "/generate": {
             "post": {
                 "summary": "Generate text for a prompt or a list of prompts",
-                "description": f"{inference} `null` means the default for every key. Keys answered 501 "
-                f"for now: {not_yet}.",
+                "description": f"{inference} `null` means the default for every key. 404 for an "
+                "unknown consumer_group or lora_id.",
                 "requestBody": request_body,
                 "responses": {
                     "200": {
@@ -161,10 +160,18 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
     for tool in ("tokenize", "detokenize", "chat_template"):
         paths[f"/{tool}/{{reader_id}}"] = {
             "post": {
-                "summary": f"{tool.replace('_', ' ').capitalize()} with a reader's tokenizer (not built yet)",
-                "description": f"{inference} Answers 501 for a live reader for now.",
+                "summary": f"{tool.replace('_', ' ').capitalize()} with a reader's tokenizer",
+                "description": f"{inference} Takeoff's request and answer shapes; answered by that "
+                "reader's own tokenizer (503 when it does not answer in time).",
                 "parameters": [_reader_id_parameter()],
-                "responses": _errors(401, 404, 501),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": {"description": "The tokenizer's answer.", "content": {"application/json": {}}},
+                    **_errors(400, 401, 404, 422, 503),
+                },
             }
         }
     paths["/healthz"] = {
@@ -230,6 +237,33 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "The reader.", "content": _json_content("ReaderInfo")},
                 **_errors(404),
+            },
+        }
+    }
+    paths["/loras"] = {
+        "get": {
+            "summary": "The LoRA adapters of every live reader",
+            "description": f"{management} By group, then by reader: the adapter ids requests may "
+            "name (`available`), those in memory (`loaded`, least recently used first) and how many fit.",
+            "responses": {
+                "200": {"description": "Adapters by group and reader.", "content": {"application/json": {}}}
+            },
+        }
+    }
+    paths["/loras/{reader_id}"] = {
+        "post": {
+            "summary": "Load a LoRA adapter into a reader's memory now",
+            "description": f'{management} Body `{{"lora_id": "..."}}`; the reader waits for its '
+            "running decode step, loads the adapter (evicting the least recently used one no running "
+            "request needs) and answers its load time.",
+            "parameters": [_reader_id_parameter()],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "200": {"description": "Loaded.", "content": {"application/json": {}}},
+                **_errors(404, 422, 503, 504),
             },
         }
     }

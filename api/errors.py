@@ -82,6 +82,11 @@ class UnknownConsumerGroup(ApiError):
     error_type = "unknown_consumer_group"
 
 
+class UnknownLora(ApiError):
+    status = 404
+    error_type = "unknown_lora"
+
+
 class UnknownReader(ApiError):
     status = 404
     error_type = "unknown_reader"

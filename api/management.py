@@ -1,24 +1,33 @@
 """Routes of the management port, in Takeoff's shapes: the live readers
-(worker processes) by group, their status, and one reader's configuration."""
+(worker processes) by group, their status, and one reader's configuration;
+the LoRA adapters of every reader, and loading one now; starting and stopping
+local workers under `mmserve serve`."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
-from api.errors import ApiError, InvalidPayload, NotImplementedYet, UnknownReader
+from api.errors import (
+    ApiError,
+    GatewayTimeout,
+    InvalidPayload,
+    NotImplementedYet,
+    UnknownLora,
+    UnknownReader,
+)
 from api.payloads import describe_validation_error, read_json_body
 from api.state import app_state
-from shared import readers, supervision
+from shared import limits, reader_tools, readers, rpc, supervision
 
 blueprint = Blueprint("management", __name__)
 
-SUMMARY_FIELDS = ("reader_id", "model_name", "model_type", "pids", "ready")
+SUMMARY_FIELDS = ("reader_id", "model_name", "model_type", "pids", "ready", "loras")
 
 
 @blueprint.get("/reader_groups")
 def reader_groups() -> Response:
-    """`{group: [{reader_id, model_name, model_type, pids, ready}, ...]}`, one entry per live reader."""
+    """`{group: [{reader_id, model_name, model_type, pids, ready, loras}, ...]}`, one per live reader."""
     groups = readers.all_live_readers(app_state().connection)
     return jsonify(
         {
@@ -45,6 +54,52 @@ def config(reader_id: str) -> Response:
     if reader is None:
         raise UnknownReader(f"no live reader '{reader_id}'")
     return jsonify(reader.model_dump(mode="json"))
+
+
+@blueprint.get("/loras")
+def loras() -> Response:
+    """`{group: {reader_id: {"available": [...], "loaded": [...], "max_loaded": n}}}`."""
+    groups = readers.all_live_readers(app_state().connection)
+    return jsonify(
+        {
+            group: {reader.reader_id: reader.loras.model_dump(mode="json") for reader in live}
+            for group, live in groups.items()
+        }
+    )
+
+
+@blueprint.post("/loras/<reader_id>")
+def load_lora(reader_id: str) -> Response:
+    """Load an adapter into one reader's memory now (`{"lora_id": ...}`)."""
+    state = app_state()
+    reader = readers.find_reader(state.connection, reader_id)
+    if reader is None:
+        raise UnknownReader(f"no live reader '{reader_id}'")
+    body = read_json_body(request, state.settings.body_size_limit_bytes)
+    try:
+        checked = reader_tools.LoadLoraRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidPayload(describe_validation_error(exc)) from None
+    if checked.lora_id not in reader.loras.available:
+        raise UnknownLora(f"reader '{reader_id}' has no LoRA adapter '{checked.lora_id}'")
+    answer = rpc.call(
+        state.connection,
+        reader_tools.inbox(reader_id),
+        {"tool": "load_lora", "request": checked.model_dump(mode="json")},
+        timeout=limits.LORA_LOAD_TIMEOUT_SECONDS,
+    )
+    if answer is None:
+        raise GatewayTimeout(
+            f"reader '{reader_id}' did not finish loading '{checked.lora_id}' in "
+            f"{limits.LORA_LOAD_TIMEOUT_SECONDS:g} s; it may still: see GET /loras"
+        )
+    if not answer.get("ok"):
+        raise ApiError(
+            str(answer.get("error")),
+            error_type=str(answer.get("error_type", "lora_error")),
+            status=int(answer.get("status", 500)),
+        )
+    return jsonify({"reader_id": reader_id, **answer["result"]})
 
 
 def _supervisor_id() -> str:

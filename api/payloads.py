@@ -13,11 +13,10 @@ from pydantic import ValidationError
 from api.errors import (
     InvalidPayload,
     InvalidRequest,
-    NotImplementedYet,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from shared.payload import NOT_YET_SUPPORTED, GenerateRequest
+from shared.payload import GenerateRequest
 
 
 def is_json_mimetype(mimetype: str) -> bool:
@@ -78,10 +77,6 @@ def validate_payload(data: Any, *, what: str) -> GenerateRequest:
         payload = GenerateRequest.model_validate(data)
     except ValidationError as exc:
         raise InvalidPayload(describe_validation_error(exc)) from None
-    unsupported = payload.unsupported_keys()
-    if unsupported:
-        reasons = "; ".join(f"{key}: {NOT_YET_SUPPORTED[key]}" for key in unsupported)
-        raise NotImplementedYet(f"not implemented yet: {reasons}")
     return payload
 
 

@@ -75,8 +75,10 @@ def _worker_argv(redis_url: str, worker: dict, log_level: str, log_format: str) 
         "worker", "--redis-url", redis_url, "--log-level", log_level, "--log-format", log_format
     )
     for key, value in worker.items():
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        for one in value if isinstance(value, tuple | list) else [value]:
+            if one is not None:
+                argv += [flag, str(one)]
     return argv
 
 

@@ -153,6 +153,25 @@ WORKER_OPTIONS = [
         "--cache-dir", default=None, help="Where converted models are cached (default ~/.cache/mmserve)."
     ),
     _option(
+        "--lora-dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Folder of LoRA adapters: each sub-folder holding a PEFT adapter_config.json is an "
+        "adapter, its name the lora_id requests use (read again as adapters are added).",
+    ),
+    _option(
+        "--lora",
+        multiple=True,
+        metavar="NAME=PATH",
+        help="A LoRA adapter by name (repeatable; wins over a --lora-dir folder of the same name).",
+    ),
+    _option(
+        "--max-loras",
+        default=limits.DEFAULT_MAX_LORAS,
+        type=click.IntRange(1),
+        help="LoRA adapters kept in memory at once; the least recently used one is evicted.",
+    ),
+    _option(
         "--reader-id",
         default=None,
         help="Name the worker registers under (default <consumer-group>-<random>); `serve` sets it.",

@@ -22,6 +22,7 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_SEED = 2**63 - 1
 CONSUMER_GROUP_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+LORA_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"  # an adapter's folder name under --lora-dir
 
 # Retry-After hints (seconds): a worker loading its model is usually ready
 # within a few seconds; a full queue drains quickly.
@@ -53,6 +54,8 @@ DEFAULT_BATCHING = "continuous"
 # Prompt tokens (padding included) prefilled per decode step when requests join
 # a running batch; a longer prompt still runs, alone in its step.
 DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
+# LoRA adapters a worker keeps in memory at once (least recently used evicted).
+DEFAULT_MAX_LORAS = 4
 
 # Lifetimes (seconds). Nothing in Redis lives without a TTL, except the set of
 # group names (a handful of short strings) that lets the API tell 404 from 503.
@@ -92,3 +95,7 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 REDIS_MAX_CONNECTIONS = 256
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
+
+# How long the management port waits for a reader to load a LoRA adapter (it
+# waits for the running decode step, then reads the adapter); below the socket timeout.
+LORA_LOAD_TIMEOUT_SECONDS = 8.0

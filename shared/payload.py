@@ -10,12 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from shared import limits
 
-# Payload keys whose capability is not built yet: the API answers 501 naming
-# them rather than silently ignoring them.
-NOT_YET_SUPPORTED: dict[str, str] = {
-    "lora_id": "LoRA adapters are not supported yet",
-}
-
 
 class NullMeansDefault(BaseModel):
     """Base of request models where `null` means "not given" for every known key
@@ -82,7 +76,12 @@ class GenerateRequest(NullMeansDefault):
     constrained_decoding_backend: str | None = Field(
         None, description="Which library enforces the constraint: outlines (default), xgrammar or llguidance."
     )
-    lora_id: str | None = None
+    lora_id: str | None = Field(
+        None,
+        pattern=limits.LORA_ID_PATTERN,
+        description="Generate with this LoRA adapter of the consumer group's workers (GET /loras on the "
+        "management port lists them); unset = the base model.",
+    )
     image_paths: list[str] | None = Field(
         None,
         max_length=limits.MAX_IMAGES_PER_REQUEST,
@@ -139,10 +138,6 @@ class GenerateRequest(NullMeansDefault):
     @property
     def is_greedy(self) -> bool:
         return self.sampling_topk == 1 or self.sampling_temperature == 0.0
-
-    def unsupported_keys(self) -> list[str]:
-        """Keys set in this payload whose capability is not built yet."""
-        return [key for key in NOT_YET_SUPPORTED if getattr(self, key) is not None]
 
 
 class ChatMessage(BaseModel):

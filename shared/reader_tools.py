@@ -1,6 +1,7 @@
-"""Takeoff's per-reader tokenizer routes — POST /tokenize/{reader_id},
-/detokenize/{reader_id}, /chat_template/{reader_id} — carried to that reader
-over shared.rpc and answered by its own tokenizer."""
+"""Requests the API carries to one reader over shared.rpc: Takeoff's
+tokenizer routes — POST /tokenize/{reader_id}, /detokenize/{reader_id},
+/chat_template/{reader_id} — answered by that reader's own tokenizer, and
+the management port's LoRA load (POST /loras/{reader_id})."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import keys
+from shared import keys, limits
 
-Tool = Literal["tokenize", "detokenize", "chat_template"]
+Tool = Literal["tokenize", "detokenize", "chat_template", "load_lora"]
 MAX_TEXT_CHARS = 200_000
 MAX_TOKENS = 100_000
 
@@ -43,10 +44,17 @@ class ChatTemplateRequest(BaseModel):
         return [[message.model_dump() for message in conversation] for conversation in batch]
 
 
+class LoadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_id: str = Field(pattern=limits.LORA_ID_PATTERN, description="The adapter to load into memory now.")
+
+
+TOKENIZER_TOOLS = ("tokenize", "detokenize", "chat_template")
 REQUESTS: dict[str, type[BaseModel]] = {
     "tokenize": TokenizeRequest,
     "detokenize": DetokenizeRequest,
     "chat_template": ChatTemplateRequest,
+    "load_lora": LoadLoraRequest,
 }
 
 

@@ -35,6 +35,14 @@ class WorkerStats(BaseModel):
     rows_sum: int = 0
 
 
+class LoraStatus(BaseModel):
+    """The LoRA adapters a reader serves (see worker/engine/adapters.py)."""
+
+    available: list[str] = Field(default_factory=list, description="Adapter ids a request may name.")
+    loaded: list[str] = Field(default_factory=list, description="In memory now, least recently used first.")
+    max_loaded: int = Field(0, description="Adapters kept in memory at once (0: the reader serves none).")
+
+
 class ReaderInfo(BaseModel):
     reader_id: str
     consumer_group: str
@@ -50,6 +58,7 @@ class ReaderInfo(BaseModel):
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
     context_length: int | None = Field(None, description="Longest prompt + output the model takes.")
     has_chat_template: bool = False
+    loras: LoraStatus = Field(default_factory=LoraStatus)
     stats: WorkerStats = Field(default_factory=WorkerStats)
     started_at: float = Field(default_factory=time.time)
 

@@ -40,3 +40,6 @@ class WorkerSettings:
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept
     reader_id: str | None = None  # None = <consumer_group>-<random>
+    lora_dir: str | None = None  # one PEFT adapter folder per LoRA id
+    lora: tuple[str, ...] = ()  # more adapters, as "name=path"
+    max_loras: int = limits.DEFAULT_MAX_LORAS  # adapters in memory at once

@@ -50,3 +50,27 @@ def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenize
     return build_tiny_idefics3(
         tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_cache_dir=smollm2_tokenizer_dir
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A --lora-dir for the tiny Llama: two random adapters, "alpha" and "beta"."""
+    from tests.fixtures.tiny_loras import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("tiny-loras")
+    build_tiny_lora(tiny_model_dir, root / "alpha", seed=1)
+    build_tiny_lora(tiny_model_dir, root / "beta", seed=2, target_modules=["k_proj", "up_proj"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llava_dir: Path) -> Path:
+    """A --lora-dir for the tiny LLaVA: "text" adapts the language model only;
+    "vision" also adapts the vision tower (which mmserve refuses)."""
+    from tests.fixtures.tiny_loras import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("tiny-llava-loras")
+    language_only = r".*language_model.*\.(q_proj|v_proj)"
+    build_tiny_lora(tiny_llava_dir, root / "text", seed=3, vision=True, target_modules=language_only)
+    build_tiny_lora(tiny_llava_dir, root / "vision", seed=4, vision=True, target_modules=["q_proj", "v_proj"])
+    return root

@@ -14,20 +14,24 @@ first, ties in admission (queue) order, and a step prefills at most
 `max_prefill_tokens` prompt tokens (padding included; always at least one
 row, so a prompt longer than the budget runs alone in its step). A batch
 request's rows thus take turns with single requests instead of holding every
-slot until its last row has run."""
+slot until its last row has run. A row whose LoRA adapter finds no free
+adapter slot (every slot held by running rows' adapters) is passed over, unless
+it belongs to the oldest waiting request: then nothing else joins until the
+slot frees, so a stream of other adapters cannot starve it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared import constraints
 from shared.events import DoneEvent, ErrorEvent, FinishReason, TokenEvent, Usage
 from shared.payload import GenerationJob
+from worker.engine.adapters import AdapterError, AdaptersBusy, UnknownAdapter
 from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
 from worker.engine.grammar import ConstraintError
 from worker.engine.rows import Constraint, GenerationParams, RowOutput, RowRequest
@@ -122,7 +126,9 @@ class BatchRun:
         self._max_prefill_tokens = max_prefill_tokens
         self._stats = stats
         self.outcomes: dict[str, RequestOutcome] = {}  # requests not finished yet
-        self._waiting: dict[str, deque[RowRequest]] = {}  # admitted rows not prefilled yet, by request
+        self._waiting: OrderedDict[str, deque[RowRequest]] = (
+            OrderedDict()
+        )  # rows not prefilled yet, by request
         self._running: Counter[str] = Counter()  # rows in the engine, by request
         self._finished: list[RequestOutcome] = []
         self.steps = 0
@@ -220,14 +226,25 @@ class BatchRun:
         free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
         budget = self._max_prefill_tokens
         chosen: list[RowRequest] = []
+        adapters: set[str] = set()
+        blocked: set[str] = set()  # requests whose adapter finds no free slot this step
         width = 0
-        while self._waiting and (free is None or free > 0):
-            order = list(self._waiting)
+        while free is None or free > 0:
+            order = [request_id for request_id in self._waiting if request_id not in blocked]
+            if not order:
+                break
             request_id = min(order, key=lambda r: self._running[r])  # ties: admission order
             row = self._waiting[request_id][0]
+            if row.adapter is not None and not self._engine.adapters_fit(adapters | {row.adapter}):
+                if request_id == next(iter(self._waiting)):
+                    break  # the oldest request waits for a slot: nobody overtakes it
+                blocked.add(request_id)
+                continue
             wider = max(width, len(row.prompt_ids))
             if chosen and budget is not None and wider * (len(chosen) + 1) > budget:
                 break
+            if row.adapter is not None:
+                adapters.add(row.adapter)
             self._waiting[request_id].popleft()
             if not self._waiting[request_id]:
                 del self._waiting[request_id]
@@ -252,15 +269,13 @@ class BatchRun:
                 for request_id in request_ids:
                     self._add([row for row in rows if row.key[0] == request_id])
                 return
-            if isinstance(exc, PromptError):
-                error = ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
-            else:
-                log.exception("request %s could not be prefilled", request_ids[0])
-                error = ErrorEvent(
-                    error=f"generation failed: {exc}", error_type="generation_error", status=500
-                )
-            self._running[request_ids[0]] -= len(rows)
-            self._fail_request(request_ids[0], error)
+            request_id = request_ids[0]
+            self._running[request_id] -= len(rows)
+            if isinstance(exc, AdaptersBusy):  # an operator's load took the slot: wait for the next one
+                self._waiting.setdefault(request_id, deque()).extendleft(reversed(rows))
+                self._waiting.move_to_end(request_id, last=False)
+                return
+            self._fail_request(request_id, _refusal(request_id, exc))
 
     def _fail_request(self, request_id: str, error: ErrorEvent) -> None:
         """End one request with `error`: its rows leave the engine and the waiting line."""
@@ -289,6 +304,10 @@ class BatchRun:
                 continue
             features: list[ImageFeatures | None] = [None] * len(request.texts)
             try:
+                if request.lora_id is not None and not self._engine.knows_adapter(request.lora_id):
+                    raise UnknownAdapter(
+                        f"unknown lora_id '{request.lora_id}': this worker has no such adapter"
+                    )
                 if job.image_ids:
                     encoded = self._encode_image_prompts(job)
                     prompts = [prompt.prompt_ids for prompt in encoded]
@@ -310,37 +329,11 @@ class BatchRun:
                             f"exceeds the model's context of {context} tokens; "
                             "shorten the prompt, lower max_new_tokens or set prompt_max_tokens"
                         )
-            except ImagesNotAccepted as exc:
-                outcome.error = ErrorEvent(
-                    error=str(exc), error_type="model_does_not_accept_images", status=400
-                )
-                pending.append((job.request_id, outcome.error))
-                self._end(outcome)
-                continue
-            except PromptError as exc:
-                outcome.error = ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
-                pending.append((job.request_id, outcome.error))
-                self._end(outcome)
-                continue
-            except ImageUnavailable as exc:
-                outcome.error = ErrorEvent(error=str(exc), error_type="image_unavailable", status=500)
-                pending.append((job.request_id, outcome.error))
-                self._end(outcome)
-                continue
-            except Exception as exc:  # e.g. the vision tower failed: only this request fails
-                log.exception("request %s: its prompts could not be prepared", job.request_id)
-                outcome.error = ErrorEvent(
-                    error=f"generation failed: {exc}", error_type="generation_error", status=500
-                )
-                pending.append((job.request_id, outcome.error))
-                self._end(outcome)
-                continue
-            try:
                 constraint = row_constraint(job)
                 if constraint is not None:  # compiled now, before the rows join the batch
                     self._engine.prepare_constraint(constraint)
-            except ConstraintError as exc:
-                outcome.error = ErrorEvent(error=str(exc), error_type="invalid_constraint", status=exc.status)
+            except Exception as exc:
+                outcome.error = _refusal(job.request_id, exc)
                 pending.append((job.request_id, outcome.error))
                 self._end(outcome)
                 continue
@@ -356,6 +349,7 @@ class BatchRun:
                     params=row_params(job, row),
                     constraint=constraint,
                     image_features=features[row],
+                    adapter=request.lora_id,
                 )
                 for row, prompt in enumerate(prompts)
             )
@@ -425,3 +419,20 @@ class BatchRun:
             self._publisher.publish(pending)
         except Exception:  # Redis may be what failed; the jobs still fail through RQ
             log.exception("could not publish error events")
+
+
+def _refusal(request_id: str, exc: Exception) -> ErrorEvent:
+    """The error event that ends a request whose rows could not be prepared or prefilled."""
+    if isinstance(exc, ImagesNotAccepted):
+        return ErrorEvent(error=str(exc), error_type="model_does_not_accept_images", status=400)
+    if isinstance(exc, PromptError):
+        return ErrorEvent(error=str(exc), error_type="invalid_prompt", status=422)
+    if isinstance(exc, ImageUnavailable):
+        return ErrorEvent(error=str(exc), error_type="image_unavailable", status=500)
+    if isinstance(exc, ConstraintError):
+        return ErrorEvent(error=str(exc), error_type="invalid_constraint", status=exc.status)
+    if isinstance(exc, AdapterError):
+        return ErrorEvent(error=str(exc), error_type=exc.error_type, status=exc.status)
+    # e.g. the vision tower or the model failed on this request: only this request fails
+    log.error("request %s failed", request_id, exc_info=exc)
+    return ErrorEvent(error=f"generation failed: {exc}", error_type="generation_error", status=500)

@@ -8,14 +8,16 @@ import logging
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import torch
 
 from shared import keys
 from shared.connection import connect
-from shared.readers import ReaderInfo
+from shared.readers import LoraStatus, ReaderInfo
 from shared.settings import WorkerSettings
 from worker.batch_worker import BatchWorker
+from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
 from worker.model_loading import DEFAULT_MODEL_NAME, load_model
 from worker.reader import ReaderHeartbeat
@@ -41,8 +43,32 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
+def lora_catalog(settings: WorkerSettings) -> AdapterCatalog:
+    """Where the worker's LoRA adapters live (--lora-dir, --lora); checked before the model loads."""
+    catalog = AdapterCatalog(
+        directory=Path(settings.lora_dir) if settings.lora_dir else None, named=parse_named(settings.lora)
+    )
+    if catalog.directory is not None and not catalog.directory.is_dir():
+        log.warning("--lora-dir %s is not a folder (yet): no adapters from it until it is", catalog.directory)
+    for name, path in catalog.named.items():
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise ValueError(f"--lora {name}={path}: no {ADAPTER_CONFIG} in that folder")
+    return catalog
+
+
+def lora_status(engine: Engine) -> LoraStatus:
+    """What the reader registry says of the worker's adapters (read from the heartbeat thread)."""
+    adapters = engine.adapters
+    if adapters is None:
+        return LoraStatus()
+    with adapters.lock:  # a step may be loading one
+        loaded = adapters.loaded
+    return LoraStatus(available=adapters.available(), loaded=loaded, max_loaded=adapters.max_loaded)
+
+
 def run_worker(settings: WorkerSettings) -> None:
     threads = configure_threads(settings.threads)
+    catalog = lora_catalog(settings)
     connection = connect(settings.redis_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = ReaderHeartbeat(
@@ -64,7 +90,18 @@ def run_worker(settings: WorkerSettings) -> None:
         loaded = load_model(
             settings.model, device=settings.device, dtype=settings.dtype, cache_root=settings.cache_dir
         )
-        engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device, processor=loaded.processor)
+        adapters = (
+            LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
+        )
+        if adapters is not None:
+            log.info("LoRA adapters: %s (at most %d in memory)", adapters.available(), settings.max_loras)
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            device=loaded.device,
+            processor=loaded.processor,
+            adapters=adapters,
+        )
         worker = BatchWorker(
             [keys.queue_name(settings.consumer_group)],
             engine=engine,
@@ -75,6 +112,7 @@ def run_worker(settings: WorkerSettings) -> None:
             connection=connection,
             name=reader_id,
         )
+        heartbeat.refresh = lambda: {"stats": worker.stats.snapshot(), "loras": lora_status(engine)}
         heartbeat.update(
             model_name=loaded.name,
             model_type=loaded.model_type,
@@ -93,8 +131,7 @@ def run_worker(settings: WorkerSettings) -> None:
             settings.max_batch_size,
             settings.batch_duration_millis,
         )
-        heartbeat.stats = worker.stats.snapshot
-        tools = ReaderTools(connection, reader_id, loaded.tokenizer).start()
+        tools = ReaderTools(connection, reader_id, loaded.tokenizer, engine=engine).start()
         try:
             worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
         finally:

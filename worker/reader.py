@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from shared import limits, readers
-from shared.readers import ReaderInfo, WorkerStats
+from shared.readers import ReaderInfo
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ class ReaderHeartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.info = info
-        self.stats: Callable[[], WorkerStats] | None = None  # where each beat reads the worker's counters
+        # What each beat reads afresh (the worker's counters, its adapters): ReaderInfo fields.
+        self.refresh: Callable[[], dict[str, Any]] | None = None
 
     def update(self, **changes) -> None:
         """Change what the registry says (e.g. ready=True) and publish it now."""
@@ -50,8 +52,8 @@ class ReaderHeartbeat:
             self._beat()
 
     def _beat(self) -> None:
-        if self.stats is not None:
-            self.info = self.info.model_copy(update={"stats": self.stats()})
+        if self.refresh is not None:
+            self.info = self.info.model_copy(update=self.refresh())
         try:
             readers.register(self._connection, self.info)
         except redis.RedisError as exc:

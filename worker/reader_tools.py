@@ -1,5 +1,7 @@
-"""Answers Takeoff's tokenizer routes for this reader, from a background
-thread, with the reader's own tokenizer (shared.reader_tools over shared.rpc)."""
+"""Answers the requests the API sends this reader (shared.reader_tools over
+shared.rpc), from a background thread: Takeoff's tokenizer routes with the
+reader's own tokenizer, and LoRA loads through the engine (which waits for
+the running decode step)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from shared import reader_tools, rpc
-from shared.reader_tools import ChatTemplateRequest, DetokenizeRequest, TokenizeRequest
+from shared.reader_tools import ChatTemplateRequest, DetokenizeRequest, LoadLoraRequest, TokenizeRequest
+from worker.engine.adapters import AdapterError
+from worker.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
 
-def answer(tokenizer: PreTrainedTokenizerBase, tool: str, body: dict[str, Any]) -> dict[str, Any]:
+def answer(
+    tokenizer: PreTrainedTokenizerBase, tool: str, body: dict[str, Any], engine: Engine | None = None
+) -> dict[str, Any]:
     """The reply body for one request: {"ok": true, "result": ...} or {"ok": false, "status", "error"}."""
     model = reader_tools.REQUESTS.get(tool)
     if model is None:
@@ -26,6 +32,8 @@ def answer(tokenizer: PreTrainedTokenizerBase, tool: str, body: dict[str, Any]) 
         request = model.model_validate(body)
     except ValidationError as exc:
         return {"ok": False, "status": 422, "error": str(exc)}
+    if isinstance(request, LoadLoraRequest):
+        return _load_lora(engine, request.lora_id)
     try:
         return {"ok": True, "result": _run(tokenizer, request)}
     except Exception as exc:  # a template that raises, ids out of range...
@@ -63,13 +71,33 @@ def _run(tokenizer: PreTrainedTokenizerBase, request) -> dict[str, Any]:
     return {"messages": messages}
 
 
+def _load_lora(engine: Engine | None, lora_id: str) -> dict[str, Any]:
+    if engine is None:
+        return {"ok": False, "status": 404, "error": "this reader serves no LoRA adapters"}
+    try:
+        seconds = engine.load_adapter(lora_id)
+    except AdapterError as exc:
+        return {"ok": False, "status": exc.status, "error": str(exc), "error_type": exc.error_type}
+    assert engine.adapters is not None  # load_adapter raised otherwise
+    with engine.adapters.lock:
+        loaded = engine.adapters.loaded
+    return {"ok": True, "result": {"lora_id": lora_id, "load_seconds": round(seconds, 4), "loaded": loaded}}
+
+
 class ReaderTools:
     """The thread that serves this reader's inbox until stopped."""
 
-    def __init__(self, connection: redis.Redis, reader_id: str, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        connection: redis.Redis,
+        reader_id: str,
+        tokenizer: PreTrainedTokenizerBase,
+        engine: Engine | None = None,
+    ):
         self._connection = connection
         self._inbox = reader_tools.inbox(reader_id)
         self._tokenizer = tokenizer
+        self._engine = engine
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reader-tools", daemon=True)
 
@@ -85,7 +113,12 @@ class ReaderTools:
         while not self._stop.is_set():
             try:
                 for call in rpc.take(self._connection, self._inbox, block_seconds=1):
-                    body = answer(self._tokenizer, str(call.body.get("tool")), call.body.get("request") or {})
+                    body = answer(
+                        self._tokenizer,
+                        str(call.body.get("tool")),
+                        call.body.get("request") or {},
+                        self._engine,
+                    )
                     rpc.reply(self._connection, call, body)
             except redis.RedisError as exc:
                 log.warning("reader tools: Redis unavailable (%s); retrying", exc)

@@ -42,6 +42,7 @@ class Row:
     stopping: Stopping
     detokenizer: Detokenizer
     grammar: GrammarState | None = None  # constrained rows: where the row is in its grammar
+    adapter: str | None = None  # the row's LoRA adapter (None = the base model)
 
     @property
     def completion_tokens(self) -> int:
@@ -88,6 +89,7 @@ class Batch:
                 prompt_length=len(r.prompt_ids),
                 stopping=Stopping(r.params, r.prompt_ids, eos_token_ids),
                 detokenizer=Detokenizer(tokenizer),
+                adapter=r.adapter,
             )
             for r in requests
         ]
@@ -109,6 +111,10 @@ class Batch:
     @property
     def keys(self) -> list[Hashable]:
         return [row.key for row in self.rows]
+
+    @property
+    def adapters(self) -> list[str | None]:
+        return [row.adapter for row in self.rows]
 
     @property
     def lengths(self) -> torch.Tensor:

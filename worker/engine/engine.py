@@ -15,6 +15,9 @@ builds rows that carry their encoded images (worker.engine.vision), which
 `add` hands to the model at prefill; rows with and without images share a
 batch.
 
+A row may name a LoRA adapter (worker.engine.adapters): `add` loads it if
+needed, and every forward runs each row with its own adapter (or none).
+
 A row may carry a `Constraint` (regex or JSON Schema, see worker.engine.grammar):
 its grammar's allowed tokens join the step's bans in the sampler's one pass,
 and the row stops with finish_reason "stop" once its grammar is complete.
@@ -24,6 +27,7 @@ The engine knows nothing of Redis, RQ or HTTP; worker/batch_run.py drives it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
@@ -33,6 +37,7 @@ from PIL import Image
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
+from worker.engine.adapters import LoraAdapters, UnknownAdapter
 from worker.engine.batch import Batch, Row
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.rows import Constraint, RowOutput, RowRequest
@@ -61,10 +66,12 @@ class Engine:
         *,
         eos_token_ids: Iterable[int] | None = None,
         processor: Any = None,
+        adapters: LoraAdapters | None = None,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
-        model's transformers processor) makes a vision-language model take images."""
+        model's transformers processor) makes a vision-language model take images.
+        `adapters` (over this same model) lets rows name a LoRA adapter."""
         self.device = torch.device(device)
         if getattr(model, "hf_device_map", None) is None and model.device != self.device:
             model = model.to(self.device)
@@ -88,6 +95,11 @@ class Engine:
         self._forward_kwargs: dict[str, object] = {}
         if "logits_to_keep" in accepted:
             self._forward_kwargs["logits_to_keep"] = 1
+        self.adapters = adapters
+        if adapters is not None and adapters.base is not model:
+            raise ValueError("the LoRA adapters must be built over the engine's model")
+        # Held while the model runs or changes (an operator may load an adapter from another thread).
+        self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
 
     # -- facts about the model ------------------------------------------------
@@ -123,6 +135,32 @@ class Engine:
     @property
     def accepts_images(self) -> bool:
         return self.vision is not None
+
+    @property
+    def adapters_in_use(self) -> set[str]:
+        """The LoRA adapters of the running rows."""
+        if self._batch is None:
+            return set()
+        return {adapter for adapter in self._batch.adapters if adapter is not None}
+
+    def knows_adapter(self, lora_id: str) -> bool:
+        return self.adapters is not None and self.adapters.knows(lora_id)
+
+    def adapters_fit(self, wanted: Iterable[str]) -> bool:
+        """Whether rows with these adapters can join the running batch now
+        (False while every adapter slot is held by running rows)."""
+        wanted = set(wanted)
+        if not wanted:
+            return True
+        return self.adapters is not None and self.adapters.fits(wanted, self.adapters_in_use)
+
+    def load_adapter(self, lora_id: str) -> float:
+        """Load an adapter now (safe from another thread: waits for the running
+        step); its load time in seconds, 0 when it was loaded already."""
+        if self.adapters is None:
+            raise UnknownAdapter("this worker serves no LoRA adapters (start it with --lora-dir or --lora)")
+        with self._model_lock:
+            return self.adapters.load(lora_id, self.adapters_in_use)
 
     @property
     def has_chat_template(self) -> bool:
@@ -226,6 +264,8 @@ class Engine:
                 )
         elif features is not None:
             raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
+        if request.adapter is not None and not self.knows_adapter(request.adapter):
+            raise UnknownAdapter(f"unknown lora_id '{request.adapter}': this worker has no such adapter")
         max_new = request.params.max_new_tokens
         if max_new < 1:
             raise PromptError(f"row {request.key!r}: max_new_tokens must be at least 1")
@@ -254,9 +294,14 @@ class Engine:
     @torch.inference_mode()
     def add(self, rows: list[RowRequest]) -> None:
         """Prefill `rows` and add them to the running batch. Every row is
-        checked first; on PromptError nothing is added."""
+        checked first and its adapter loaded; on PromptError or AdapterError
+        nothing is added."""
         if not rows:
             return
+        with self._model_lock:
+            self._add(rows)
+
+    def _add(self, rows: list[RowRequest]) -> None:
         for request in rows:
             self._check(request)
         if self._batch is not None and not self._batch.can_concatenate:
@@ -270,6 +315,10 @@ class Engine:
                 raise ValueError(f"row key {request.key!r} is already in the batch")
             known.add(request.key)
         grammars = [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
+        wanted = [r.adapter for r in rows if r.adapter is not None]
+        if wanted:
+            assert self.adapters is not None  # _check refused adapters otherwise
+            self.adapters.ensure(wanted, self.adapters_in_use)
         batch = Batch.from_rows(
             rows,
             tokenizer=self.tokenizer,
@@ -292,9 +341,12 @@ class Engine:
         """One token for every running row. Finished rows report their finish
         reason and leave the batch; the model then runs on the new tokens of
         the rows still running."""
-        batch = self._batch
-        if batch is None:
+        if self._batch is None:
             return []
+        with self._model_lock:
+            return self._step(self._batch)
+
+    def _step(self, batch: Batch) -> list[RowOutput]:
         assert batch.logits is not None
         banned = merge_bans(
             banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device),
@@ -332,10 +384,13 @@ class Engine:
     def cancel(self, keys: Iterable[Hashable]) -> list[RowOutput]:
         """Drop the rows with these keys at once; each reports finish_reason
         "cancelled" (with any text still held back). Unknown keys are ignored."""
+        with self._model_lock:
+            return self._cancel(set(keys))
+
+    def _cancel(self, wanted: set[Hashable]) -> list[RowOutput]:
         batch = self._batch
         if batch is None:
             return []
-        wanted = set(keys)
         outputs: list[RowOutput] = []
         keep: list[int] = []
         for index, row in enumerate(batch.rows):
@@ -353,7 +408,10 @@ class Engine:
 
     def _forward(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None) -> None:
         """Run the model on the batch's pending tokens; `prefill_inputs` (images) go with a prefill only."""
-        out = self.model(
+        model, adapter_inputs = (
+            self.adapters.forward_target(batch.adapters) if self.adapters is not None else (self.model, {})
+        )
+        out = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
@@ -361,6 +419,7 @@ class Engine:
             **{self._cache_argument: batch.cache},
             **self._forward_kwargs,
             **(prefill_inputs or {}),
+            **adapter_inputs,
         )
         cache = getattr(out, "cache", None)
         batch.cache = cache if cache is not None else out.past_key_values

@@ -52,6 +52,7 @@ class RowRequest:
     params: GenerationParams
     constraint: Constraint | None = None
     image_features: ImageFeatures | None = None  # the row's images, encoded (vision-language models)
+    adapter: str | None = None  # the LoRA adapter the row runs with (None = the base model)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import events, keys, readers
+from shared import events, keys, reader_tools, readers, rpc
 from shared.payload import JOB_FUNCTION, GenerationJob
 
 INFERENCE_URL = "http://localhost:3000"
@@ -49,6 +49,20 @@ def add_reader(connection: fakeredis.FakeRedis, **fields: Any) -> readers.Reader
     )
     readers.register(connection, info)
     return info
+
+
+def serve_one(connection: fakeredis.FakeRedis, reply: dict, received: list, reader_id: str = "reader-1"):
+    """A thread answering the next request the API sends a reader with `reply`
+    (what the request held goes into `received`)."""
+
+    def run() -> None:
+        (call,) = rpc.take(connection, reader_tools.inbox(reader_id), block_seconds=5)
+        received.append(call.body)
+        rpc.reply(connection, call, reply)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def token(row: int, seq: int, text: str) -> events.TokenEvent:

@@ -3,6 +3,8 @@
 from shared import keys
 from tests.unit.api.fakes import add_reader
 
+NO_LORAS = {"available": [], "loaded": [], "max_loaded": 0}
+
 
 def test_reader_groups_lists_each_live_reader(management, connection):
     add_reader(connection, reader_id="a", pids=[1])
@@ -19,6 +21,7 @@ def test_reader_groups_lists_each_live_reader(management, connection):
                 "model_type": "CAUSAL",
                 "pids": [1],
                 "ready": True,
+                "loras": NO_LORAS,
             },
             {
                 "reader_id": "b",
@@ -26,10 +29,18 @@ def test_reader_groups_lists_each_live_reader(management, connection):
                 "model_type": "CAUSAL",
                 "pids": [2],
                 "ready": False,
+                "loras": NO_LORAS,
             },
         ],
         "vision": [
-            {"reader_id": "c", "model_name": "vlm", "model_type": "VISION", "pids": [4242], "ready": True}
+            {
+                "reader_id": "c",
+                "model_name": "vlm",
+                "model_type": "VISION",
+                "pids": [4242],
+                "ready": True,
+                "loras": NO_LORAS,
+            }
         ],
     }
 

@@ -6,7 +6,6 @@ import pytest
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 from werkzeug.wrappers import Response
 
-from shared.payload import NOT_YET_SUPPORTED
 from tests.unit.api.fakes import INFERENCE_URL, add_reader, done, token
 
 ROUTES = ["/generate", "/generate_stream"]
@@ -179,20 +178,6 @@ def test_oversize_chunked_body_is_cut_while_reading(make_app):
 def test_chunked_body_within_the_limit_is_read(make_app):
     response = post_chunked(make_app(body_size_limit_bytes=100), b'{"text": 1}')
     assert error_of(response, 422)["error_type"] == "validation_error"
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("lora_id", "my-adapter"),
-    ],
-)
-@pytest.mark.parametrize("route", ROUTES)
-def test_not_yet_supported_keys_are_501(client, route, key, value):
-    body = error_of(post(client, {"text": "hi", key: value}, route), 501)
-    assert body["error_type"] == "not_implemented"
-    assert key in body["error"]
-    assert NOT_YET_SUPPORTED[key] in body["error"]
 
 
 def test_validation_comes_before_routing(client):

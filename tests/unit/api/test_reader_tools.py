@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
-from shared import reader_tools, rpc
-from tests.unit.api.fakes import add_reader
-
-
-def serve_one(connection, reply: dict, received: list) -> threading.Thread:
-    def run() -> None:
-        (call,) = rpc.take(connection, reader_tools.inbox("reader-1"), block_seconds=5)
-        received.append(call.body)
-        rpc.reply(connection, call, reply)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+from shared import reader_tools
+from tests.unit.api.fakes import add_reader, serve_one
 
 
 def test_tokenize_is_answered_by_the_reader(client, connection):

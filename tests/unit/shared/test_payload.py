@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared import events, limits
-from shared.payload import NOT_YET_SUPPORTED, GenerateRequest
+from shared.payload import GenerateRequest
 
 
 def test_nulls_mean_defaults():
@@ -14,7 +14,6 @@ def test_nulls_mean_defaults():
     assert request.max_new_tokens == limits.DEFAULT_MAX_NEW_TOKENS
     assert request.sampling_topk == limits.DEFAULT_TOPK
     assert request.consumer_group == limits.DEFAULT_CONSUMER_GROUP
-    assert request.unsupported_keys() == []
 
 
 def test_unknown_keys_are_rejected_by_name():
@@ -63,10 +62,15 @@ def test_json_schema_string_is_parsed():
         GenerateRequest(text="x", json_schema="{nope")
 
 
-@pytest.mark.parametrize("key", sorted(NOT_YET_SUPPORTED))
-def test_keys_of_unbuilt_features_are_reported(key):
-    value = {"image_paths": ["a.png"], "json_schema": {"type": "object"}}.get(key, "x")
-    assert GenerateRequest(text="hi", **{key: value}).unsupported_keys() == [key]
+@pytest.mark.parametrize("lora_id", ["alpha", "my-adapter_v2.1"])
+def test_lora_ids_are_folder_names(lora_id):
+    assert GenerateRequest(text="hi", lora_id=lora_id).lora_id == lora_id
+
+
+@pytest.mark.parametrize("lora_id", ["", "../up", "a/b", "x" * 129])
+def test_lora_ids_that_are_not_folder_names_are_refused(lora_id):
+    with pytest.raises(ValidationError, match="lora_id"):
+        GenerateRequest(text="hi", lora_id=lora_id)
 
 
 def test_texts_and_batch_flag():
