@@ -15,9 +15,10 @@ first, ties in admission (queue) order, and a step prefills at most
 row, so a prompt longer than the budget runs alone in its step). A batch
 request's rows thus take turns with single requests instead of holding every
 slot until its last row has run. A row whose LoRA adapter finds no free
-adapter slot (every slot held by running rows' adapters) is passed over, unless
-it belongs to the oldest waiting request: then nothing else joins until the
-slot frees, so a stream of other adapters cannot starve it."""
+adapter slot (every slot held by running rows' adapters) is passed over; when it
+belongs to the oldest waiting request, no other row with an adapter joins
+until a slot frees (rows of the base model still do), so a stream of
+requests for the loaded adapters cannot starve it."""
 
 from __future__ import annotations
 
@@ -228,6 +229,7 @@ class BatchRun:
         chosen: list[RowRequest] = []
         adapters: set[str] = set()
         blocked: set[str] = set()  # requests whose adapter finds no free slot this step
+        oldest_waits = False
         width = 0
         while free is None or free > 0:
             order = [request_id for request_id in self._waiting if request_id not in blocked]
@@ -235,9 +237,12 @@ class BatchRun:
                 break
             request_id = min(order, key=lambda r: self._running[r])  # ties: admission order
             row = self._waiting[request_id][0]
-            if row.adapter is not None and not self._engine.adapters_fit(adapters | {row.adapter}):
-                if request_id == next(iter(self._waiting)):
-                    break  # the oldest request waits for a slot: nobody overtakes it
+            if row.adapter is not None and (
+                oldest_waits or not self._engine.adapters_fit(adapters | {row.adapter})
+            ):
+                # The oldest request waiting for an adapter slot: no other adapter
+                # row joins (it would keep a slot busy); base-model rows still do.
+                oldest_waits = oldest_waits or request_id == next(iter(self._waiting))
                 blocked.add(request_id)
                 continue
             wider = max(width, len(row.prompt_ids))

@@ -1,17 +1,27 @@
 """A scripted stand-in for worker.engine.engine.Engine: each row emits
 "w<n> " per step until max_new_tokens; prompts are whitespace-split words.
 Rows may be added while others run (as the real engine's Batch.concatenate
-allows); `add_log` records (step, keys) of every add."""
+allows); `add_log` records (step, keys) of every add. LoRA adapters: rows may
+name one of `adapters`, and at most `adapter_slots` distinct adapters run at once."""
 
 from __future__ import annotations
 
+from worker.engine.adapters import AdaptersBusy, UnknownAdapter
 from worker.engine.engine import PromptError
 from worker.engine.rows import RowOutput, RowRequest
 
 
 class FakeEngine:
-    def __init__(self, context_length: int | None = 64, fail_at_step: int | None = None):
+    def __init__(
+        self,
+        context_length: int | None = 64,
+        fail_at_step: int | None = None,
+        adapters: frozenset[str] = frozenset(),
+        adapter_slots: int = 4,
+    ):
         self.context_length = context_length
+        self.adapters = adapters
+        self.adapter_slots = adapter_slots
         self.fail_at_step = fail_at_step
         self.rows: dict = {}
         self.added: list[list[RowRequest]] = []
@@ -27,7 +37,19 @@ class FakeEngine:
         ids = [len(word) for word in text.split()]
         return ids[-prompt_max_tokens:] if prompt_max_tokens else ids
 
+    def knows_adapter(self, lora_id: str) -> bool:
+        return lora_id in self.adapters
+
+    def adapters_fit(self, wanted) -> bool:
+        running = {row.adapter for row, _ in self.rows.values() if row.adapter is not None}
+        return len(running | set(wanted)) <= self.adapter_slots
+
     def add(self, rows: list[RowRequest]) -> None:
+        for row in rows:
+            if row.adapter is not None and not self.knows_adapter(row.adapter):
+                raise UnknownAdapter(f"unknown lora_id '{row.adapter}'")
+        if not self.adapters_fit({row.adapter for row in rows if row.adapter is not None}):
+            raise AdaptersBusy("every adapter slot is busy")
         self.added.append(rows)
         self.add_log.append((self.steps, [row.key for row in rows]))
         for row in rows:

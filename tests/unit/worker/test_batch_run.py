@@ -9,6 +9,7 @@ from shared import events, keys
 from shared.payload import GenerateRequest, GenerationJob
 from tests.unit.worker.fake_engine import FakeEngine
 from worker.batch_run import BatchRun
+from worker.engine.adapters import AdaptersBusy
 from worker.publisher import EventPublisher
 
 
@@ -194,3 +195,78 @@ def test_a_newcomer_that_fails_to_prefill_fails_alone(connection):
     assert ended["c"].result()["text"] == ["w1 "]
     (last,) = [outcome for _ in range(2) for outcome in run.step()]
     assert last.request_id == "a" and last.result()["text"] == ["w1 w2 w3 "]
+
+
+# -- LoRA adapters ------------------------------------------------------------
+
+
+def lora_job(request_id: str, lora_id: str | None, max_new_tokens: int = 2) -> GenerationJob:
+    return make_job(request_id, text="x", max_new_tokens=max_new_tokens, lora_id=lora_id)
+
+
+def test_each_row_carries_its_requests_adapter(connection):
+    engine = FakeEngine(adapters=frozenset({"alpha", "beta"}))
+    run = BatchRun(engine, EventPublisher(connection), [lora_job("a", "alpha"), lora_job("b", None)])
+    run.run()
+    assert [(row.key[0], row.adapter) for rows in engine.added for row in rows] == [
+        ("a", "alpha"),
+        ("b", None),
+    ]
+
+
+def test_an_unknown_adapter_fails_only_its_request_before_the_engine(connection):
+    engine = FakeEngine(adapters=frozenset({"alpha"}))
+    pubsub = collect(connection, "bad")
+    outcomes = BatchRun(
+        engine, EventPublisher(connection), [lora_job("bad", "gamma"), lora_job("good", "alpha")]
+    ).run()
+    assert outcomes["bad"].error.error_type == "unknown_lora"
+    assert outcomes["bad"].error.status == 404
+    assert outcomes["good"].result()["text"] == ["w1 w2 "]
+    assert all(row.key[0] != "bad" for rows in engine.added for row in rows)
+    ((_, event),) = drain(pubsub)
+    assert isinstance(event, events.ErrorEvent) and "gamma" in event.error
+
+
+def test_a_row_whose_adapter_finds_no_slot_waits_while_others_join(connection):
+    engine = FakeEngine(adapters=frozenset({"alpha", "beta", "gamma"}), adapter_slots=1)
+    run = BatchRun(engine, EventPublisher(connection), max_rows=8)
+    run.admit([lora_job("a", "alpha", max_new_tokens=3)])
+    run.step()
+    # beta finds no slot: it waits, and the base-model request behind it joins at once
+    run.admit([lora_job("b", "beta"), lora_job("plain", None)])
+    run.step()
+    assert {key[0] for key in engine.rows} == {"a", "plain"}
+    assert run.waiting_requests == 1
+    ended = [outcome.request_id for _ in range(4) for outcome in run.step()]
+    assert ended[:2] == ["a", "plain"] and ended[-1] == "b"
+
+
+def test_the_oldest_waiting_request_is_not_overtaken_by_other_adapters(connection):
+    engine = FakeEngine(adapters=frozenset({"alpha", "beta"}), adapter_slots=1)
+    run = BatchRun(engine, EventPublisher(connection), max_rows=8)
+    run.admit([lora_job("a1", "alpha", max_new_tokens=3)])
+    run.step()
+    run.admit([lora_job("b", "beta"), lora_job("a2", "alpha")])
+    run.step()
+    # b is the oldest waiting request and alpha holds the only slot: a2 (alpha)
+    # would keep alpha busy, so it waits behind b
+    assert set(engine.rows) == {("a1", 0)}
+    order = [outcome.request_id for _ in range(8) for outcome in run.step()]
+    assert order == ["a1", "b", "a2"]
+
+
+def test_an_adapter_slot_taken_between_check_and_prefill_puts_the_rows_back(connection):
+    class SlotTakenOnce(FakeEngine):
+        refused = False
+
+        def add(self, rows):
+            if not self.refused and any(row.adapter == "beta" for row in rows):
+                self.refused = True
+                raise AdaptersBusy("an operator's load took the slot")
+            super().add(rows)
+
+    engine = SlotTakenOnce(adapters=frozenset({"beta"}))
+    outcomes = BatchRun(engine, EventPublisher(connection), [lora_job("b", "beta")]).run()
+    assert outcomes["b"].error is None
+    assert outcomes["b"].result()["text"] == ["w1 w2 "]
