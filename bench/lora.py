@@ -1,0 +1,336 @@
+"""LoRA adapters: decode tokens/s with 0, 1 and 3 distinct adapters in a batch,
+against the base model with no adapters configured, and adapter load time,
+with the default model in-process.
+
+    .venv/bin/python bench/lora.py [--batch 8] [--max-new-tokens 64] [--rank 16] [--quick]
+
+Three random LoRA adapters (a0, a1, a2: rank --rank over --targets, weights
+drawn with a small std so that they change the output but keep it sane) are
+made for the model with PEFT in a temporary folder. Decoding is greedy, every
+row forced to exactly --max-new-tokens tokens (min_new_tokens), the same
+prompts in every case; tokens/s is generated tokens over the wall time of
+`add` plus the step loop. The cases:
+
+- base: an Engine without adapters (the plain model);
+- peft_0_adapters: an Engine whose model PEFT wraps (every adapter loaded),
+  every row on the base model: the cost of the wrapper itself;
+- 1_adapter: every row on a0;
+- 3_adapters: rows spread over a0, a1, a2;
+- 3_adapters_and_base: rows spread over a0, a1, a2 and the base model.
+
+Each case runs once to warm up, then the cases run --repeats times in turn
+(round-robin, so background load spreads over all of them). Load time: each
+adapter read cold by a fresh engine over a freshly loaded model (the first
+wraps the model in PEFT, the others add to it), and reads after an eviction
+(max_loaded=1). Prints one JSON document; progress goes to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench.lora")
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "List some uses for a paperclip.",
+    "Describe the water cycle to a child.",
+    "What makes a good cup of tea?",
+    "Summarise the plot of a heist movie.",
+    "Give advice to someone learning to cook.",
+    "Why is the sky blue?",
+]
+
+ADAPTERS = ["a0", "a1", "a2"]
+
+# name, what it measures, the adapter of each row (cycled over the batch; None = base);
+# adapters=None means an engine with no LoRA support at all.
+CASES: list[tuple[str, str, list[str | None] | None]] = [
+    ("base", "base model, no adapters configured", None),
+    ("peft_0_adapters", "PEFT-wrapped model, every row on the base", [None]),
+    ("1_adapter", "every row on a0", ["a0"]),
+    ("3_adapters", "rows spread over a0, a1, a2", ["a0", "a1", "a2"]),
+    ("3_adapters_and_base", "rows spread over a0, a1, a2 and the base", ["a0", "a1", "a2", None]),
+]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+# -- adapters -------------------------------------------------------------------
+
+
+def target_modules(loaded, targets: list[str]) -> str | list[str]:
+    """PEFT's target_modules: the names for a text model; for a vision-language
+    model a regex over its language model only (the server refuses adapters
+    that touch the vision tower)."""
+    if loaded.model_type == "VISION":
+        return rf".*language_model.*\.({'|'.join(targets)})"
+    return targets
+
+
+def build_adapters(args, directory: Path) -> dict:
+    """Save random LoRA adapters a0, a1, a2 for the model under `directory`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from worker.model_loading import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype)
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        target_modules=target_modules(loaded, args.targets),
+        init_lora_weights=False,
+    )
+    model = get_peft_model(loaded.model, config)
+    parameters = [p for name, p in model.named_parameters() if "lora_" in name]
+    for seed, name in enumerate(ADAPTERS):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in parameters:
+                noise = torch.empty(parameter.shape, dtype=torch.float32)
+                parameter.copy_(noise.normal_(0.0, args.lora_std, generator=generator))
+        model.save_pretrained(directory / name)
+    size = sum(f.stat().st_size for f in (directory / ADAPTERS[0]).iterdir())
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "lora_parameters": sum(p.numel() for p in parameters),
+        "adapter_folder_mb": round(size / 2**20, 2),
+    }
+
+
+def lora_engine(args, directory: Path, max_loaded: int):
+    from worker.engine.adapters import AdapterCatalog, LoraAdapters
+    from worker.engine.engine import Engine
+    from worker.model_loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)  # PEFT wraps the model in place: a fresh one
+    adapters = LoraAdapters(loaded.model, AdapterCatalog(directory=directory), max_loaded=max_loaded)
+    return Engine(loaded.model, loaded.tokenizer, device=loaded.device, adapters=adapters)
+
+
+def timed_load(engine, name: str) -> dict:
+    """One engine.load_adapter: what it reports, and the wall time of the call
+    (which also covers an eviction)."""
+    started = time.perf_counter()
+    seconds = engine.load_adapter(name)
+    return {"load_ms": ms(seconds), "call_ms": ms(time.perf_counter() - started)}
+
+
+def bench_load(args, directory: Path) -> dict:
+    cold = []
+    for repeat in range(args.repeats):
+        engine = lora_engine(args, directory, max_loaded=len(ADAPTERS))
+        loads = {name: timed_load(engine, name) for name in ADAPTERS}
+        log.info("cold loads, round %d: %s", repeat + 1, loads)
+        cold.append(loads)
+        del engine
+        gc.collect()
+
+    engine = lora_engine(args, directory, max_loaded=1)
+    first = timed_load(engine, "a0")
+    reloads = []
+    for _ in range(args.repeats):
+        reloads.append(timed_load(engine, "a1"))  # evicts a0
+        reloads.append(timed_load(engine, "a0"))  # evicts a1, reads a0 from disk again
+    log.info("reloads after eviction: %s", reloads)
+    del engine
+    gc.collect()
+
+    def median(loads: list[dict], key: str) -> float:
+        return round(statistics.median(load[key] for load in loads), 1)
+
+    return {
+        "cold": {
+            "note": "fresh engine over a fresh model; the first adapter also wraps the model in PEFT",
+            "first_adapter_ms_median": median([r[ADAPTERS[0]] for r in cold], "load_ms"),
+            "later_adapter_ms_median": median([r[n] for r in cold for n in ADAPTERS[1:]], "load_ms"),
+            "rounds": cold,
+        },
+        "after_eviction": {
+            "note": "max_loaded=1: every load evicts the other adapter and reads this one again",
+            "first_load": first,
+            "load_ms_median": median(reloads, "load_ms"),
+            "call_ms_median": median(reloads, "call_ms"),
+            "loads": reloads,
+        },
+    }
+
+
+# -- decoding -------------------------------------------------------------------
+
+
+def row_adapters(pattern: list[str | None] | None, batch: int) -> list[str | None]:
+    pattern = pattern or [None]
+    return [pattern[i % len(pattern)] for i in range(batch)]
+
+
+def run_batch(engine, prompts, params, adapters: list[str | None], tag) -> tuple[float, int, dict]:
+    """Decode one batch; (seconds, generated tokens, {row: (token ids, text)})."""
+    from worker.engine.rows import RowRequest
+
+    rows = [
+        RowRequest(key=(tag, i), prompt_ids=p, params=params, adapter=adapter)
+        for i, (p, adapter) in enumerate(zip(prompts, adapters, strict=True))
+    ]
+    outputs: dict = {i: ([], "") for i in range(len(rows))}
+    tokens = 0
+    started = time.perf_counter()
+    engine.add(rows)
+    while engine.has_work:
+        for output in engine.step():
+            if output.token_id is not None:
+                tokens += 1
+                outputs[output.key[1]][0].append(output.token_id)
+            ids, text = outputs[output.key[1]]
+            outputs[output.key[1]] = (ids, text + output.text)
+    return time.perf_counter() - started, tokens, outputs
+
+
+def bench_decode(args, directory: Path) -> tuple[list[dict], dict]:
+    from worker.engine.engine import Engine
+    from worker.engine.rows import GenerationParams
+    from worker.model_loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    base_engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+    lora = lora_engine(args, directory, max_loaded=len(ADAPTERS))
+    for name in ADAPTERS:  # in memory before anything is timed
+        lora.load_adapter(name)
+    lora_weight = next(p for n, p in lora.adapters.peft_model.named_parameters() if "lora_A" in n)
+    info = {
+        "model_dtype": str(loaded.dtype).removeprefix("torch."),
+        "lora_weight_dtype": str(lora_weight.dtype).removeprefix("torch."),
+    }
+
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    prompts = [
+        base_engine.encode_prompt(PROMPTS[i % len(PROMPTS)], use_chat_template=True)
+        for i in range(args.batch)
+    ]
+    cases = [
+        (name, description, base_engine if pattern is None else lora, row_adapters(pattern, args.batch))
+        for name, description, pattern in CASES
+    ]
+
+    first_outputs = {}
+    for name, _, engine, adapters in cases:  # warm-up
+        seconds, tokens, outputs = run_batch(engine, prompts, params, adapters, ("warm-up", name))
+        first_outputs[name] = outputs
+        log.info("warm-up %s: %d tokens in %.2f s", name, tokens, seconds)
+
+    rates: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    tokens_per_run: dict[str, int] = {}
+    for repeat in range(args.repeats):
+        for name, _, engine, adapters in cases:
+            seconds, tokens, _ = run_batch(engine, prompts, params, adapters, (repeat, name))
+            expected = args.batch * args.max_new_tokens
+            if tokens != expected:
+                raise RuntimeError(f"{name}: {tokens} tokens generated, {expected} expected")
+            tokens_per_run[name] = tokens
+            rates[name].append(tokens / seconds)
+            log.info("run %d %s: %.1f tokens/s", repeat + 1, name, tokens / seconds)
+
+    base_median = statistics.median(rates["base"])
+    base_best = max(rates["base"])
+    base_ids = {i: ids for i, (ids, _) in first_outputs["base"].items()}
+    results = []
+    for name, description, _, adapters in cases:
+        per_adapter: dict[str, int] = {}
+        for adapter in adapters:
+            per_adapter[adapter or "base"] = per_adapter.get(adapter or "base", 0) + 1
+        outputs = first_outputs[name]
+        results.append(
+            {
+                "case": name,
+                "description": description,
+                "distinct_adapters": len({a for a in adapters if a is not None}),
+                "rows": per_adapter,
+                "tokens_per_run": tokens_per_run[name],
+                "tokens_per_s_median": round(statistics.median(rates[name]), 2),
+                "tokens_per_s_best": round(max(rates[name]), 2),
+                "ratio_to_base": round(statistics.median(rates[name]) / base_median, 3),
+                "ratio_to_base_best": round(max(rates[name]) / base_best, 3),
+                "rows_equal_to_base": sum(outputs[i][0] == base_ids[i] for i in outputs),
+                "sample": outputs[0][1][:120],
+            }
+        )
+    del base_engine, lora, loaded
+    gc.collect()
+    return results, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a local model folder (default: the bundled model)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 64)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (lora_alpha = 2r)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random LoRA weights")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: as `mmserve serve`)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 8 tokens, 1 repeat")
+    args = parser.parse_args()
+    quick = {"batch": 4, "max_new_tokens": 8, "repeats": 1}
+    full = {"batch": 8, "max_new_tokens": 64, "repeats": 3}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+
+    import peft
+    import torch
+
+    from worker.main import configure_threads, default_threads
+
+    threads = configure_threads(args.threads or default_threads(1))
+    report: dict = {
+        "model": args.model or "SmolLM2-135M-Instruct (bundled)",
+        "dtype": args.dtype,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "batch": args.batch,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "rank": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "targets": args.targets,
+        "lora_std": args.lora_std,
+        "quick": args.quick,
+    }
+    with tempfile.TemporaryDirectory(prefix="mmserve-bench-lora-") as tmp:
+        directory = Path(tmp)
+        report["adapters"] = build_adapters(args, directory)
+        gc.collect()
+        report["load"] = bench_load(args, directory)
+        report["decode"], info = bench_decode(args, directory)
+        report["dtype"] = info["model_dtype"]
+        report["lora_weight_dtype"] = info["lora_weight_dtype"]
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
