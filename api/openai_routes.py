@@ -3,7 +3,8 @@ POST /v1/completions, GET /v1/models and GET /v1/models/{model}, on the same
 queues and workers as /generate.
 
 A request becomes one GenerationJob:
-- `model` is the consumer group; `n` choices (times the prompts of a text
+- `model` is the consumer group, or a LoRA adapter of one ("group/lora_id",
+  or the adapter's id alone when one group has it); `n` choices (times the prompts of a text
   completion) are the job's rows, row i sampled with seed + i;
 - a chat's `messages` travel in the job (GenerationJob.messages) and the
   worker renders them with the model's chat template; image_url parts (data:
@@ -65,16 +66,19 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled"
 
 @blueprint.get("/models")
 def list_models() -> Response:
-    """One entry per consumer group (LoRA adapters are not supported yet, so none for them)."""
-    groups = readers.all_live_readers(app_state().connection)
-    return jsonify({"object": "list", "data": [_model_entry(group, live) for group, live in groups.items()]})
+    """One entry per consumer group, and one per LoRA adapter of a group ("group/lora_id")."""
+    data = []
+    for group, live in readers.all_live_readers(app_state().connection).items():
+        data.append(_model_entry(group, live))
+        data.extend(_adapter_entry(group, lora_id, live) for lora_id in _adapters(live))
+    return jsonify({"object": "list", "data": data})
 
 
-@blueprint.get("/models/<model>")
+@blueprint.get("/models/<path:model>")
 def retrieve_model(model: str) -> Response:
-    connection = app_state().connection
-    _require_model(model)
-    return jsonify(_model_entry(model, readers.live_readers(connection, model)))
+    group, lora_id = resolve_model(model)
+    live = readers.live_readers(app_state().connection, group)
+    return jsonify(_model_entry(group, live) if lora_id is None else _adapter_entry(group, lora_id, live))
 
 
 def _model_entry(group: str, live: list[readers.ReaderInfo]) -> dict[str, Any]:
@@ -92,14 +96,42 @@ def _model_entry(group: str, live: list[readers.ReaderInfo]) -> dict[str, Any]:
     return entry
 
 
-def _require_model(model: str) -> None:
-    known = readers.known_groups(app_state().connection)
-    if model not in known:
-        available = ", ".join(sorted(known)) or "none yet"
-        raise ModelNotFound(
-            f"the model '{model}' does not exist: a model here is a consumer group ({available})",
-            param="model",
-        )
+def _adapter_entry(group: str, lora_id: str, live: list[readers.ReaderInfo]) -> dict[str, Any]:
+    return {**_model_entry(group, live), "id": f"{group}/{lora_id}", "root": lora_id, "parent": group}
+
+
+def _adapters(live: list[readers.ReaderInfo]) -> list[str]:
+    return sorted({lora_id for reader in live for lora_id in reader.loras.available})
+
+
+def resolve_model(model: str) -> tuple[str, str | None]:
+    """The consumer group and LoRA adapter `model` names: a group ("primary"),
+    one of its adapters ("primary/alpha"), or an adapter alone ("alpha") when
+    exactly one group has it."""
+    connection = app_state().connection
+    known = readers.known_groups(connection)
+    if model in known:
+        return model, None
+    group, slash, lora_id = model.partition("/")
+    if slash and group in known:
+        if lora_id in _adapters(readers.live_readers(connection, group)):
+            return group, lora_id
+    elif not slash:
+        owners = [g for g in sorted(known) if model in _adapters(readers.live_readers(connection, g))]
+        if len(owners) == 1:
+            return owners[0], model
+        if owners:
+            raise OpenAIError(
+                f"the LoRA adapter '{model}' is served by several groups ({', '.join(owners)}): "
+                f"name one, e.g. '{owners[0]}/{model}'",
+                param="model",
+            )
+    available = ", ".join(sorted(known)) or "none yet"
+    raise ModelNotFound(
+        f"the model '{model}' does not exist: a model here is a consumer group ({available}), "
+        "or one of its LoRA adapters as group/lora_id (GET /v1/models lists them)",
+        param="model",
+    )
 
 
 # -- generation routes ----------------------------------------------------------
@@ -175,7 +207,7 @@ def _payload(
     schema: dict[str, Any] | None,
 ) -> GenerateRequest:
     """The /generate payload the request amounts to."""
-    _require_model(openai_request.model)
+    group, lora_id = resolve_model(openai_request.model)
     if len(texts) > limits.MAX_BATCH_TEXTS:
         raise OpenAIError(
             f"n times the number of prompts may be at most {limits.MAX_BATCH_TEXTS}, got {len(texts)}",
@@ -183,12 +215,13 @@ def _payload(
         )
     max_tokens = openai_request.token_limit
     if max_tokens is None:
-        max_tokens = _default_max_tokens(openai_request.model, default_max_tokens)
+        max_tokens = _default_max_tokens(group, default_max_tokens)
     greedy = openai_request.temperature == 0 or openai_request.top_p == 0
     try:
         return GenerateRequest(
             text=texts,
-            consumer_group=openai_request.model,
+            consumer_group=group,
+            lora_id=lora_id,
             max_new_tokens=max_tokens,
             sampling_temperature=openai_request.temperature,
             sampling_topk=1 if greedy else 0,

@@ -7,6 +7,7 @@ import concurrent.futures
 import time
 from collections.abc import Iterator
 
+import openai
 import pytest
 import requests
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared import limits
 from tests.integration.conftest import Api, Launcher
+from tests.integration.test_images import IMAGES, Reference, payload, post_image
 from tests.sse import read_stream
 
 pytestmark = pytest.mark.integration
@@ -46,20 +48,30 @@ def reference(tiny_model_dir, tiny_lora_dir) -> dict[str | None, str]:
 
 
 @pytest.fixture(scope="module")
-def server(redis_server, tiny_model_dir, tiny_lora_dir, tmp_path_factory) -> Iterator[Api]:
-    """ "primary": one worker, both adapters fit in memory, a 300 ms batching
-    window so that concurrent requests share a batch. "tight": one worker that
-    keeps a single adapter in memory."""
+def server(
+    redis_server, tiny_model_dir, tiny_lora_dir, tiny_llava_dir, tiny_llava_lora_dir, tmp_path_factory
+) -> Iterator[Api]:
+    """Group "primary": one worker, both adapters fit in memory, a 300 ms
+    batching window so that concurrent requests share a batch. "tight": one
+    worker that keeps a single adapter in memory. "vision": the tiny LLaVA and its adapters."""
     launched = Launcher(redis_server.url, tiny_model_dir, tmp_path_factory.mktemp("lora-server"))
     lora_dir = str(tiny_lora_dir)
     launched.worker("--lora-dir", lora_dir, "--batching", "micro", "--batch-duration-millis", "300")
     launched.worker("--lora-dir", lora_dir, "--max-loras", "1", group="tight")
+    launched.worker("--lora-dir", str(tiny_llava_lora_dir), group="vision", model=tiny_llava_dir)
     yield launched.api()
     launched.stop_all()
 
 
-def generate(server: Api, lora_id: str | None, group: str = "primary") -> requests.Response:
-    payload = {"text": PROMPT, "max_new_tokens": TOKENS, "min_new_tokens": TOKENS, "consumer_group": group}
+def generate(
+    server: Api, lora_id: str | None, group: str = "primary", min_new_tokens: int = TOKENS
+) -> requests.Response:
+    payload = {
+        "text": PROMPT,
+        "max_new_tokens": TOKENS,
+        "min_new_tokens": min_new_tokens,
+        "consumer_group": group,
+    }
     if lora_id is not None:
         payload["lora_id"] = lora_id
     return requests.post(server.url + "/generate", json=payload, timeout=60)
@@ -144,3 +156,48 @@ def test_requests_for_two_adapters_with_one_slot_both_finish(server, reference):
     with concurrent.futures.ThreadPoolExecutor(len(lora_ids)) as pool:
         answers = list(pool.map(lambda lora_id: generate(server, lora_id, group="tight"), lora_ids))
     assert [answer.json()["text"] for answer in answers] == [reference[lora_id] for lora_id in lora_ids]
+
+
+def test_the_openai_api_takes_an_adapter_as_model(server, reference):
+    client = openai.OpenAI(base_url=f"{server.openai_url}/v1", api_key="unused", max_retries=0)
+    ids = [model.id for model in client.models.list()]
+    assert {"primary", "primary/alpha", "primary/beta", "tight", "tight/alpha"} <= set(ids)
+    texts = {}
+    for model in ("primary/alpha", "tight/beta", "primary"):
+        completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+        texts[model] = completion.choices[0].text
+    plain = {
+        lora_id: generate(server, lora_id, min_new_tokens=0).json()["text"]
+        for lora_id in ("alpha", "beta", None)
+    }
+    assert texts == {"primary/alpha": plain["alpha"], "tight/beta": plain["beta"], "primary": plain[None]}
+    assert len(set(texts.values())) == 3
+    with pytest.raises(openai.BadRequestError, match="primary/beta"):  # both groups have "beta"
+        client.completions.create(model="beta", prompt=PROMPT, max_tokens=2)
+
+
+# -- a vision-language model -------------------------------------------------------
+
+
+def test_image_requests_with_and_without_an_adapter_equal_peft(server, tiny_llava_dir, tiny_llava_lora_dir):
+    base = Reference(tiny_llava_dir)
+    adapted = Reference(tiny_llava_dir)
+    adapted.model = PeftModel.from_pretrained(adapted.model, tiny_llava_lora_dir / "text").eval()
+    image = IMAGES["red"]
+    bodies = [
+        payload("What is this?", consumer_group="vision", **extra) for extra in ({"lora_id": "text"}, {})
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda body: post_image(server.url, image, body), bodies))
+    assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
+    expected = [adapted("What is this?", image, 8), base("What is this?", image, 8)]
+    assert expected[0] != expected[1]
+    assert [answer.json()["text"] for answer in answers] == expected
+
+
+def test_an_adapter_that_changes_the_vision_tower_is_refused_with_422(server):
+    body = payload("What is this?", consumer_group="vision", lora_id="vision")
+    response = post_image(server.url, IMAGES["blue"], body)
+    assert response.status_code == 422
+    assert response.json()["error_type"] == "invalid_lora"
+    assert "language model only" in response.json()["error"]
