@@ -23,17 +23,17 @@ Knows PEFT and torch, not Redis or HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 
 from shared import limits
@@ -131,6 +131,9 @@ class LoraAdapters:
         self._loaded: OrderedDict[str, float] = OrderedDict()  # id -> load seconds, least recent first
         self._language_modules = _language_modules(model)
         self.lock = threading.RLock()  # held by whoever runs or changes the model
+        self._active: list[str] | None = None  # PEFT's active adapters, as we last set them
+        self._row_adapters: list[str] | None = None  # each row's adapter during a mixed forward
+        self._hooked: set[int] = set()  # ids of the LoRA layers that carry our hook
 
     # -- what there is --------------------------------------------------------
 
@@ -195,6 +198,8 @@ class LoraAdapters:
                 f"LoRA adapter '{lora_id}' changes {outside[0]} (outside the language model); "
                 "adapters of vision-language models may change the language model only"
             )
+        self._hook_new_layers()
+        self._active = None  # PEFT may have changed its active adapter
         seconds = time.monotonic() - started
         self._loaded[lora_id] = seconds
         log.info("loaded LoRA adapter %s from %s in %.2f s", lora_id, path, seconds)
@@ -218,14 +223,12 @@ class LoraAdapters:
             config.inference_mode = True
             self.peft_model = PeftModel(self.base, config, adapter_name=lora_id).eval()
         self.peft_model.load_adapter(path, adapter_name=lora_id)
+        self._active = None
 
     def _delete(self, lora_id: str) -> None:
         assert self.peft_model is not None
         self.peft_model.delete_adapter(lora_id)
-        # PEFT may keep naming a deleted adapter active; rows never rely on the
-        # active adapter (each forward names one per row) but PEFT checks it.
-        if self.peft_model.active_adapter not in self.peft_model.peft_config:
-            self.peft_model.set_adapter(next(iter(self.peft_model.peft_config)))
+        self._active = None  # PEFT picks another active adapter when the active one goes
 
     def _forget_partial(self, lora_id: str) -> None:
         """Remove what a failed load left behind."""
@@ -236,6 +239,7 @@ class LoraAdapters:
         else:  # the first adapter: give the base model back untouched
             self.peft_model.unload()
             self.peft_model = None
+            self._hooked.clear()
 
     def _modules_outside_language_model(self, lora_id: str) -> list[str]:
         from peft.tuners.lora import LoraLayer
@@ -254,14 +258,51 @@ class LoraAdapters:
 
     # -- running ---------------------------------------------------------------
 
-    def forward_target(self, adapter_names: list[str | None]) -> tuple[torch.nn.Module, dict]:
-        """The module to call for rows with these adapters (None = base) and
-        the extra keyword arguments it takes."""
+    @contextlib.contextmanager
+    def applied(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        """Within this block, a forward of the base model over a batch runs
+        each row with its adapter (None = none). A batch on one adapter (or
+        none) runs it as PEFT's active adapter; a mixed batch goes through
+        PEFT's mixed-adapter path, each LoRA layer told the rows' adapters by
+        a hook of ours (PeftModel.forward would walk every module twice per
+        call to install and remove its own hooks: ~10 % of a step)."""
         if self.peft_model is None:
             if any(name is not None for name in adapter_names):
                 raise AdapterError("a row asks for a LoRA adapter that is not loaded")
-            return self.base, {}
-        return self.peft_model, {"adapter_names": [name or BASE for name in adapter_names]}
+            yield
+            return
+        distinct = set(adapter_names)
+        if len(distinct) == 1:
+            (only,) = distinct
+            self._activate([] if only is None else [only])
+            yield
+            return
+        self._row_adapters = [name or BASE for name in adapter_names]
+        try:
+            yield
+        finally:
+            self._row_adapters = None
+
+    def _activate(self, names: list[str]) -> None:
+        """Make `names` PEFT's active adapters (a walk over the model: only when they change)."""
+        if self._active != names:
+            assert self.peft_model is not None
+            self.peft_model.base_model.set_adapter(names, inference_mode=True)
+            self._active = names
+
+    def _hook_new_layers(self) -> None:
+        """Give every LoRA layer that has none our hook that passes it the rows' adapters."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.base.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                module.register_forward_pre_hook(self._pass_row_adapters, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def _pass_row_adapters(self, module, args, kwargs):
+        if self._row_adapters is None:
+            return None
+        return args, {**kwargs, "adapter_names": self._row_adapters}
 
 
 def _language_modules(model: PreTrainedModel) -> list[str]:

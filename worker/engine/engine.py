@@ -408,10 +408,17 @@ class Engine:
 
     def _forward(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None) -> None:
         """Run the model on the batch's pending tokens; `prefill_inputs` (images) go with a prefill only."""
-        model, adapter_inputs = (
-            self.adapters.forward_target(batch.adapters) if self.adapters is not None else (self.model, {})
+        applied = (
+            self.adapters.applied(batch.adapters) if self.adapters is not None else contextlib.nullcontext()
         )
-        out = model(
+        with applied:
+            out = self._run_model(batch, prefill_inputs)
+        cache = getattr(out, "cache", None)
+        batch.cache = cache if cache is not None else out.past_key_values
+        batch.logits = out.logits[:, -1, :]
+
+    def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
+        return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
@@ -419,11 +426,7 @@ class Engine:
             **{self._cache_argument: batch.cache},
             **self._forward_kwargs,
             **(prefill_inputs or {}),
-            **adapter_inputs,
         )
-        cache = getattr(out, "cache", None)
-        batch.cache = cache if cache is not None else out.past_key_values
-        batch.logits = out.logits[:, -1, :]
 
     @staticmethod
     def _output(row: Row, token_id: int | None, text: str, finish_reason: FinishReason | None) -> RowOutput:
