@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from mmserve import cli
+from shared.settings import WorkerSettings
 from worker import main as worker_main
 
 
@@ -49,7 +51,15 @@ def test_every_flag_is_in_the_help():
             "--batch-duration-millis",
         ],
         "api": ["--redis-url", "--port", "--body-size-limit-bytes", "--api-processes"],
-        "worker": ["--model", "--consumer-group", "--max-batch-size", "--cache-dir"],
+        "worker": [
+            "--model",
+            "--consumer-group",
+            "--max-batch-size",
+            "--cache-dir",
+            "--lora-dir",
+            "--lora",
+            "--max-loras",
+        ],
     }.items():
         output = CliRunner().invoke(cli.main, [command, "--help"]).output
         for flag in flags:
@@ -81,3 +91,26 @@ def test_image_flags_reach_the_api_process(monkeypatch, tmp_path):
     output = CliRunner().invoke(cli.main, ["serve", "--help"]).output
     for flag in ("--image-dir", "--allow-remote-images", "--max-image-pixels"):
         assert flag in output
+
+
+def test_lora_flags_reach_the_worker_and_serve_passes_each_one_on(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(worker_main, "run_worker", lambda settings: seen.setdefault("settings", settings))
+    result = CliRunner().invoke(
+        cli.main,
+        ["worker", "--lora", "a=/x/a", "--lora", "b=/x/b", "--max-loras", "2"],
+        env={"MMSERVE_REDIS_URL": "redis://x", "MMSERVE_LORA_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 0, result.output
+    settings = seen["settings"]
+    assert (settings.lora, settings.max_loras, settings.lora_dir) == (("a=/x/a", "b=/x/b"), 2, str(tmp_path))
+    argv = cli._worker_argv("redis://x", {"lora": ("a=/x/a", "b=/x/b"), "lora_dir": None}, "INFO", "text")
+    assert argv[-4:] == ["--lora", "a=/x/a", "--lora", "b=/x/b"]
+    assert "--lora-dir" not in argv
+
+
+def test_a_lora_flag_without_a_path_stops_the_worker_before_its_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="name=path"):
+        worker_main.lora_catalog(WorkerSettings(redis_url="redis://x", lora=("just-a-name",)))
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        worker_main.lora_catalog(WorkerSettings(redis_url="redis://x", lora=(f"a={tmp_path}",)))
