@@ -324,7 +324,7 @@ def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
         str(status): {"description": meaning, "content": {"application/json": {}}}
         for status, meaning in {
             400: "Invalid or unsupported parameter (named in error.param).",
-            404: "Unknown model (consumer group): error.code model_not_found.",
+            404: "Unknown model (consumer group, or group/lora_id): error.code model_not_found.",
             503: "No live, ready worker for the group, or Redis is unavailable.",
         }.items()
     }
