@@ -88,7 +88,7 @@ def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict
 
 def start_server(args) -> ServeProcess:
     return ServeProcess.for_benchmark(
-        max_batch_size=max(args.concurrency), dtype=args.dtype, threads=args.threads
+        max_batch_size=max(args.concurrency), dtype=args.dtype, threads=args.threads, quantize=args.quantize
     )
 
 
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
     parser.add_argument(
         "--threads",
         type=int,
@@ -175,6 +176,7 @@ def main() -> None:
 
     from worker.main import configure_threads, default_threads
     from worker.model_loading import load_model
+    from worker.quantization import quantize
 
     args.threads = args.threads or default_threads(1)
     report: dict = {
@@ -194,8 +196,10 @@ def main() -> None:
         server.stop()
 
     configure_threads(args.threads)
-    loaded = load_model(None, dtype=args.dtype)
-    report["dtype"] = str(loaded.dtype).removeprefix("torch.")
+    loaded = load_model(None, dtype="float32" if args.quantize != "none" else args.dtype)
+    quantize(loaded.model, args.quantize)
+    report["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    report["quantize"] = args.quantize
     bench_engine(loaded, 1, 1, 8)  # warm-up
     report["in_process"] = [bench_engine(loaded, c, args.rounds, args.new_tokens) for c in args.concurrency]
     report["hf_generate_one_at_a_time"] = bench_hf_generate(loaded, 4, args.new_tokens)

@@ -84,7 +84,7 @@ def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
 
 def bench_mmserve(args) -> dict:
     server = ServeProcess.for_benchmark(
-        max_batch_size=BATCHED_SEQUENCES, dtype=args.dtype, threads=args.threads
+        max_batch_size=BATCHED_SEQUENCES, dtype=args.dtype, threads=args.threads, quantize=args.quantize
     )
     try:
         bench_http(server.url, 1, 1, 8)  # warm-up
@@ -283,6 +283,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client / batched rounds")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="mmserve's --dtype")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
     parser.add_argument(
         "--threads",
         type=int,
@@ -304,7 +305,10 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "greedy": True,
         "threads": {"mmserve_worker_torch": args.threads, "llama_cpp_n_threads": args.threads},
-        "mmserve_dtype": str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch."),
+        "mmserve_dtype": "float32"
+        if args.quantize != "none"
+        else str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch."),
+        "mmserve_quantize": args.quantize,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),

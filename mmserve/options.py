@@ -144,6 +144,13 @@ WORKER_OPTIONS = [
         help="auto = bfloat16 where the CPU/GPU supports it, else float32.",
     ),
     _option(
+        "--quantize",
+        default="none",
+        type=click.Choice(["none", "int8"]),
+        help="int8 = int8 weights in every linear layer but the output head (CPU only; faster, "
+        "answers differ from the unquantized model's).",
+    ),
+    _option(
         "--threads",
         default=None,
         type=click.IntRange(1),

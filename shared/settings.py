@@ -37,6 +37,7 @@ class WorkerSettings:
     max_prefill_tokens_per_step: int = limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # "int8": dynamic int8 linear layers (CPU)
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept
     reader_id: str | None = None  # None = <consumer_group>-<random>

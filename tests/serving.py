@@ -40,8 +40,10 @@ class ServeProcess:
         self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
 
     @classmethod
-    def for_benchmark(cls, *extra: str, max_batch_size: int, dtype: str, threads: int) -> ServeProcess:
-        """One worker, quiet logs, the benchmark's batch size, dtype and threads; ready."""
+    def for_benchmark(
+        cls, *extra: str, max_batch_size: int, dtype: str, threads: int, quantize: str = "none"
+    ) -> ServeProcess:
+        """One worker, quiet logs, the benchmark's batch size, dtype, quantization and threads; ready."""
         flags = [
             "--workers",
             "1",
@@ -51,6 +53,8 @@ class ServeProcess:
             dtype,
             "--threads",
             str(threads),
+            "--quantize",
+            quantize,
             "--log-level",
             "WARNING",
             *extra,

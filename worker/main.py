@@ -20,6 +20,7 @@ from worker.batch_worker import BatchWorker
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
 from worker.model_loading import DEFAULT_MODEL_NAME, load_model
+from worker.quantization import quantize
 from worker.reader import ReaderHeartbeat
 from worker.reader_tools import ReaderTools
 
@@ -56,6 +57,19 @@ def lora_catalog(settings: WorkerSettings) -> AdapterCatalog:
     return catalog
 
 
+def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
+    """The --dtype to load the model in, checked against --quantize before the model loads."""
+    if settings.quantize == "none":
+        return settings.dtype
+    if settings.dtype not in ("auto", "float32"):
+        raise ValueError(
+            f"--quantize {settings.quantize} computes in float32: leave --dtype auto, not {settings.dtype}"
+        )
+    if not catalog.empty:
+        raise ValueError("LoRA adapters need the unquantized model: drop --quantize or the --lora flags")
+    return "float32"  # quantized from full-precision weights, not from bfloat16-rounded ones
+
+
 def lora_status(engine: Engine) -> LoraStatus:
     """What the reader registry says of the worker's adapters (read from the heartbeat thread)."""
     adapters = engine.adapters
@@ -69,6 +83,7 @@ def lora_status(engine: Engine) -> LoraStatus:
 def run_worker(settings: WorkerSettings) -> None:
     threads = configure_threads(settings.threads)
     catalog = lora_catalog(settings)
+    dtype = compute_dtype(settings, catalog)
     connection = connect(settings.redis_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = ReaderHeartbeat(
@@ -88,8 +103,9 @@ def run_worker(settings: WorkerSettings) -> None:
     heartbeat.start()
     try:
         loaded = load_model(
-            settings.model, device=settings.device, dtype=settings.dtype, cache_root=settings.cache_dir
+            settings.model, device=settings.device, dtype=dtype, cache_root=settings.cache_dir
         )
+        quantize(loaded.model, settings.quantize)
         adapters = (
             LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
         )
@@ -118,7 +134,8 @@ def run_worker(settings: WorkerSettings) -> None:
             model_type=loaded.model_type,
             ready=True,
             device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),
+            dtype=str(loaded.dtype if settings.quantize == "none" else torch.float32).removeprefix("torch."),
+            quantization=settings.quantize,
             context_length=engine.context_length,
             has_chat_template=engine.has_chat_template,
         )

@@ -187,3 +187,14 @@ def test_management_lists_the_worker(server):
     status = requests.get(server.management_url + "/status").json()
     assert status["live_readers"][reader["reader_id"]]["consumer_groups"] == ["primary"]
     assert requests.get(server.url + "/readyz").status_code == 200
+
+
+def test_a_worker_with_int8_weights_answers_and_says_so(start_worker, start_api):
+    start_worker("--quantize", "int8")
+    api = start_api()
+    response = requests.post(api.url + "/generate", json={"text": PROMPTS[1], "max_new_tokens": 6})
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["text"], str)
+    (reader,) = requests.get(api.management_url + "/reader_groups", timeout=5).json()["primary"]
+    config = requests.get(f"{api.management_url}/config/{reader['reader_id']}", timeout=5).json()
+    assert (config["quantization"], config["dtype"]) == ("int8", "float32")

@@ -471,6 +471,8 @@ def _vocab_size(model: PreTrainedModel) -> int:
     """Columns of the model's logits (may exceed the tokenizer's vocabulary)."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
+    if callable(weight):  # a quantized Linear hands out its weight through a method
+        weight = weight()
     if weight is not None:
         return int(weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -114,3 +114,20 @@ def test_a_lora_flag_without_a_path_stops_the_worker_before_its_model_loads(tmp_
         worker_main.lora_catalog(WorkerSettings(redis_url="redis://x", lora=("just-a-name",)))
     with pytest.raises(ValueError, match=r"adapter_config\.json"):
         worker_main.lora_catalog(WorkerSettings(redis_url="redis://x", lora=(f"a={tmp_path}",)))
+
+
+def test_quantize_int8_loads_full_precision_weights_and_refuses_what_it_cannot_honour(tmp_path):
+    from worker.engine.adapters import AdapterCatalog
+
+    settings = WorkerSettings(redis_url="redis://x", quantize="int8")
+    assert worker_main.compute_dtype(settings, AdapterCatalog()) == "float32"
+    with pytest.raises(ValueError, match="--dtype"):
+        worker_main.compute_dtype(
+            WorkerSettings(redis_url="x", quantize="int8", dtype="bfloat16"), AdapterCatalog()
+        )
+    with pytest.raises(ValueError, match="LoRA"):
+        worker_main.compute_dtype(settings, AdapterCatalog(directory=tmp_path))
+    assert (
+        worker_main.compute_dtype(WorkerSettings(redis_url="x", dtype="bfloat16"), AdapterCatalog())
+        == "bfloat16"
+    )
