@@ -40,18 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.throughput import PROMPTS
+
 log = logging.getLogger("bench.lora")
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "List some uses for a paperclip.",
-    "Describe the water cycle to a child.",
-    "What makes a good cup of tea?",
-    "Summarise the plot of a heist movie.",
-    "Give advice to someone learning to cook.",
-    "Why is the sky blue?",
-]
 
 ADAPTERS = ["a0", "a1", "a2"]
 

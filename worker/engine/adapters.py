@@ -223,7 +223,6 @@ class LoraAdapters:
             config.inference_mode = True
             self.peft_model = PeftModel(self.base, config, adapter_name=lora_id).eval()
         self.peft_model.load_adapter(path, adapter_name=lora_id)
-        self._active = None
 
     def _delete(self, lora_id: str) -> None:
         assert self.peft_model is not None
