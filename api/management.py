@@ -22,12 +22,23 @@ from shared import limits, reader_tools, readers, rpc, supervision
 
 blueprint = Blueprint("management", __name__)
 
-SUMMARY_FIELDS = ("reader_id", "model_name", "model_type", "pids", "ready", "loras")
+SUMMARY_FIELDS = (
+    "reader_id",
+    "model_name",
+    "model_type",
+    "pids",
+    "ready",
+    "device",
+    "dtype",
+    "quantization",
+    "loras",
+)
 
 
 @blueprint.get("/reader_groups")
 def reader_groups() -> Response:
-    """`{group: [{reader_id, model_name, model_type, pids, ready, loras}, ...]}`, one per live reader."""
+    """`{group: [{reader_id, model_name, model_type, pids, ready, device, dtype, quantization, loras}]}`,
+    one entry per live reader."""
     groups = readers.all_live_readers(app_state().connection)
     return jsonify(
         {

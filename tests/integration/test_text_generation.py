@@ -190,11 +190,11 @@ def test_management_lists_the_worker(server):
 
 
 def test_a_worker_with_int8_weights_answers_and_says_so(start_worker, start_api):
-    start_worker("--quantize", "int8")
+    start_worker("--quantize", "int8", group="int8")
     api = start_api()
-    response = requests.post(api.url + "/generate", json={"text": PROMPTS[1], "max_new_tokens": 6})
+    payload = {"text": PROMPTS[1], "max_new_tokens": 6, "consumer_group": "int8"}
+    response = requests.post(api.url + "/generate", json=payload)
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["text"], str)
-    (reader,) = requests.get(api.management_url + "/reader_groups", timeout=5).json()["primary"]
-    config = requests.get(f"{api.management_url}/config/{reader['reader_id']}", timeout=5).json()
-    assert (config["quantization"], config["dtype"]) == ("int8", "float32")
+    (reader,) = requests.get(api.management_url + "/reader_groups", timeout=5).json()["int8"]
+    assert (reader["quantization"], reader["dtype"]) == ("int8", "float32")

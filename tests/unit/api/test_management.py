@@ -4,6 +4,7 @@ from shared import keys
 from tests.unit.api.fakes import add_reader
 
 NO_LORAS = {"available": [], "loaded": [], "max_loaded": 0}
+DEFAULTS = {"device": "cpu", "dtype": "float32", "quantization": "none", "loras": NO_LORAS}
 
 
 def test_reader_groups_lists_each_live_reader(management, connection):
@@ -21,7 +22,7 @@ def test_reader_groups_lists_each_live_reader(management, connection):
                 "model_type": "CAUSAL",
                 "pids": [1],
                 "ready": True,
-                "loras": NO_LORAS,
+                **DEFAULTS,
             },
             {
                 "reader_id": "b",
@@ -29,7 +30,7 @@ def test_reader_groups_lists_each_live_reader(management, connection):
                 "model_type": "CAUSAL",
                 "pids": [2],
                 "ready": False,
-                "loras": NO_LORAS,
+                **DEFAULTS,
             },
         ],
         "vision": [
@@ -39,7 +40,7 @@ def test_reader_groups_lists_each_live_reader(management, connection):
                 "model_type": "VISION",
                 "pids": [4242],
                 "ready": True,
-                "loras": NO_LORAS,
+                **DEFAULTS,
             }
         ],
     }
