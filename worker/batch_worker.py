@@ -89,6 +89,32 @@ class BatchWorker(SimpleWorker):
         self.batches_run = 0
         self.push_exc_handler(self._report_abandoned)
 
+    # -- warm shutdown ---------------------------------------------------------
+    #
+    # RQ answers SIGTERM in an idle worker by raising StopRequested from the
+    # signal handler, wherever the worker is: also just after its dequeue has
+    # popped a job (or while we collect a batch), which then runs nowhere until
+    # RQ's intermediate-queue cleanup fails it a minute or more later. Instead,
+    # SIGTERM only sets the stop flag, and the wait for a job is cut into
+    # one-second slices that look at the flag.
+
+    def _shutdown(self) -> None:
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        if timeout is None:  # burst mode: one non-blocking look
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        waited = 0
+        while not self._stop_requested:
+            if max_idle_time is not None and waited >= max_idle_time:
+                return None
+            result = super().dequeue_job_and_maintain_ttl(1, max_idle_time=1)
+            if result is not None:
+                return result
+            waited += 1
+        return None
+
     def get_heartbeat_ttl(self, job: Job) -> int:
         """Short, so a dead worker's jobs are found abandoned within seconds."""
         return limits.JOB_HEARTBEAT_TTL_SECONDS

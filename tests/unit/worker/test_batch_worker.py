@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 
@@ -200,3 +201,27 @@ def test_a_stop_request_ends_admission_but_lets_rows_in_flight_finish(connection
     worker.work(burst=True)
     assert queue.fetch_job(running).get_status() == JobStatus.FINISHED
     assert queue.fetch_job(late[0]).get_status() == JobStatus.QUEUED
+
+
+def test_sigterm_while_idle_never_drops_a_popped_job(connection):
+    # RQ would raise StopRequested from the signal handler wherever an idle worker
+    # is, also right after its dequeue popped a job; ours only sets the stop flag.
+    engine = FakeEngine()
+    worker, queue = make_worker(connection, engine)
+    request_id = enqueue(queue, text="a b", max_new_tokens=2)
+    popped = worker.dequeue_job_and_maintain_ttl(5)
+    assert popped is not None and popped[0].id == request_id
+    worker.request_stop(signal.SIGTERM, None)  # arrives before the job is started: no exception
+    assert worker._stop_requested
+    worker.execute_job(*popped)  # what RQ's loop does next with the job in hand
+    assert queue.fetch_job(request_id).get_status() == JobStatus.FINISHED
+
+
+def test_a_stopping_worker_leaves_queued_jobs_for_the_others_and_stops_waiting(connection):
+    worker, queue = make_worker(connection, FakeEngine())
+    worker.request_stop(signal.SIGTERM, None)
+    request_id = enqueue(queue, text="a", max_new_tokens=1)
+    started = time.monotonic()
+    assert worker.dequeue_job_and_maintain_ttl(5) is None
+    assert time.monotonic() - started < 1
+    assert queue.get_job_ids() == [request_id]
