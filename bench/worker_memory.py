@@ -1,0 +1,132 @@
+"""A continuous-batching worker's memory over a long run: prints JSON.
+
+One real `mmserve worker` (bundled model, continuous batching) takes wave
+after wave of the arrivals workload (bench/arrivals.py: Poisson arrivals,
+short questions and ~300-token documents, 16/32/64 forced tokens), so rows
+join and leave its running batch all the time and the KV cache is
+concatenated, filtered and re-packed thousands of times. The worker's resident
+set size is sampled every 0.2 s; the report gives it after each wave, the
+peak, and the growth from the end of the first wave (allocator warm-up) to
+the end of the last.
+
+    .venv/bin/python bench/worker_memory.py [--waves 10] [--requests 40] [--rate 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.arrivals import WorkerUnderTest, arrival_times, one_request, run_arrivals, workload
+from mmserve.redis_server import RedisServer
+
+log = logging.getLogger("bench.worker_memory")
+
+
+class RssSampler:
+    """The peak resident set size of a process, sampled from a thread."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        self.process = psutil.Process(pid)
+        self.every = every
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        rss = self.process.memory_info().rss
+        self.peak = max(self.peak, rss)
+        return rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.now()
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mb(value: float) -> float:
+    return round(value / 2**20, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--waves", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=40, help="requests per wave")
+    parser.add_argument("--rate", type=float, default=3.0, help="requests per second within a wave")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+
+    from worker.main import default_threads
+
+    args.threads = args.threads or default_threads(1)
+    redis_server = RedisServer().start()
+    worker = WorkerUnderTest(redis_server.url, "continuous", args)
+    try:
+
+        def submit(item, trace):
+            one_request(redis_server.url, worker.group, item["text"], item["new_tokens"], trace)
+
+        run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
+        after_wave: list[int] = []
+        tokens = 0
+        started = time.monotonic()
+        with RssSampler(worker.process.pid) as sampler:
+            loaded_rss = sampler.now()
+            for wave in range(args.waves):
+                work = workload(args.requests, args.seed + wave)
+                traces = run_arrivals(submit, work, arrival_times(len(work), args.rate, args.seed + wave))
+                tokens += sum(len(trace["tokens"]) for trace in traces)
+                after_wave.append(sampler.now())
+                log.info("wave %d: worker RSS %.1f MB", wave + 1, mb(after_wave[-1]))
+        elapsed = time.monotonic() - started
+        later = after_wave[len(after_wave) // 2 :]
+        report = {
+            "model": "SmolLM2-135M-Instruct (bundled)",
+            "batching": "continuous",
+            "max_batch_size": args.max_batch_size,
+            "threads": args.threads,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "waves": args.waves,
+            "requests": args.waves * args.requests,
+            "rate_per_s": args.rate,
+            "tokens_generated": tokens,
+            "seconds": round(elapsed, 1),
+            "rss_mb_after_warm_up": mb(loaded_rss),
+            "rss_mb_after_each_wave": [mb(value) for value in after_wave],
+            "rss_mb_peak": mb(sampler.peak),
+            "rss_mb_growth_first_to_last_wave": mb(after_wave[-1] - after_wave[0]),
+            "rss_mb_spread_second_half": mb(max(later) - min(later)),
+            "rss_mb_median_second_half": mb(statistics.median(later)),
+        }
+        print(json.dumps(report, indent=2))
+    finally:
+        worker.stop()
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()
