@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
+from tests.fixtures.tiny_loras import build_tiny_lora
 from tests.serving import ServeProcess
 from tests.sse import read_stream
+from worker.model_loading import cache_dir, converted_default_model
 
 pytestmark = pytest.mark.e2e
 
@@ -18,8 +21,15 @@ READY_TIMEOUT = 300.0  # first start converts the bundled GGUF (~20 s on 2 cores
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    serve = ServeProcess("--workers", "1", log_path=tmp_path_factory.mktemp("serve") / "serve.log")
+def lora_dir(tmp_path_factory) -> Path:
+    """The --lora-dir of the served worker: empty at start (adapters are copied in by a test)."""
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, lora_dir):
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    serve = ServeProcess("--workers", "1", "--lora-dir", str(lora_dir), log_path=log_path)
     try:
         serve.wait_ready(READY_TIMEOUT)
     except RuntimeError as exc:
@@ -79,6 +89,32 @@ def test_workers_can_be_added_and_removed_through_the_management_port(served):
         time.sleep(0.5)
     assert requests.get(url + "/readyz", timeout=5).status_code == 503  # group "second" has no worker now
     assert requests.post(url + "/generate", json={"text": "Hi", "max_new_tokens": 3}).status_code == 200
+
+
+def test_an_adapter_copied_into_the_lora_dir_is_served_without_a_restart(served, lora_dir):
+    # Runs before the Ctrl-C test, which ends the server.
+    _, url, management_url, _ = served
+    staging = lora_dir.parent / "staging-adapter"
+    build_tiny_lora(converted_default_model(cache_dir()), staging, seed=7, lora_std=0.02)
+    staging.rename(lora_dir / "pirate")
+
+    def adapters() -> list:
+        (reader,) = requests.get(management_url + "/reader_groups", timeout=5).json()["primary"]
+        return reader["loras"]["available"]
+
+    deadline = time.monotonic() + 30
+    while "pirate" not in adapters():
+        assert time.monotonic() < deadline, "the worker never listed the new adapter"
+        time.sleep(0.5)
+    payload = {"text": "What is the capital of France?", "use_chat_template": True, "max_new_tokens": 16}
+    base = requests.post(url + "/generate", json=payload, timeout=120).json()["text"]
+    adapted = [
+        requests.post(url + "/generate", json={**payload, "lora_id": "pirate"}, timeout=120).json()["text"]
+        for _ in range(2)
+    ]
+    assert adapted[0] == adapted[1] != base
+    missing = requests.post(url + "/generate", json={**payload, "lora_id": "parrot"}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error_type"] == "unknown_lora"
 
 
 def test_ctrl_c_stops_every_process(served):
