@@ -41,7 +41,9 @@ class BFloat16Head(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden.to(torch.bfloat16), self.weight, self.bias).float()
+        # contiguous: torch's linear over a sliced 3-D input and a frozen weight takes a
+        # batched matmul that copies the weight per row (see worker/engine/adapters.py)
+        return nn.functional.linear(hidden.to(torch.bfloat16).contiguous(), self.weight, self.bias).float()
 
 
 def quantize(model: PreTrainedModel, kind: str) -> int:

@@ -134,6 +134,13 @@ class LoraAdapters:
         self._active: list[str] | None = None  # PEFT's active adapters, as we last set them
         self._row_adapters: list[str] | None = None  # each row's adapter during a mixed forward
         self._hooked: set[int] = set()  # ids of the LoRA layers that carry our hook
+        # PEFT freezes the base model's parameters (requires_grad=False). That costs
+        # nothing in training, but in inference it sends torch's linear over a
+        # non-contiguous input (the prefill's last-token slice that `logits_to_keep`
+        # takes) to a batched matmul that copies the weight once per row: ~1 s per
+        # prefill for the bundled model's vocabulary head. The flags are put back
+        # after every load (inference mode records no gradients either way).
+        self._base_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
 
     # -- what there is --------------------------------------------------------
 
@@ -199,6 +206,8 @@ class LoraAdapters:
                 "adapters of vision-language models may change the language model only"
             )
         self._hook_new_layers()
+        for parameter, requires_grad in self._base_flags:
+            parameter.requires_grad_(requires_grad)
         self._active = None  # PEFT may have changed its active adapter
         seconds = time.monotonic() - started
         self._loaded[lora_id] = seconds

@@ -308,3 +308,20 @@ def test_an_adapter_that_changes_the_vision_tower_is_refused(
     with pytest.raises(AdapterLoadFailed, match="language model only"):
         engine.load_adapter("vision")
     assert engine.adapters is not None and engine.adapters.loaded == ["text"]
+
+
+def test_loading_adapters_leaves_the_base_models_parameter_flags_as_they_were(tiny_model_dir, tiny_lora_dir):
+    # PEFT freezes the base; frozen weights send torch's linear over the prefill's
+    # sliced last-token input to a weight-copying batched matmul (~1 s per prefill
+    # with a real vocabulary), so the flags are put back after every load.
+    base = fresh_base(tiny_model_dir)
+    before = [parameter.requires_grad for parameter in base.parameters()]
+    adapters = LoraAdapters(base, AdapterCatalog(directory=tiny_lora_dir), max_loaded=1)
+    adapters.load("alpha", set())
+    adapters.load("beta", set())  # evicts alpha
+    from peft.tuners.lora import LoraLayer
+
+    base_parameters = [parameter for name, parameter in base.named_parameters() if "lora_" not in name]
+    assert len(base_parameters) == len(before)
+    assert [parameter.requires_grad for parameter in base_parameters] == before
+    assert any(isinstance(module, LoraLayer) for module in base.modules())
