@@ -6,12 +6,14 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import openai
 import pytest
 import requests
 import torch
 from peft import PeftModel
+from takeoff_client import TakeoffClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared import limits
@@ -201,3 +203,13 @@ def test_an_adapter_that_changes_the_vision_tower_is_refused_with_422(server):
     assert response.status_code == 422
     assert response.json()["error_type"] == "invalid_lora"
     assert "language model only" in response.json()["error"]
+
+
+def test_the_takeoff_client_sends_lora_id_unchanged(server, reference):
+    client = TakeoffClient(
+        base_url="http://127.0.0.1",
+        port=urlsplit(server.url).port,
+        mgmt_port=urlsplit(server.management_url).port,
+    )
+    answer = client.generate(PROMPT, lora_id="beta", max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    assert answer["text"] == reference["beta"]
