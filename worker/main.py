@@ -75,9 +75,7 @@ def lora_status(engine: Engine) -> LoraStatus:
     adapters = engine.adapters
     if adapters is None:
         return LoraStatus()
-    with adapters.lock:  # a step may be loading one
-        loaded = adapters.loaded
-    return LoraStatus(available=adapters.available(), loaded=loaded, max_loaded=adapters.max_loaded)
+    return LoraStatus(available=adapters.available(), loaded=adapters.loaded, max_loaded=adapters.max_loaded)
 
 
 def run_worker(settings: WorkerSettings) -> None:
@@ -134,7 +132,7 @@ def run_worker(settings: WorkerSettings) -> None:
             model_type=loaded.model_type,
             ready=True,
             device=str(loaded.device),
-            dtype=str(loaded.dtype if settings.quantize == "none" else torch.float32).removeprefix("torch."),
+            dtype=str(loaded.dtype).removeprefix("torch."),  # float32 under --quantize (compute_dtype)
             quantization=settings.quantize,
             context_length=engine.context_length,
             has_chat_template=engine.has_chat_template,

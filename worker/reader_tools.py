@@ -79,9 +79,10 @@ def _load_lora(engine: Engine | None, lora_id: str) -> dict[str, Any]:
     except AdapterError as exc:
         return {"ok": False, "status": exc.status, "error": str(exc), "error_type": exc.error_type}
     assert engine.adapters is not None  # load_adapter raised otherwise
-    with engine.adapters.lock:
-        loaded = engine.adapters.loaded
-    return {"ok": True, "result": {"lora_id": lora_id, "load_seconds": round(seconds, 4), "loaded": loaded}}
+    return {
+        "ok": True,
+        "result": {"lora_id": lora_id, "load_seconds": round(seconds, 4), "loaded": engine.adapters.loaded},
+    }
 
 
 class ReaderTools:

@@ -152,8 +152,10 @@ class LoraAdapters:
 
     @property
     def loaded(self) -> list[str]:
-        """Adapters in memory, least recently used first."""
-        return list(self._loaded)
+        """Adapters in memory, least recently used first (safe from any thread:
+        waits for a load or a step in progress)."""
+        with self.lock:
+            return list(self._loaded)
 
     def fits(self, wanted: Collection[str], in_use: Collection[str]) -> bool:
         """Whether `wanted` can all be in memory at once beside the adapters of running rows."""
