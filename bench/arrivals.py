@@ -133,6 +133,8 @@ class WorkerUnderTest:
             str(args.threads),
             "--dtype",
             args.dtype,
+            "--pack-weights",
+            args.pack_weights,
             "--consumer-group",
             f"bench-{batching}",
             "--log-level",
@@ -401,6 +403,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24, help="requests per rate")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what serve picks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -445,12 +450,19 @@ def main() -> None:
         from worker.model_loading import load_model
 
         configure_threads(args.threads)
-        loaded = load_model(None, dtype=args.dtype)
+        loaded = load_model(None, dtype=args.dtype)  # transformers' paths run the model as it ships
         report["dtype"] = str(loaded.dtype).removeprefix("torch.")
         if "hf_generate_one_at_a_time" in in_process:
             report["modes"]["hf_generate_one_at_a_time"] = bench_hf_generate_serial(loaded, args, work)
-        if "profile" in in_process:
-            report["decode_step_profile"] = profile_decode_step(loaded, args)
+        if "profile" in in_process:  # the model as a worker serves it (packed weights)
+            from shared.settings import WorkerSettings
+            from worker.main import load_for_serving
+
+            served = load_for_serving(
+                WorkerSettings(redis_url="", dtype=args.dtype, pack_weights=args.pack_weights)
+            )
+            report["decode_step_profile"] = profile_decode_step(served, args)
+            del served
         if "transformers_continuous_batching" in in_process:
             try:
                 report["modes"]["transformers_continuous_batching"] = bench_transformers_cb(

@@ -171,13 +171,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from shared.settings import WorkerSettings
     from worker.engine.engine import Engine
     from worker.engine.grammar import GrammarCompiler
-    from worker.main import configure_threads, default_threads
-    from worker.model_loading import load_model
+    from worker.main import configure_threads, default_threads, load_for_serving
 
     threads = configure_threads(args.threads or default_threads(1))
-    loaded = load_model(None, dtype=args.dtype)
+    loaded = load_for_serving(WorkerSettings(redis_url="", dtype=args.dtype))  # as a worker serves it
     engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
     report: dict = {
         "model": "SmolLM2-135M-Instruct (bundled)",

@@ -109,9 +109,8 @@ def build_adapters(args, directory: Path) -> dict:
 def lora_engine(args, directory: Path, max_loaded: int):
     from worker.engine.adapters import AdapterCatalog, LoraAdapters
     from worker.engine.engine import Engine
-    from worker.model_loading import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)  # PEFT wraps the model in place: a fresh one
+    loaded = served_model(args)  # PEFT wraps the model in place: a fresh one
     adapters = LoraAdapters(loaded.model, AdapterCatalog(directory=directory), max_loaded=max_loaded)
     return Engine(loaded.model, loaded.tokenizer, device=loaded.device, adapters=adapters)
 
@@ -194,12 +193,22 @@ def run_batch(engine, prompts, params, adapters: list[str | None], tag) -> tuple
     return time.perf_counter() - started, tokens, outputs
 
 
+def served_model(args):
+    """The model as a worker serves it (weights packed unless --pack-weights off)."""
+    from shared.settings import WorkerSettings
+    from worker.main import load_for_serving
+
+    settings = WorkerSettings(
+        redis_url="", model=args.model, dtype=args.dtype, pack_weights=args.pack_weights
+    )
+    return load_for_serving(settings)
+
+
 def bench_decode(args, directory: Path) -> tuple[list[dict], dict]:
     from worker.engine.engine import Engine
     from worker.engine.rows import GenerationParams
-    from worker.model_loading import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = served_model(args)
     base_engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
     lora = lora_engine(args, directory, max_loaded=len(ADAPTERS))
     for name in ADAPTERS:  # in memory before anything is timed
@@ -277,6 +286,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random LoRA weights")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: as `mmserve serve`)"
     )

@@ -88,7 +88,11 @@ def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict
 
 def start_server(args) -> ServeProcess:
     return ServeProcess.for_benchmark(
-        max_batch_size=max(args.concurrency), dtype=args.dtype, threads=args.threads, quantize=args.quantize
+        max_batch_size=max(args.concurrency),
+        dtype=args.dtype,
+        threads=args.threads,
+        quantize=args.quantize,
+        pack_weights=args.pack_weights,
     )
 
 
@@ -167,6 +171,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
     parser.add_argument(
+        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -174,9 +181,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from worker.main import configure_threads, default_threads
+    from shared.settings import WorkerSettings
+    from worker.main import configure_threads, default_threads, load_for_serving
     from worker.model_loading import load_model
-    from worker.quantization import quantize
 
     args.threads = args.threads or default_threads(1)
     report: dict = {
@@ -196,13 +203,20 @@ def main() -> None:
         server.stop()
 
     configure_threads(args.threads)
-    loaded = load_model(None, dtype="float32" if args.quantize != "none" else args.dtype)
-    quantize(loaded.model, args.quantize)
-    report["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    loaded = load_for_serving(
+        WorkerSettings(redis_url="", dtype=args.dtype, quantize=args.quantize, pack_weights=args.pack_weights)
+    )
+    report["dtype"] = str(loaded.dtype).removeprefix("torch.")
     report["quantize"] = args.quantize
+    report["pack_weights"] = args.pack_weights
     bench_engine(loaded, 1, 1, 8)  # warm-up
     report["in_process"] = [bench_engine(loaded, c, args.rounds, args.new_tokens) for c in args.concurrency]
-    report["hf_generate_one_at_a_time"] = bench_hf_generate(loaded, 4, args.new_tokens)
+    del loaded
+    stock = load_model(None, dtype=args.dtype)  # HF generate as transformers ships it: no packing, no int8
+    report["hf_generate_one_at_a_time"] = {
+        "dtype": str(stock.dtype).removeprefix("torch."),
+        **bench_hf_generate(stock, 4, args.new_tokens),
+    }
 
     by_concurrency = {row["concurrency"]: row for row in report["http"]}
     for row in report["in_process"]:

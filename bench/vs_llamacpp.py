@@ -84,7 +84,11 @@ def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
 
 def bench_mmserve(args) -> dict:
     server = ServeProcess.for_benchmark(
-        max_batch_size=BATCHED_SEQUENCES, dtype=args.dtype, threads=args.threads, quantize=args.quantize
+        max_batch_size=BATCHED_SEQUENCES,
+        dtype=args.dtype,
+        threads=args.threads,
+        quantize=args.quantize,
+        pack_weights=args.pack_weights,
     )
     try:
         bench_http(server.url, 1, 1, 8)  # warm-up
@@ -284,6 +288,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="mmserve's --dtype")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
+    parser.add_argument(
+        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -38,6 +38,7 @@ class WorkerSettings:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # "int8": dynamic int8 linear layers (CPU)
+    pack_weights: str = "auto"  # "auto": bfloat16 linear weights pre-packed for oneDNN on a CPU; "off"
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept
     reader_id: str | None = None  # None = <consumer_group>-<random>

@@ -41,9 +41,16 @@ class ServeProcess:
 
     @classmethod
     def for_benchmark(
-        cls, *extra: str, max_batch_size: int, dtype: str, threads: int, quantize: str = "none"
+        cls,
+        *extra: str,
+        max_batch_size: int,
+        dtype: str,
+        threads: int,
+        quantize: str = "none",
+        pack_weights: str = "auto",
     ) -> ServeProcess:
-        """One worker, quiet logs, the benchmark's batch size, dtype, quantization and threads; ready."""
+        """One worker, quiet logs, the benchmark's batch size, dtype, quantization, weight packing
+        and threads; ready."""
         flags = [
             "--workers",
             "1",
@@ -55,6 +62,8 @@ class ServeProcess:
             str(threads),
             "--quantize",
             quantize,
+            "--pack-weights",
+            pack_weights,
             "--log-level",
             "WARNING",
             *extra,

@@ -19,10 +19,11 @@ from shared.settings import WorkerSettings
 from worker.batch_worker import BatchWorker
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
-from worker.model_loading import DEFAULT_MODEL_NAME, load_model
+from worker.model_loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.quantization import quantize
 from worker.reader import ReaderHeartbeat
 from worker.reader_tools import ReaderTools
+from worker.weight_packing import pack_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,16 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
     return "float32"  # quantized from full-precision weights, not from bfloat16-rounded ones
 
 
+def load_for_serving(settings: WorkerSettings, catalog: AdapterCatalog | None = None) -> LoadedModel:
+    """The model as a worker serves it: loaded in the dtype `compute_dtype`
+    picks, quantized (--quantize) and its weights packed (--pack-weights)."""
+    dtype = compute_dtype(settings, catalog or AdapterCatalog())
+    loaded = load_model(settings.model, device=settings.device, dtype=dtype, cache_root=settings.cache_dir)
+    quantize(loaded.model, settings.quantize)
+    pack_weights(loaded.model, settings.pack_weights)
+    return loaded
+
+
 def lora_status(engine: Engine) -> LoraStatus:
     """What the reader registry says of the worker's adapters (read from the heartbeat thread)."""
     adapters = engine.adapters
@@ -81,7 +92,7 @@ def lora_status(engine: Engine) -> LoraStatus:
 def run_worker(settings: WorkerSettings) -> None:
     threads = configure_threads(settings.threads)
     catalog = lora_catalog(settings)
-    dtype = compute_dtype(settings, catalog)
+    compute_dtype(settings, catalog)  # refuse bad flag combinations before anything starts
     connection = connect(settings.redis_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = ReaderHeartbeat(
@@ -100,10 +111,7 @@ def run_worker(settings: WorkerSettings) -> None:
     )
     heartbeat.start()
     try:
-        loaded = load_model(
-            settings.model, device=settings.device, dtype=dtype, cache_root=settings.cache_dir
-        )
-        quantize(loaded.model, settings.quantize)
+        loaded = load_for_serving(settings, catalog)
         adapters = (
             LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
         )

@@ -29,21 +29,28 @@ QUANTIZATIONS = ("none", "int8")
 
 
 class BFloat16Head(nn.Module):
-    """An output projection with bfloat16 weights between float32 activations."""
+    """An output projection with bfloat16 weights between float32 activations
+    (its bfloat16 linear layer is packed for oneDNN like any other, see
+    worker.weight_packing)."""
 
     def __init__(self, head: nn.Linear):
         super().__init__()
-        self.weight = nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = (
-            nn.Parameter(head.bias.detach().to(torch.bfloat16), requires_grad=False)
-            if head.bias is not None
-            else None
+        self.projection = nn.Linear(
+            head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.bfloat16
         )
+        self.projection.requires_grad_(False)
+        self.projection.weight.copy_(head.weight.detach())
+        if head.bias is not None:
+            self.projection.bias.copy_(head.bias.detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # contiguous: torch's linear over a sliced 3-D input and a frozen weight takes a
         # batched matmul that copies the weight per row (see worker/engine/adapters.py)
-        return nn.functional.linear(hidden.to(torch.bfloat16).contiguous(), self.weight, self.bias).float()
+        return self.projection(hidden.to(torch.bfloat16).contiguous()).float()
 
 
 def quantize(model: PreTrainedModel, kind: str) -> int:

@@ -12,6 +12,7 @@ from tests.unit.engine.test_engine import PROMPTS, hf_greedy, run
 from worker.engine.engine import Engine
 from worker.engine.rows import GenerationParams, RowRequest
 from worker.quantization import BFloat16Head, quantize
+from worker.weight_packing import PackedLinear, pack_weights, packing_applies
 
 
 @pytest.fixture
@@ -25,9 +26,10 @@ def quantized(tiny_model_dir):
 def test_every_linear_layer_but_the_head_is_int8(quantized):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    assert not any(type(module) is nn.Linear for module in quantized.modules())
-    assert isinstance(quantized.model.layers[0].self_attn.q_proj, DynamicLinear)
     head = quantized.get_output_embeddings()
+    plain = [module for module in quantized.modules() if type(module) is nn.Linear]
+    assert plain == [head.projection]
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, DynamicLinear)
     assert isinstance(head, BFloat16Head) and head.weight.dtype == torch.bfloat16
 
 
@@ -59,3 +61,16 @@ def test_none_leaves_the_model_alone_and_unknown_kinds_are_refused(tiny_model_di
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     with pytest.raises(ValueError, match="int8"):
         quantize(model, "int4")
+
+
+@pytest.mark.skipif(
+    not packing_applies(nn.Linear(2, 2)), reason="this torch build or CPU has no oneDNN bfloat16 linear"
+)
+def test_the_bfloat16_head_of_an_int8_model_is_packed_alone(tiny_model_dir, quantized, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    quantize(model, "int8")
+    assert pack_weights(model) == 1
+    assert type(model.get_output_embeddings().projection) is PackedLinear
+    ids = torch.tensor([tokenizer(PROMPTS[2])["input_ids"]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, quantized(ids).logits)
