@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from worker.engine.detokenizer import Detokenizer
 from worker.engine.grammar import GrammarState
+from worker.engine.kv_cache import GrowingLayer
 from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
 from worker.engine.stopping import Stopping
@@ -217,6 +218,6 @@ class Batch:
 
 
 def _plain_dynamic(cache: DynamicCache) -> bool:
-    """True when every layer is a full-attention DynamicLayer that holds
-    tensors (sliding-window and other layer kinds keep extra state)."""
-    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+    """True when every layer is a full-attention DynamicLayer (or our growing
+    one) that holds tensors (sliding-window and other layer kinds keep extra state)."""
+    return all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized for layer in cache.layers)

@@ -34,12 +34,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
 from worker.engine.batch import Batch, Row
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
+from worker.engine.kv_cache import growing_cache
 from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_token_mask
 from worker.engine.vision import VisionPrompt, VisionPrompter, VisionPromptError
@@ -326,7 +327,7 @@ class Engine:
             vocab_size=self.vocab_size,
             pad_token_id=self.pad_token_id,
             device=self.device,
-            cache=DynamicCache(config=self.model.config),
+            cache=growing_cache(self.model.config),
         )
         for row, grammar in zip(batch.rows, grammars, strict=True):
             row.grammar = grammar.start() if grammar is not None else None
