@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second within a wave")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--pack-weights", default="auto", choices=["auto", "off"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -20,6 +20,8 @@ input embeddings gets a packed copy of its own.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 
 import torch
@@ -40,7 +42,7 @@ class PackedLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         packed = cls.__new__(cls)
-        nn.Module.__init__(packed)
+        nn.Module.__init__(packed)  # not nn.Linear's: it would allocate a weight of its own
         packed.in_features = linear.in_features
         packed.out_features = linear.out_features
         weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _ROWS_HINT)
@@ -75,6 +77,14 @@ def pack_weights(model: nn.Module, packing: str = "auto") -> int:
         raise ValueError(f"--pack-weights must be one of {', '.join(PACKINGS)}, not {packing!r}")
     if packing == "off" or not packing_applies(model):
         return 0
+    count = _pack_layers(model)
+    if count:
+        _return_freed_memory()  # the plain layers are gone with _pack_layers' frame
+        log.info("packed %d bfloat16 linear layers for oneDNN (--pack-weights off to skip)", count)
+    return count
+
+
+def _pack_layers(model: nn.Module) -> int:
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -86,6 +96,12 @@ def pack_weights(model: nn.Module, packing: str = "auto") -> int:
         if id(child) not in packed:
             packed[id(child)] = PackedLinear.from_linear(child)
         setattr(parent, name, packed[id(child)])
-    if packed:
-        log.info("packed %d bfloat16 linear layers for oneDNN (--pack-weights off to skip)", len(packed))
     return len(packed)
+
+
+def _return_freed_memory() -> None:
+    """Hand the plain weights' freed memory back to the OS. glibc keeps freed
+    blocks of this size in its heap: without this, a worker serving the bundled
+    model stayed ~200 MB larger (the plain weights' worth) for its whole life."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

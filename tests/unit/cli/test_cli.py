@@ -59,6 +59,8 @@ def test_every_flag_is_in_the_help():
             "--lora-dir",
             "--lora",
             "--max-loras",
+            "--quantize",
+            "--pack-weights",
         ],
     }.items():
         output = CliRunner().invoke(cli.main, [command, "--help"]).output
@@ -131,3 +133,30 @@ def test_quantize_int8_loads_full_precision_weights_and_refuses_what_it_cannot_h
         worker_main.compute_dtype(WorkerSettings(redis_url="x", dtype="bfloat16"), AdapterCatalog())
         == "bfloat16"
     )
+
+
+def test_pack_weights_reaches_the_worker_and_decides_how_its_model_loads(monkeypatch, tiny_model_dir):
+    import torch
+    from torch import nn
+
+    from worker.weight_packing import PackedLinear, packing_applies
+
+    seen = {}
+    monkeypatch.setattr(worker_main, "run_worker", lambda settings: seen.setdefault("settings", settings))
+    result = CliRunner().invoke(
+        cli.main, ["worker"], env={"MMSERVE_REDIS_URL": "redis://x", "MMSERVE_PACK_WEIGHTS": "off"}
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].pack_weights == "off"
+    argv = cli._worker_argv("redis://x", {"pack_weights": "off"}, "INFO", "text")
+    assert argv[-2:] == ["--pack-weights", "off"]
+
+    def packed_layers(**flags) -> int:
+        settings = WorkerSettings(redis_url="x", model=str(tiny_model_dir), dtype="bfloat16", **flags)
+        loaded = worker_main.load_for_serving(settings)
+        assert loaded.dtype == torch.bfloat16
+        return sum(isinstance(module, PackedLinear) for module in loaded.model.modules())
+
+    assert packed_layers(pack_weights="off") == 0
+    if packing_applies(nn.Linear(2, 2)):
+        assert packed_layers() > 0
