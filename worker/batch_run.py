@@ -245,7 +245,7 @@ class BatchRun:
                 oldest_waits = oldest_waits or request_id == next(iter(self._waiting))
                 blocked.add(request_id)
                 continue
-            wider = max(width, len(row.prompt_ids))
+            wider = max(width, self._engine.prefill_width(len(row.prompt_ids)))
             if chosen and budget is not None and wider * (len(chosen) + 1) > budget:
                 break
             if row.adapter is not None:

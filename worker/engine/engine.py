@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
-from worker.engine.batch import Batch, Row
+from worker.engine.batch import PREFILL_WIDTH_MULTIPLE, Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.kv_cache import growing_cache
 from worker.engine.rows import Constraint, RowOutput, RowRequest
@@ -102,6 +102,11 @@ class Engine:
         # Held while the model runs or changes (an operator may load an adapter from another thread).
         self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
+        parameter = next(model.parameters(), None)
+        bfloat16_on_cpu = (
+            parameter is not None and parameter.dtype == torch.bfloat16 and self.device.type == "cpu"
+        )
+        self.prefill_width_multiple = PREFILL_WIDTH_MULTIPLE if bfloat16_on_cpu else 1
 
     # -- facts about the model ------------------------------------------------
 
@@ -113,6 +118,11 @@ class Engine:
             config = config.get_text_config()
         value = getattr(config, "max_position_embeddings", None)
         return int(value) if value else None
+
+    def prefill_width(self, prompt_length: int) -> int:
+        """Tokens a prompt of this length takes in a prefill, left padding included
+        (see worker.engine.batch.PREFILL_WIDTH_MULTIPLE)."""
+        return padded_width(prompt_length, self.prefill_width_multiple)
 
     @property
     def num_rows(self) -> int:
@@ -328,6 +338,7 @@ class Engine:
             pad_token_id=self.pad_token_id,
             device=self.device,
             cache=growing_cache(self.model.config),
+            width_multiple=self.prefill_width_multiple,
         )
         for row, grammar in zip(batch.rows, grammars, strict=True):
             row.grammar = grammar.start() if grammar is not None else None

@@ -37,6 +37,9 @@ class FakeEngine:
         ids = [len(word) for word in text.split()]
         return ids[-prompt_max_tokens:] if prompt_max_tokens else ids
 
+    def prefill_width(self, prompt_length: int) -> int:
+        return prompt_length
+
     def knows_adapter(self, lora_id: str) -> bool:
         return lora_id in self.adapters
 
