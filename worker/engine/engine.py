@@ -6,9 +6,10 @@ prefills new rows (merging them into a running batch if there is one),
 runs the model on the new tokens of the rows still running, and `cancel`
 drops rows at once. Greedy rows produce what `model.generate(do_sample=False)`
 produces for the same prompt alone: the same token ids in float32; in
-bfloat16 the padding of a batch changes rounding enough that a row can
-drift from its solo run after a while (it still equals `generate` on the
-same padded batch).
+bfloat16 the padding of a batch (on a CPU every prompt is also padded to a
+multiple of 16 tokens, see worker.engine.batch.PREFILL_WIDTH_MULTIPLE)
+changes rounding enough that a row can drift from its solo run after a while
+(it still equals `generate` on the same padded batch).
 
 A vision-language model comes with its processor: `encode_image_prompts`
 builds rows that carry their encoded images (worker.engine.vision), which
