@@ -135,6 +135,8 @@ class WorkerUnderTest:
             args.dtype,
             "--pack-weights",
             args.pack_weights,
+            "--prefill-width-multiple",
+            str(getattr(args, "prefill_width_multiple", 1)),
             "--consumer-group",
             f"bench-{batching}",
             "--log-level",

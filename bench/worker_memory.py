@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--pack-weights", default="auto", choices=["auto", "off"])
+    parser.add_argument("--prefill-width-multiple", type=int, default=1, help="the worker's flag")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--same-prompts", action="store_true", help="the arrivals workload's few prompts")
@@ -136,6 +137,7 @@ def main() -> None:
             "machine": platform.machine(),
             "waves": args.waves,
             "prompts": "arrivals workload" if args.same_prompts else "varied lengths",
+            "prefill_width_multiple": args.prefill_width_multiple,
             "requests": args.waves * args.requests,
             "rate_per_s": args.rate,
             "tokens_generated": tokens,

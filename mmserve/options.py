@@ -136,6 +136,14 @@ WORKER_OPTIONS = [
         help="Continuous batching: most prompt tokens prefilled between two decode steps "
         "(a longer prompt runs alone in its step).",
     ),
+    _option(
+        "--prefill-width-multiple",
+        default=1,
+        type=click.IntRange(1),
+        help="Left-pad every prefill to a multiple of this many tokens. 16 bounds a bfloat16 CPU "
+        "worker's memory under prompts of ever new lengths (oneDNN keeps state per shape); "
+        "1 keeps greedy answers equal to unpadded generate.",
+    ),
     _option("--device", default="auto", type=DEVICES, help="auto = cuda when available, else cpu."),
     _option(
         "--dtype",

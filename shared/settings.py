@@ -35,6 +35,7 @@ class WorkerSettings:
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS
     batching: str = limits.DEFAULT_BATCHING  # "continuous" or "micro"
     max_prefill_tokens_per_step: int = limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP
+    prefill_width_multiple: int = 1  # >1: prompts left-padded to a multiple of this many tokens
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # "int8": dynamic int8 linear layers (CPU)

@@ -123,6 +123,7 @@ def run_worker(settings: WorkerSettings) -> None:
             device=loaded.device,
             processor=loaded.processor,
             adapters=adapters,
+            prefill_width_multiple=settings.prefill_width_multiple,
         )
         worker = BatchWorker(
             [keys.queue_name(settings.consumer_group)],

@@ -33,17 +33,18 @@ from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
 from worker.engine.stopping import Stopping
 
-# On a CPU, bfloat16 models left-pad prompts to a multiple of this many tokens,
-# so that prefill shapes repeat: torch's oneDNN kernels (its bfloat16 products)
-# build and cache one primitive, with scratch memory of its own, per shape. With
-# every prompt length its own shape, a worker serving the bundled model grew by
-# ~1.6 MB per distinct prompt length seen and paid 5-15 ms to build each new
-# shape's primitives. (float32 products go to MKL, which keeps nothing per shape.)
-PREFILL_WIDTH_MULTIPLE = 16
-
 
 def padded_width(length: int, multiple: int = 1) -> int:
-    """The prefill width (prompt tokens plus left padding) of a `length`-token prompt."""
+    """The prefill width (prompt tokens plus left padding) of a `length`-token
+    prompt padded to a multiple of `multiple` tokens (`--prefill-width-multiple`).
+
+    Why pad: on a CPU, torch's bfloat16 products go to oneDNN, which builds and
+    caches a primitive, with scratch memory of its own, per shape. With every
+    prompt length its own shape, a worker serving the bundled model grew by
+    ~1.6 MB per distinct prompt length seen and paid 5-15 ms to build each new
+    shape; with a multiple of 16 its memory levelled off. Why not by default:
+    the padding changes bfloat16 rounding, so a request's greedy tokens no
+    longer equal unpadded `generate` token for token."""
     return -(-length // multiple) * multiple
 
 

@@ -6,10 +6,9 @@ prefills new rows (merging them into a running batch if there is one),
 runs the model on the new tokens of the rows still running, and `cancel`
 drops rows at once. Greedy rows produce what `model.generate(do_sample=False)`
 produces for the same prompt alone: the same token ids in float32; in
-bfloat16 the padding of a batch (on a CPU every prompt is also padded to a
-multiple of 16 tokens, see worker.engine.batch.PREFILL_WIDTH_MULTIPLE)
-changes rounding enough that a row can drift from its solo run after a while
-(it still equals `generate` on the same padded batch).
+bfloat16 the padding of a batch (or of `prefill_width_multiple`) changes
+rounding enough that a row can drift from its solo run after a while (it
+still equals `generate` on the same padded batch).
 
 A vision-language model comes with its processor: `encode_image_prompts`
 builds rows that carry their encoded images (worker.engine.vision), which
@@ -39,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
-from worker.engine.batch import PREFILL_WIDTH_MULTIPLE, Batch, Row, padded_width
+from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.kv_cache import growing_cache
 from worker.engine.rows import Constraint, RowOutput, RowRequest
@@ -69,11 +68,14 @@ class Engine:
         eos_token_ids: Iterable[int] | None = None,
         processor: Any = None,
         adapters: LoraAdapters | None = None,
+        prefill_width_multiple: int = 1,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
         model's transformers processor) makes a vision-language model take images.
-        `adapters` (over this same model) lets rows name a LoRA adapter."""
+        `adapters` (over this same model) lets rows name a LoRA adapter.
+        `prefill_width_multiple` > 1 left-pads every prefill to a multiple of
+        that many tokens (see worker.engine.batch.padded_width)."""
         self.device = torch.device(device)
         if getattr(model, "hf_device_map", None) is None and model.device != self.device:
             model = model.to(self.device)
@@ -103,11 +105,9 @@ class Engine:
         # Held while the model runs or changes (an operator may load an adapter from another thread).
         self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
-        parameter = next(model.parameters(), None)
-        bfloat16_on_cpu = (
-            parameter is not None and parameter.dtype == torch.bfloat16 and self.device.type == "cpu"
-        )
-        self.prefill_width_multiple = PREFILL_WIDTH_MULTIPLE if bfloat16_on_cpu else 1
+        if prefill_width_multiple < 1:
+            raise ValueError("prefill_width_multiple must be at least 1")
+        self.prefill_width_multiple = prefill_width_multiple
 
     # -- facts about the model ------------------------------------------------
 
@@ -121,8 +121,7 @@ class Engine:
         return int(value) if value else None
 
     def prefill_width(self, prompt_length: int) -> int:
-        """Tokens a prompt of this length takes in a prefill, left padding included
-        (see worker.engine.batch.PREFILL_WIDTH_MULTIPLE)."""
+        """Tokens a prompt of this length takes in a prefill, left padding included."""
         return padded_width(prompt_length, self.prefill_width_multiple)
 
     @property

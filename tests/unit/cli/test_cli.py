@@ -61,6 +61,7 @@ def test_every_flag_is_in_the_help():
             "--max-loras",
             "--quantize",
             "--pack-weights",
+            "--prefill-width-multiple",
         ],
     }.items():
         output = CliRunner().invoke(cli.main, [command, "--help"]).output

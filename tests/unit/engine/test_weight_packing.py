@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.unit.engine.test_engine import PROMPTS, hf_greedy, run
 from worker.engine.adapters import AdapterCatalog, LoraAdapters
-from worker.engine.batch import PREFILL_WIDTH_MULTIPLE, Batch
+from worker.engine.batch import Batch
 from worker.engine.engine import Engine
 from worker.engine.rows import GenerationParams, RowRequest
 from worker.weight_packing import PackedLinear, pack_weights, packing_applies
@@ -127,10 +127,10 @@ def test_lora_adapters_wrap_packed_layers(tiny_model_dir, tiny_lora_dir, tokeniz
     assert completions["alpha"].tokens != completions["beta"].tokens
 
 
-def test_bfloat16_prompts_are_padded_to_repeating_widths_float32_ones_are_not(packed, tiny_model, tokenizer):
-    # oneDNN keeps a primitive (and its scratch memory) per product shape: widths must repeat
-    engine = Engine(packed, tokenizer)
-    assert engine.prefill_width_multiple == PREFILL_WIDTH_MULTIPLE > 1
+def test_prefills_pad_to_the_width_multiple_asked_for(packed, tiny_model, tokenizer):
+    # --prefill-width-multiple: oneDNN keeps a primitive (and its scratch memory) per product shape
+    assert Engine(packed, tokenizer).prefill_width(37) == 37  # by default prompts are not padded
+    engine = Engine(packed, tokenizer, prefill_width_multiple=16)
     assert [engine.prefill_width(n) for n in (1, 16, 17, 37)] == [16, 16, 32, 48]
     rows = [RowRequest(key=0, prompt_ids=list(range(5, 42)), params=GREEDY)]
     batch = Batch.from_rows(
@@ -142,5 +142,10 @@ def test_bfloat16_prompts_are_padded_to_repeating_widths_float32_ones_are_not(pa
         width_multiple=engine.prefill_width_multiple,
     )
     assert batch.input_ids.shape == (1, 48) and int(batch.attention_mask.sum()) == 37
-    float32 = Engine(tiny_model, tokenizer)
-    assert float32.prefill_width_multiple == 1 and float32.prefill_width(37) == 37
+    # padded rows still generate what the unpadded model generates (float32: exactly)
+    float32 = Engine(tiny_model, tokenizer, prefill_width_multiple=16)
+    ids = float32.encode_prompt(PROMPTS[0])
+    (completion,) = run(float32, [RowRequest(key=0, prompt_ids=ids, params=GREEDY)]).values()
+    assert completion.tokens == hf_greedy(tiny_model, ids, 12, min_new_tokens=12)
+    with pytest.raises(ValueError, match="at least 1"):
+        Engine(tiny_model, tokenizer, prefill_width_multiple=0)
