@@ -136,7 +136,7 @@ class WorkerUnderTest:
             "--pack-weights",
             args.pack_weights,
             "--prefill-width-multiple",
-            str(getattr(args, "prefill_width_multiple", 1)),
+            str(args.prefill_width_multiple),
             "--consumer-group",
             f"bench-{batching}",
             "--log-level",
@@ -408,6 +408,7 @@ def main() -> None:
     parser.add_argument(
         "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
     )
+    parser.add_argument("--prefill-width-multiple", type=int, default=1, help="the worker's flag")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what serve picks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
