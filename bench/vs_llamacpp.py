@@ -1,13 +1,14 @@
 """mmserve's HTTP streaming path vs llama.cpp (llama-cpp-python) on the same GGUF model.
 
-    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy]
+    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--quantize none int8]
 
 One run, the same prompts (chat template, token ids from the bundled model's tokenizer) and
 the same greedy 64-token workload everywhere (mmserve: min_new_tokens = max_new_tokens;
 llama.cpp: end-of-generation tokens banned, so every row also makes exactly 64 tokens):
 
 - mmserve: `mmserve serve` with the bundled default model, streaming HTTP clients at
-  concurrency 1 and 8;
+  concurrency 1 and 8, once per `--quantize` setting asked for (default: the unquantized
+  default and `--quantize int8`);
 - llama.cpp, high-level API (`Llama(...)(prompt_ids, max_tokens=64, temperature=0)`), one
   prompt at a time (batch 1);
 - llama.cpp, low-level batched C API: 8 sequences in one `llama_batch`, one `llama_decode`
@@ -84,12 +85,12 @@ def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
 # -- mmserve -------------------------------------------------------------------
 
 
-def bench_mmserve(args) -> dict:
+def bench_mmserve(args, quantize: str) -> dict:
     server = ServeProcess.for_benchmark(
         max_batch_size=BATCHED_SEQUENCES,
-        dtype=args.dtype,
+        dtype=args.dtype if quantize == "none" else "auto",
         threads=args.threads,
-        quantize=args.quantize,
+        quantize=quantize,
         pack_weights=args.pack_weights,
     )
     try:
@@ -303,7 +304,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client / batched rounds")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="mmserve's --dtype")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        default=["none", "int8"],
+        choices=["none", "int8"],
+        help="mmserve's --quantize settings to run (each its own mmserve serve)",
+    )
     parser.add_argument(
         "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
     )
@@ -328,10 +335,12 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "greedy": True,
         "threads": {"mmserve_worker_torch": args.threads, "llama_cpp_n_threads": args.threads},
-        "mmserve_dtype": "float32"
-        if args.quantize != "none"
-        else str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch."),
-        "mmserve_quantize": args.quantize,
+        "mmserve_dtype": {
+            quantize: "float32"
+            if quantize != "none"
+            else str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch.")
+            for quantize in args.quantize
+        },
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -342,19 +351,22 @@ def main() -> None:
     if args.busy:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        report["mmserve_http"] = bench_mmserve(args)
+        report["mmserve_http"] = {quantize: bench_mmserve(args, quantize) for quantize in args.quantize}
         report["llama_cpp"] = bench_llama(args, prompts, eog)
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
 
-    mm, ll = report["mmserve_http"], report["llama_cpp"]
+    ll = report["llama_cpp"]
     report["ratios"] = {
-        "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
-        "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
-        "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
-        "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
+        f"quantize_{quantize}": {
+            "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
+            "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
+            "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
+            "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
+        }
+        for quantize, mm in report["mmserve_http"].items()
     }
     print(json.dumps(report, indent=2))
 

@@ -11,10 +11,11 @@ A `Batch` lives in one of two states:
 Rows are left-padded: every row's last token sits in the last column, padding
 columns are 0 in `attention_mask`, and each row's position ids count only its
 real tokens (cumsum of the mask - 1), which makes a padded row compute what it
-would compute alone. `filter` drops finished rows (slicing the KV cache and
-trimming padding no row needs any more); `concatenate` merges batches that
-are ready to sample, left-padding the shorter KV caches, which is all that
-continuous batching needs.
+would compute alone. `filter` drops finished rows (moving as little of the
+KV cache as it can and trimming padding no row needs any more);
+`concatenate` merges batches that are ready to sample, left-padding the
+shorter KV caches and sorting the rows longest first (see
+worker.engine.attention), which is all that continuous batching needs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from worker.engine.detokenizer import Detokenizer
 from worker.engine.grammar import GrammarState
-from worker.engine.kv_cache import GrowingLayer
+from worker.engine.kv_cache import is_plain, merge_caches, select_rows
 from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
 from worker.engine.stopping import Stopping
@@ -141,7 +141,7 @@ class Batch:
     @property
     def can_concatenate(self) -> bool:
         """Whether `concatenate` supports this batch's KV cache."""
-        return _plain_dynamic(self.cache)
+        return is_plain(self.cache)
 
     @property
     def ready_to_sample(self) -> bool:
@@ -171,14 +171,10 @@ class Batch:
             return self
         device = self.attention_mask.device
         index = torch.tensor(keep, dtype=torch.long, device=device)
-        self.cache.batch_select_indices(index)
         attention_mask = self.attention_mask[index]
-        unused = attention_mask.shape[1] - int(attention_mask.sum(dim=1).max())
-        if unused > 0 and _plain_dynamic(self.cache):
-            attention_mask = attention_mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, unused:, :]
-                layer.values = layer.values[:, :, unused:, :]
+        unused = attention_mask.shape[1] - int(attention_mask.sum(dim=1).max()) if self.can_concatenate else 0
+        select_rows(self.cache, keep, drop_left=unused)
+        attention_mask = attention_mask[:, unused:]
         assert self.logits is not None
         return Batch(
             rows=[self.rows[i] for i in keep],
@@ -192,10 +188,11 @@ class Batch:
 
     @classmethod
     def concatenate(cls, batches: Sequence[Batch]) -> Batch:
-        """One batch holding the rows of `batches` (all ready to sample), in
-        order. Shorter KV caches and masks are left-padded to the longest, so
-        every row's last token stays in the last column. Reuses (and mutates)
-        the first batch's cache."""
+        """One batch holding the rows of `batches` (all ready to sample),
+        longest first (ties in the order given: see worker.engine.attention).
+        Shorter KV caches and masks are left-padded to the longest, so every
+        row's last token stays in the last column. Reuses (and mutates) the
+        first batch's cache."""
         if not batches:
             raise ValueError("nothing to concatenate")
         if len(batches) == 1:
@@ -204,8 +201,6 @@ class Batch:
             raise RuntimeError("concatenate batches after their forward, before appending tokens")
         if not all(b.can_concatenate for b in batches):
             raise NotImplementedError("only plain DynamicCache layers can be concatenated")
-        if len({len(b.cache.layers) for b in batches}) != 1:
-            raise ValueError("batches come from models with different numbers of layers")
         width = max(b.attention_mask.shape[1] for b in batches)
 
         def pad_left(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -216,24 +211,19 @@ class Batch:
             shape[dim] = missing
             return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-        cache = batches[0].cache
-        for index, layer in enumerate(cache.layers):
-            layers = [b.cache.layers[index] for b in batches]
-            layer.keys = torch.cat([pad_left(x.keys, 2) for x in layers], dim=0)
-            layer.values = torch.cat([pad_left(x.values, 2) for x in layers], dim=0)
-        logits = [b.logits for b in batches]
+        lengths = torch.cat([b.lengths for b in batches]).tolist()
+        # longest first (stable): the rows stay sorted as they all grow by one
+        # token a step, so decode attention can skip padding by groups
+        order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+        index = torch.tensor(order, dtype=torch.long, device=batches[0].attention_mask.device)
+        rows = [row for b in batches for row in b.rows]
+        logits = torch.cat([b.logits for b in batches if b.logits is not None])
         return cls(
-            rows=[row for b in batches for row in b.rows],
-            input_ids=torch.cat([b.input_ids[:, -1:] for b in batches]),
-            attention_mask=torch.cat([pad_left(b.attention_mask, 1) for b in batches]),
-            position_ids=torch.cat([b.position_ids[:, -1:] for b in batches]),
-            cache=cache,
-            sampler=Sampler.concatenate([b.sampler for b in batches]),
-            logits=torch.cat([x for x in logits if x is not None]),
+            rows=[rows[i] for i in order],
+            input_ids=torch.cat([b.input_ids[:, -1:] for b in batches])[index],
+            attention_mask=torch.cat([pad_left(b.attention_mask, 1) for b in batches])[index],
+            position_ids=torch.cat([b.position_ids[:, -1:] for b in batches])[index],
+            cache=merge_caches([b.cache for b in batches], width, order),
+            sampler=Sampler.concatenate([b.sampler for b in batches]).filter(order),
+            logits=logits[index],
         )
-
-
-def _plain_dynamic(cache: DynamicCache) -> bool:
-    """True when every layer is a full-attention DynamicLayer (or our growing
-    one) that holds tensors (sliding-window and other layer kinds keep extra state)."""
-    return all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized for layer in cache.layers)

@@ -4,7 +4,9 @@
 prefills new rows (merging them into a running batch if there is one),
 `step` samples one token for every row, reports it, drops finished rows and
 runs the model on the new tokens of the rows still running, and `cancel`
-drops rows at once. Greedy rows produce what `model.generate(do_sample=False)`
+drops rows at once. Rows are kept longest first, so that each decode step's
+attention reads each group of rows' own tokens rather than the batch's
+padding (worker.engine.attention). Greedy rows produce what `model.generate(do_sample=False)`
 produces for the same prompt alone: the same token ids in float32; in
 bfloat16 the padding of a batch (or of `prefill_width_multiple`) changes
 rounding enough that a row can drift from its solo run after a while (it
@@ -37,7 +39,9 @@ from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.events import FinishReason
+from worker.engine import attention
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
+from worker.engine.attention import plan_windows
 from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.kv_cache import growing_cache
@@ -105,6 +109,7 @@ class Engine:
         # Held while the model runs or changes (an operator may load an adapter from another thread).
         self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
+        self._windowed_attention = attention.install(self.model)
         if prefill_width_multiple < 1:
             raise ValueError("prefill_width_multiple must be at least 1")
         self.prefill_width_multiple = prefill_width_multiple
@@ -315,6 +320,7 @@ class Engine:
     def _add(self, rows: list[RowRequest]) -> None:
         for request in rows:
             self._check(request)
+        rows = sorted(rows, key=lambda r: -len(r.prompt_ids))  # longest first, see worker.engine.attention
         if self._batch is not None and not self._batch.can_concatenate:
             raise NotImplementedError(
                 "this model's KV cache (e.g. sliding-window layers) cannot take rows into a running batch; "
@@ -430,6 +436,9 @@ class Engine:
         batch.logits = out.logits[:, -1, :]
 
     def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
+        windows = None
+        if self._windowed_attention and batch.input_ids.shape[1] == 1:
+            windows = plan_windows(batch.lengths.tolist(), batch.attention_mask.shape[1])
         return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -438,6 +447,7 @@ class Engine:
             **{self._cache_argument: batch.cache},
             **self._forward_kwargs,
             **(prefill_inputs or {}),
+            **({"row_windows": windows} if windows is not None else {}),
         )
 
     @staticmethod

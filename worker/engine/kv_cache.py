@@ -1,19 +1,34 @@
-"""A KV cache that grows in place.
+"""A KV cache that grows, shrinks and merges with as few copies as possible.
 
 transformers' `DynamicLayer` appends each step's keys and values with
 `torch.cat`, which copies the whole layer's cache every decode step: at
 batch 8 with ~330-token contexts that copying was a sixth of the step on the
-development machine, and it grows with the context. `GrowingLayer` keeps
-its keys and values at the front of a buffer with room for more tokens and
-writes each step's into the room; `keys` / `values` are views of the filled
-part, so everything that reads a `DynamicLayer` (masks, attention,
-`Batch.filter` / `concatenate`) reads it unchanged. Whoever assigns other
-tensors to `keys` / `values` (filtering rows, trimming padding, merging
-batches) simply hands the layer a new starting point: the next update copies
-it into a fresh buffer with room.
+development machine, and it grows with the context. `GrowingLayer` keeps its
+keys and values in a buffer with room for more tokens (and, after rows
+leave, for more rows than it holds) and writes each step's into the room;
+`keys` / `values` are views of the filled part, so everything that reads a
+`DynamicLayer` (masks, attention) reads it unchanged.
+
+Continuous batching changes the rows between steps, and each change used to
+copy the whole cache twice (once to select or merge rows, once more when the
+next step found no room). Here:
+
+- `select_rows` (finished rows leave, padding no row needs is trimmed) moves
+  only the rows behind the first one that left, within the same buffer, and
+  trims by moving the view's start: no allocation, nothing copied for the
+  rows in front;
+- `merge_caches` (newcomers join) copies every batch once, into one new buffer
+  that already has room to grow, its rows in the order asked for (the engine
+  keeps them sorted by length, see worker.engine.attention).
+
+Whoever assigns other tensors to `keys` / `values` simply hands the layer a
+new starting point: the next update copies it into a fresh buffer with room.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
@@ -24,51 +39,118 @@ from transformers.cache_utils import DynamicLayer
 MIN_HEADROOM_TOKENS = 64
 
 
+def _capacity(tokens: int) -> int:
+    return tokens + max(MIN_HEADROOM_TOKENS, tokens // 4)
+
+
 class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer that appends without copying what it holds."""
+    """A full-attention cache layer that appends without copying what it holds.
+
+    Its rows are the first `len(keys)` rows of the buffer, its tokens the
+    buffer's columns [start, end)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+        self._keys_view: torch.Tensor | None = None
+        self._values_view: torch.Tensor | None = None
+        self._start = 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        filled = self.keys.shape[-2] if self.keys.numel() else 0
-        end = filled + key_states.shape[-2]
-        if not self._has_room(key_states, end):
-            self._reallocate(key_states, value_states, filled, end)
-        assert self._key_buffer is not None and self._value_buffer is not None
-        self._key_buffer[:, :, filled:end] = key_states
-        self._value_buffer[:, :, filled:end] = value_states
-        self.keys = self._key_buffer[:, :, :end]
-        self.values = self._value_buffer[:, :, :end]
+        rows, added = key_states.shape[0], key_states.shape[-2]
+        if self._owns_views(key_states) and self._end + added <= self._key_buffer.shape[-2]:
+            start, filled = self._start, self._end
+        else:
+            start, filled = 0, self._reallocate(key_states, value_states)
+        end = filled + added
+        self._key_buffer[:rows, :, filled:end] = key_states
+        self._value_buffer[:rows, :, filled:end] = value_states
+        self._view(rows, start, end)
         return self.keys, self.values
 
-    def _has_room(self, key_states: torch.Tensor, end: int) -> bool:
-        """Whether `keys` is still the front of this layer's buffer (nobody
-        replaced it) and the buffer holds `end` tokens."""
-        buffer = self._key_buffer
-        return (
-            buffer is not None
-            and self.keys.data_ptr() == buffer.data_ptr()
-            and self.values.data_ptr() == self._value_buffer.data_ptr()
-            and self.keys.shape[:2] == buffer.shape[:2] == key_states.shape[:2]
-            and self.keys.stride() == buffer.stride()
-            and end <= buffer.shape[-2]
-        )
+    @property
+    def _end(self) -> int:
+        return self._start + self.keys.shape[-2]
 
-    def _reallocate(self, keys: torch.Tensor, values: torch.Tensor, filled: int, end: int) -> None:
-        capacity = end + max(MIN_HEADROOM_TOKENS, end // 4)
+    def _owns_views(self, key_states: torch.Tensor | None = None) -> bool:
+        """Whether `keys` / `values` are still this layer's views of its buffer
+        (nobody replaced them), with the new states' rows and heads."""
+        replaced = self.keys is not self._keys_view or self.values is not self._values_view
+        if self._key_buffer is None or replaced:
+            return False
+        return key_states is None or self.keys.shape[:2] == key_states.shape[:2]
+
+    def _view(self, rows: int, start: int, end: int) -> None:
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._start = start
+        self.keys = self._keys_view = self._key_buffer[:rows, :, start:end]
+        self.values = self._values_view = self._value_buffer[:rows, :, start:end]
+
+    def _reallocate(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """A fresh buffer with room, holding what `keys` / `values` hold now; their length."""
+        filled = self.keys.shape[-2] if self.keys.numel() else 0
+        capacity = _capacity(filled + keys.shape[-2])
         batch, heads = keys.shape[:2]
-        self._key_buffer = keys.new_empty((batch, heads, capacity, keys.shape[-1]))
-        self._value_buffer = values.new_empty((batch, heads, capacity, values.shape[-1]))
+        key_buffer = keys.new_empty((batch, heads, capacity, keys.shape[-1]))
+        value_buffer = values.new_empty((batch, heads, capacity, values.shape[-1]))
         if filled:
-            self._key_buffer[:, :, :filled] = self.keys
-            self._value_buffer[:, :, :filled] = self.values
+            key_buffer[:, :, :filled] = self.keys
+            value_buffer[:, :, :filled] = self.values
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        return filled
+
+    def keep_rows(self, keep: Sequence[int], drop_left: int) -> None:
+        """Keep the rows `keep` (ascending indices), dropping the first
+        `drop_left` token columns: rows behind the first dropped one move up
+        within the buffer, the dropped columns are left behind the view's start."""
+        if not self._owns_views() or any(b <= a for a, b in itertools.pairwise(keep)):
+            index = torch.tensor(list(keep), dtype=torch.long, device=self.keys.device)
+            self.keys = self.keys[index, :, drop_left:]
+            self.values = self.values[index, :, drop_left:]
+            return
+        start, end = self._start + drop_left, self._end
+        for target, source in enumerate(keep):
+            if target != source:  # target < source: a row is never overwritten before it moves
+                self._key_buffer[target, :, start:end] = self._key_buffer[source, :, start:end]
+                self._value_buffer[target, :, start:end] = self._value_buffer[source, :, start:end]
+        self._view(len(keep), start, end)
+
+    @classmethod
+    def merged(cls, layers: Sequence[DynamicLayer], width: int, order: Sequence[int]) -> GrowingLayer:
+        """One layer holding the rows of `layers` (numbered across them, in
+        turn) in the order `order`, each layer's rows left-padded with zeros
+        to `width` tokens, in a buffer with room to grow. Rows that stay
+        neighbours are copied together."""
+        sources = [(layer, row) for layer in layers for row in range(layer.keys.shape[0])]
+        first = layers[0]
+        heads, dim = first.keys.shape[1], first.keys.shape[-1]
+        merged = cls()
+        merged.lazy_initialization(first.keys, first.values)
+        capacity = _capacity(width)
+        merged._key_buffer = first.keys.new_empty((len(order), heads, capacity, dim))
+        merged._value_buffer = first.values.new_empty((len(order), heads, capacity, first.values.shape[-1]))
+        target = 0
+        while target < len(order):
+            layer, row = sources[order[target]]
+            count = 1  # a run: the next targets take the next rows of the same layer
+            while (
+                target + count < len(order)
+                and order[target + count] == order[target] + count
+                and sources[order[target + count]][0] is layer
+            ):
+                count += 1
+            pad = width - layer.keys.shape[-2]
+            for buffer, states in ((merged._key_buffer, layer.keys), (merged._value_buffer, layer.values)):
+                buffer[target : target + count, :, :pad].zero_()
+                buffer[target : target + count, :, pad:width] = states[row : row + count]
+            target += count
+        merged._view(len(order), 0, width)
+        return merged
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
@@ -82,3 +164,39 @@ def growing_cache(config: PretrainedConfig) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def is_plain(cache: DynamicCache) -> bool:
+    """True when every layer is a full-attention DynamicLayer (or a growing
+    one) holding tensors: the layers `select_rows` can trim and `merge_caches`
+    can merge (sliding-window and other layer kinds keep extra state)."""
+    return all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized for layer in cache.layers)
+
+
+def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) -> None:
+    """Keep the rows `keep` of `cache` (in that order) and, for plain caches,
+    drop the first `drop_left` token columns (padding no kept row uses)."""
+    if not is_plain(cache):
+        cache.batch_select_indices(torch.tensor(list(keep), dtype=torch.long))
+        return
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.keep_rows(keep, drop_left)
+        else:
+            index = torch.tensor(list(keep), dtype=torch.long, device=layer.keys.device)
+            layer.keys = layer.keys[index, :, drop_left:]
+            layer.values = layer.values[index, :, drop_left:]
+
+
+def merge_caches(caches: Sequence[DynamicCache], width: int, order: Sequence[int]) -> DynamicCache:
+    """The rows of plain `caches` (numbered across them, in turn) in the order
+    `order`, left-padded to `width` tokens: the first cache, its layers
+    replaced by merged growing layers."""
+    if len({len(cache.layers) for cache in caches}) != 1:
+        raise ValueError("caches come from models with different numbers of layers")
+    merged = caches[0]
+    merged.layers = [
+        GrowingLayer.merged([cache.layers[index] for cache in caches], width, order)
+        for index in range(len(merged.layers))
+    ]
+    return merged
