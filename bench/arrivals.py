@@ -2,7 +2,7 @@
 vs micro-batching (the worker's two `--batching` modes) vs HF `generate`
 serving one request at a time vs transformers' own continuous batching.
 
-    .venv/bin/python bench/arrivals.py [--rates 1 2.5] [--requests 24] [--modes ...]
+    .venv/bin/python bench/arrivals.py [--rates 1 2.5] [--requests 24] [--modes ...] [--repeats 3]
 
 Every mode serves the same requests (same prompts, same output lengths, same
 arrival times for a given rate): prompts of mixed length (short questions and
@@ -21,6 +21,10 @@ queue replayed for each rate (a FIFO server of one: start = max(arrival,
 previous end)); nothing else runs meanwhile. transformers' continuous batching
 runs its ContinuousBatchingManager in this process, requests added at their
 arrival times, streaming. Every path uses the same torch thread count.
+With --repeats N the worker modes run N times each, in alternating order;
+each figure is the median over the runs, and continuous over micro-batching
+is the median of the ratios of runs made back to back (on a shared, noisy
+machine single runs of the same code differed by up to a third).
 Prints one JSON document."""
 
 from __future__ import annotations
@@ -109,6 +113,30 @@ def summarise(traces: list[dict]) -> dict:
         "token_latency_p50_s": round(percentile(gaps, 50), 4),
         "token_latency_p99_s": round(percentile(gaps, 99), 4),
     }
+
+
+def median_summary(results: list[dict]) -> dict:
+    """{rate: summary} of several runs: each figure the median over the runs."""
+    return {
+        rate: {key: round(statistics.median(run[rate][key] for run in results), 4) for key in summary}
+        for rate, summary in results[0].items()
+    }
+
+
+def paired_ratios(continuous: list[dict], micro: list[dict]) -> dict:
+    """Continuous over micro-batching, per rate: the ratio of each repeat's two
+    runs (run back to back, so they saw the same machine), and their median."""
+    ratios = {}
+    for rate in continuous[0]:
+        pairs = list(zip(continuous, micro, strict=True))
+        tokens = [round(c[rate]["tokens_per_s"] / m[rate]["tokens_per_s"], 3) for c, m in pairs]
+        ttft = [round(c[rate]["ttft_p99_s"] / m[rate]["ttft_p99_s"], 3) for c, m in pairs]
+        ratios[rate] = {
+            "tokens_per_s": statistics.median(tokens),
+            "ttft_p99": statistics.median(ttft),
+            **({"tokens_per_s_runs": tokens, "ttft_p99_runs": ttft} if len(pairs) > 1 else {}),
+        }
+    return ratios
 
 
 # -- mmserve worker ----------------------------------------------------------------
@@ -412,6 +440,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what serve picks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the worker modes this many times, alternating their order; report medians",
+    )
+    parser.add_argument(
         "--modes",
         nargs="+",
         default=[
@@ -440,13 +474,20 @@ def main() -> None:
         "modes": {},
     }
     worker_modes = [m for m in args.modes if m in limits.BATCHING_MODES]
+    runs: dict[str, list[dict]] = {mode: [] for mode in worker_modes}
     if worker_modes:
         server = RedisServer().start()
         try:
-            for mode in worker_modes:
-                report["modes"][mode] = bench_worker(server.url, mode, args, work)
+            for repeat in range(args.repeats):
+                # alternate the order, so that neither mode always runs on a warmer or quieter machine
+                for mode in worker_modes if repeat % 2 == 0 else worker_modes[::-1]:
+                    runs[mode].append(bench_worker(server.url, mode, args, work))
         finally:
             server.stop()
+        for mode, results in runs.items():
+            report["modes"][mode] = median_summary(results)
+        if args.repeats > 1:
+            report["runs"] = runs
 
     in_process = [m for m in args.modes if m not in limits.BATCHING_MODES]
     if in_process:
@@ -476,19 +517,8 @@ def main() -> None:
                     "error": f"{type(exc).__name__}: {exc}"
                 }
 
-    modes = report["modes"]
-    if "continuous" in modes and "micro" in modes:
-        report["continuous_over_micro"] = {
-            rate: {
-                "tokens_per_s": round(
-                    modes["continuous"][rate]["tokens_per_s"] / modes["micro"][rate]["tokens_per_s"], 2
-                ),
-                "ttft_p99": round(
-                    modes["continuous"][rate]["ttft_p99_s"] / modes["micro"][rate]["ttft_p99_s"], 3
-                ),
-            }
-            for rate in modes["continuous"]
-        }
+    if runs.get("continuous") and runs.get("micro"):
+        report["continuous_over_micro"] = paired_ratios(runs["continuous"], runs["micro"])
     print(json.dumps(report, indent=2))
 
 
