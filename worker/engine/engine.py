@@ -6,11 +6,12 @@ prefills new rows (merging them into a running batch if there is one),
 runs the model on the new tokens of the rows still running, and `cancel`
 drops rows at once. Rows are kept longest first, so that each decode step's
 attention reads each group of rows' own tokens rather than the batch's
-padding (worker.engine.attention). Greedy rows produce what `model.generate(do_sample=False)`
-produces for the same prompt alone: the same token ids in float32; in
-bfloat16 the padding of a batch (or of `prefill_width_multiple`) changes
-rounding enough that a row can drift from its solo run after a while (it
-still equals `generate` on the same padded batch).
+padding (worker.engine.attention). Greedy rows produce what
+`model.generate(do_sample=False)` produces for the same prompt alone: the
+same token ids in float32; in bfloat16 the padding of a batch (or of
+`prefill_width_multiple`) changes rounding enough that a row can drift from
+its solo run after a while (it still equals `generate` on the same padded
+batch).
 
 A vision-language model comes with its processor: `encode_image_prompts`
 builds rows that carry their encoded images (worker.engine.vision), which

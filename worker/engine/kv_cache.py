@@ -177,7 +177,8 @@ def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) ->
     """Keep the rows `keep` of `cache` (in that order) and, for plain caches,
     drop the first `drop_left` token columns (padding no kept row uses)."""
     if not is_plain(cache):
-        cache.batch_select_indices(torch.tensor(list(keep), dtype=torch.long))
+        device = next((layer.keys.device for layer in cache.layers if layer.is_initialized), None)
+        cache.batch_select_indices(torch.tensor(list(keep), dtype=torch.long, device=device))
         return
     for layer in cache.layers:
         if isinstance(layer, GrowingLayer):
