@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tests.fixtures.tiny_models import tiny_llama_settings
 from tests.unit.engine.test_engine import hf_greedy, run
 from worker.engine import attention
 from worker.engine.attention import ATTENTION_NAME, MAX_GROUPS, plan_windows, windowed_sdpa
@@ -87,19 +88,10 @@ def test_the_running_batch_stays_sorted_longest_first(engine):
         assert lengths == sorted(lengths, reverse=True)
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    return LlamaForCausalLM(config).eval()
+def test_only_sdpa_models_switch_and_plain_calls_stay_plain(tokenizer):
+    def tiny_llama() -> LlamaForCausalLM:  # each with a config of its own: switching mutates it
+        return LlamaForCausalLM(LlamaConfig(**tiny_llama_settings(tokenizer))).eval()
 
-
-def test_only_sdpa_models_switch_and_plain_calls_stay_plain():
     sdpa = tiny_llama()
     assert attention.install(sdpa) and sdpa.config._attn_implementation == ATTENTION_NAME
     eager = tiny_llama()
