@@ -134,9 +134,13 @@ class Batch:
         return [row.adapter for row in self.rows]
 
     @property
-    def lengths(self) -> torch.Tensor:
-        """[B] real (non-padding) tokens per row covered by the attention mask."""
-        return self.attention_mask.sum(dim=1)
+    def lengths(self) -> list[int]:
+        """Real (non-padding) tokens per row covered by the attention mask:
+        each row's prompt and the tokens it has generated, each fed back once
+        sampled (inside `Engine.step`, between sampling and `append`, a row's
+        newest token is counted already). Known on the host, so reading it
+        never waits for a GPU."""
+        return [row.prompt_length + row.completion_tokens for row in self.rows]
 
     @property
     def can_concatenate(self) -> bool:
@@ -211,7 +215,7 @@ class Batch:
             shape[dim] = missing
             return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-        lengths = torch.cat([b.lengths for b in batches]).tolist()
+        lengths = [length for b in batches for length in b.lengths]
         # longest first (stable): the rows stay sorted as they all grow by one
         # token a step, so decode attention can skip padding by groups
         order = sorted(range(len(lengths)), key=lambda row: -lengths[row])

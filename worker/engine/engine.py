@@ -439,7 +439,7 @@ class Engine:
     def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
         windows = None
         if self._windowed_attention and batch.input_ids.shape[1] == 1:
-            windows = plan_windows(batch.lengths.tolist(), batch.attention_mask.shape[1])
+            windows = plan_windows(batch.lengths, batch.attention_mask.shape[1])
         return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

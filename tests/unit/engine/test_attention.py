@@ -84,8 +84,9 @@ def test_the_running_batch_stays_sorted_longest_first(engine):
     for key, text in enumerate(["a b", "word " * 30, "Hello there friend", "word " * 60]):
         engine.add([RowRequest(key=key, prompt_ids=engine.encode_prompt(text), params=params)])
         engine.step()
-        lengths = engine._batch.lengths.tolist()
+        lengths = engine._batch.lengths
         assert lengths == sorted(lengths, reverse=True)
+        assert lengths == engine._batch.attention_mask.sum(dim=1).tolist()
 
 
 def test_only_sdpa_models_switch_and_plain_calls_stay_plain(tokenizer):

@@ -54,6 +54,8 @@ def run(engine: Engine, rows: list[RowRequest]) -> dict[Hashable, Completion]:
     completions: dict[Hashable, Completion] = {}
     while engine.has_work:
         collect(engine.step(), completions)
+        if engine._batch is not None:  # the host's row lengths (attention groups) match the mask
+            assert engine._batch.lengths == engine._batch.attention_mask.sum(dim=1).tolist()
     return completions
 
 

@@ -85,6 +85,8 @@ def run(engine: Engine, rows: list[RowRequest]) -> dict[Hashable, list[int]]:
         for output in engine.step():
             if output.token_id is not None:
                 tokens[output.key].append(output.token_id)
+        if engine._batch is not None:  # the host's row lengths (attention groups) match the mask
+            assert engine._batch.lengths == engine._batch.attention_mask.sum(dim=1).tolist()
     return tokens
 
 
