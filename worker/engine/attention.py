@@ -79,7 +79,8 @@ def windowed_sdpa(
     row_windows: Windows | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if row_windows is None or query.shape[2] != 1:
+    if row_windows is None or query.shape[2] != 1 or kwargs.get("position_bias") is not None:
+        # prefill, or a model adding a per-position bias (which the groups would have to slice too)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
     for first, end, tokens in row_windows:
