@@ -132,8 +132,8 @@ def paired_ratios(continuous: list[dict], micro: list[dict]) -> dict:
         tokens = [round(c[rate]["tokens_per_s"] / m[rate]["tokens_per_s"], 3) for c, m in pairs]
         ttft = [round(c[rate]["ttft_p99_s"] / m[rate]["ttft_p99_s"], 3) for c, m in pairs]
         ratios[rate] = {
-            "tokens_per_s": statistics.median(tokens),
-            "ttft_p99": statistics.median(ttft),
+            "tokens_per_s": round(statistics.median(tokens), 3),
+            "ttft_p99": round(statistics.median(ttft), 3),
             **({"tokens_per_s_runs": tokens, "ttft_p99_runs": ttft} if len(pairs) > 1 else {}),
         }
     return ratios
