@@ -109,9 +109,7 @@ class GrowingLayer(DynamicLayer):
         `drop_left` token columns: rows behind the first dropped one move up
         within the buffer, the dropped columns are left behind the view's start."""
         if not self._owns_views() or any(b <= a for a, b in itertools.pairwise(keep)):
-            index = torch.tensor(list(keep), dtype=torch.long, device=self.keys.device)
-            self.keys = self.keys[index, :, drop_left:]
-            self.values = self.values[index, :, drop_left:]
+            copy_rows(self, keep, drop_left)
             return
         start, end = self._start + drop_left, self._end
         for target, source in enumerate(keep):
@@ -184,9 +182,15 @@ def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) ->
         if isinstance(layer, GrowingLayer):
             layer.keep_rows(keep, drop_left)
         else:
-            index = torch.tensor(list(keep), dtype=torch.long, device=layer.keys.device)
-            layer.keys = layer.keys[index, :, drop_left:]
-            layer.values = layer.values[index, :, drop_left:]
+            copy_rows(layer, keep, drop_left)
+
+
+def copy_rows(layer: DynamicLayer, keep: Sequence[int], drop_left: int) -> None:
+    """Give `layer` copies of its rows `keep` (in that order), less their
+    first `drop_left` token columns."""
+    index = torch.tensor(list(keep), dtype=torch.long, device=layer.keys.device)
+    layer.keys = layer.keys[index, :, drop_left:]
+    layer.values = layer.values[index, :, drop_left:]
 
 
 def merge_caches(caches: Sequence[DynamicCache], width: int, order: Sequence[int]) -> DynamicCache:
