@@ -169,7 +169,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="mmserve's --quantize")
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8", "int4"], help="mmserve's --quantize"
+    )
     parser.add_argument(
         "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
     )

@@ -1,6 +1,6 @@
 """mmserve's HTTP streaming path vs llama.cpp (llama-cpp-python) on the same GGUF model.
 
-    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--quantize none int8]
+    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--quantize none int8 int4]
 
 One run, the same prompts (chat template, token ids from the bundled model's tokenizer) and
 the same greedy 64-token workload everywhere (mmserve: min_new_tokens = max_new_tokens;
@@ -8,7 +8,7 @@ llama.cpp: end-of-generation tokens banned, so every row also makes exactly 64 t
 
 - mmserve: `mmserve serve` with the bundled default model, streaming HTTP clients at
   concurrency 1 and 8, once per `--quantize` setting asked for (default: the unquantized
-  default and `--quantize int8`);
+  default, `--quantize int8` and `--quantize int4`);
 - llama.cpp, high-level API (`Llama(...)(prompt_ids, max_tokens=64, temperature=0)`), one
   prompt at a time (batch 1);
 - llama.cpp, low-level batched C API: 8 sequences in one `llama_batch`, one `llama_decode`
@@ -293,6 +293,18 @@ def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
     return report
 
 
+def worker_dtype(dtype: str, quantize: str) -> str:
+    """The dtype a worker computes in with these flags (as its /reader_groups entry says)."""
+    from shared.settings import WorkerSettings
+    from worker.engine.adapters import AdapterCatalog
+    from worker.main import compute_dtype
+    from worker.model_loading import resolve_device, resolve_dtype
+
+    settings = WorkerSettings(redis_url="unused", dtype=dtype, quantize=quantize)
+    resolved = resolve_dtype(compute_dtype(settings, AdapterCatalog()), resolve_device("auto"))
+    return str(resolved).removeprefix("torch.")
+
+
 def ratio(a: dict, b: dict) -> float | None:
     if "tokens_per_s" in a and "tokens_per_s" in b:
         return round(a["tokens_per_s"] / b["tokens_per_s"], 3)
@@ -307,8 +319,8 @@ def main() -> None:
     parser.add_argument(
         "--quantize",
         nargs="+",
-        default=["none", "int8"],
-        choices=["none", "int8"],
+        default=["none", "int8", "int4"],
+        choices=["none", "int8", "int4"],
         help="mmserve's --quantize settings to run (each its own mmserve serve)",
     )
     parser.add_argument(
@@ -326,7 +338,6 @@ def main() -> None:
     import torch
 
     from worker.main import default_threads
-    from worker.model_loading import resolve_device, resolve_dtype
 
     args.threads = args.threads or default_threads(1)
     prompts, eog = prompt_ids_and_eog()
@@ -335,12 +346,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "greedy": True,
         "threads": {"mmserve_worker_torch": args.threads, "llama_cpp_n_threads": args.threads},
-        "mmserve_dtype": {
-            quantize: "float32"
-            if quantize != "none"
-            else str(resolve_dtype(args.dtype, resolve_device("auto"))).removeprefix("torch.")
-            for quantize in args.quantize
-        },
+        "mmserve_dtype": {quantize: worker_dtype(args.dtype, quantize) for quantize in args.quantize},
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),

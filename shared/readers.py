@@ -53,7 +53,7 @@ class ReaderInfo(BaseModel):
     hostname: str = ""
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str = Field("none", description="Weight quantization: none, or int8 (--quantize).")
+    quantization: str = Field("none", description="Weight quantization: none, int8 or int4 (--quantize).")
     threads: int | None = None
     max_batch_size: int = limits.DEFAULT_MAX_BATCH_SIZE
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS

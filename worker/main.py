@@ -62,12 +62,18 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
     """The --dtype to load the model in, checked against --quantize before the model loads."""
     if settings.quantize == "none":
         return settings.dtype
+    if not catalog.empty:
+        raise ValueError("LoRA adapters need the unquantized model: drop --quantize or the --lora flags")
+    if settings.quantize == "int4":
+        if settings.dtype not in ("auto", "bfloat16"):
+            raise ValueError(
+                f"--quantize int4 computes in bfloat16: leave --dtype auto, not {settings.dtype}"
+            )
+        return "bfloat16"  # quantize() refuses it where the CPU has no bfloat16
     if settings.dtype not in ("auto", "float32"):
         raise ValueError(
             f"--quantize {settings.quantize} computes in float32: leave --dtype auto, not {settings.dtype}"
         )
-    if not catalog.empty:
-        raise ValueError("LoRA adapters need the unquantized model: drop --quantize or the --lora flags")
     return "float32"  # quantized from full-precision weights, not from bfloat16-rounded ones
 
 

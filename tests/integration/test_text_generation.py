@@ -189,12 +189,13 @@ def test_management_lists_the_worker(server):
     assert requests.get(server.url + "/readyz").status_code == 200
 
 
-def test_a_worker_with_int8_weights_answers_and_says_so(start_worker, start_api):
-    start_worker("--quantize", "int8", group="int8")
+@pytest.mark.parametrize(("kind", "dtype"), [("int8", "float32"), ("int4", "bfloat16")])
+def test_a_worker_with_quantized_weights_answers_and_says_so(start_worker, start_api, kind, dtype):
+    start_worker("--quantize", kind, "--dtype", dtype, group=kind)  # the last --dtype wins
     api = start_api()
-    payload = {"text": PROMPTS[1], "max_new_tokens": 6, "consumer_group": "int8"}
+    payload = {"text": PROMPTS[1], "max_new_tokens": 6, "consumer_group": kind}
     response = requests.post(api.url + "/generate", json=payload)
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["text"], str)
-    (reader,) = requests.get(api.management_url + "/reader_groups", timeout=5).json()["int8"]
-    assert (reader["quantization"], reader["dtype"]) == ("int8", "float32")
+    (reader,) = requests.get(api.management_url + "/reader_groups", timeout=5).json()[kind]
+    assert (reader["quantization"], reader["dtype"]) == (kind, dtype)

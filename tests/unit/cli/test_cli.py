@@ -136,6 +136,20 @@ def test_quantize_int8_loads_full_precision_weights_and_refuses_what_it_cannot_h
     )
 
 
+def test_quantize_int4_loads_bfloat16_weights_and_refuses_other_dtypes(tmp_path):
+    from worker.engine.adapters import AdapterCatalog
+
+    settings = WorkerSettings(redis_url="redis://x", quantize="int4")
+    assert worker_main.compute_dtype(settings, AdapterCatalog()) == "bfloat16"
+    for dtype in ("float32", "float16"):
+        with pytest.raises(ValueError, match="bfloat16"):
+            worker_main.compute_dtype(
+                WorkerSettings(redis_url="x", quantize="int4", dtype=dtype), AdapterCatalog()
+            )
+    with pytest.raises(ValueError, match="LoRA"):
+        worker_main.compute_dtype(settings, AdapterCatalog(directory=tmp_path))
+
+
 def test_pack_weights_reaches_the_worker_and_decides_how_its_model_loads(monkeypatch, tiny_model_dir):
     import torch
     from torch import nn
