@@ -21,6 +21,9 @@ to safetensors once). llama.cpp's n_threads and mmserve's --threads are the same
 (default: what `mmserve serve` picks). llama-cpp-python is optional
 (`pip install -e .[llamacpp]`); without it the llama.cpp parts are reported as skipped.
 --busy runs everything with one extra busy process (`python -c "while True: pass"`).
+--repeats N runs the whole set N times in turn and reports medians (each ratio the median of
+the ratios within a run, whose parts ran minutes apart); on a shared, noisy machine single
+runs of the same code differed by a fifth or more.
 Prints one JSON document."""
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -305,6 +309,32 @@ def worker_dtype(dtype: str, quantize: str) -> str:
     return str(resolved).removeprefix("torch.")
 
 
+def ratios(run: dict) -> dict:
+    """mmserve over llama.cpp within one run (both measured back to back)."""
+    ll = run["llama_cpp"]
+    return {
+        f"quantize_{quantize}": {
+            "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
+            "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
+            "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
+            "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
+        }
+        for quantize, mm in run["mmserve_http"].items()
+    }
+
+
+def median_of(values: list):
+    """The runs' figures merged: each number the median over the runs (ratios too, so
+    a ratio is the median of ratios taken within a run), anything else the first run's."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: median_of([value.get(key) for value in values]) for key in first}
+    numbers = [value for value in values if isinstance(value, int | float) and not isinstance(value, bool)]
+    if len(numbers) == len(values) and not isinstance(first, bool):
+        return round(statistics.median(numbers), 3)
+    return first
+
+
 def ratio(a: dict, b: dict) -> float | None:
     if "tokens_per_s" in a and "tokens_per_s" in b:
         return round(a["tokens_per_s"] / b["tokens_per_s"], 3)
@@ -333,6 +363,12 @@ def main() -> None:
         help="mmserve --threads and llama.cpp n_threads (default: what `mmserve serve` picks)",
     )
     parser.add_argument("--busy", action="store_true", help="one extra busy process during the run")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run everything this many times, in turn; figures are medians, ratios medians of each run's",
+    )
     args = parser.parse_args()
 
     import torch
@@ -356,24 +392,23 @@ def main() -> None:
     busy = None
     if args.busy:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    runs = []
     try:
-        report["mmserve_http"] = {quantize: bench_mmserve(args, quantize) for quantize in args.quantize}
-        report["llama_cpp"] = bench_llama(args, prompts, eog)
+        for _ in range(args.repeats):
+            run = {
+                "mmserve_http": {quantize: bench_mmserve(args, quantize) for quantize in args.quantize},
+                "llama_cpp": bench_llama(args, prompts, eog),
+            }
+            run["ratios"] = ratios(run)
+            runs.append(run)
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
-
-    ll = report["llama_cpp"]
-    report["ratios"] = {
-        f"quantize_{quantize}": {
-            "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
-            "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
-            "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
-            "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
-        }
-        for quantize, mm in report["mmserve_http"].items()
-    }
+    report.update(median_of(runs))  # one run: that run
+    if len(runs) > 1:
+        report["repeats"] = len(runs)
+        report["runs"] = runs
     print(json.dumps(report, indent=2))
 
 
