@@ -1,0 +1,159 @@
+"""What `--quantize` and `--dtype` do to the bundled model's answers and decode speed.
+
+    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4] [--repeats 3]
+
+Every setting is loaded as a worker loads it (`load_for_serving`: quantized, weights
+packed) and runs the engine in-process, 1 torch thread:
+
+- quality: greedy completions (48 tokens, forced) of the chat-templated prompts, one
+  prompt at a time, compared with the unquantized model in float32: per prompt, how
+  many leading tokens equal float32's (48 = all);
+- speed: the mean decode step at batch 1 and batch 8 over 32 steps after 4 warm-up
+  steps; the settings take turns, --repeats times, and each figure is the median.
+
+Prints one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.throughput import PROMPTS
+from shared.settings import WorkerSettings
+from worker.engine.engine import Engine
+from worker.engine.rows import GenerationParams, RowRequest
+from worker.main import load_for_serving
+
+QUALITY_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "Who wrote Hamlet?",
+    *PROMPTS,
+]
+REFERENCE = "none:float32"
+
+
+def load(setting: str) -> Engine:
+    quantize, _, dtype = setting.partition(":")
+    loaded = load_for_serving(WorkerSettings(redis_url="unused", quantize=quantize, dtype=dtype or "auto"))
+    return Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+
+
+def greedy(engine: Engine, new_tokens: int) -> list[list[int]]:
+    params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    completions = []
+    for prompt in QUALITY_PROMPTS:
+        engine.add(
+            [
+                RowRequest(
+                    key=0, prompt_ids=engine.encode_prompt(prompt, use_chat_template=True), params=params
+                )
+            ]
+        )
+        tokens = []
+        while engine.has_work:
+            tokens += [output.token_id for output in engine.step() if output.token_id is not None]
+        completions.append(tokens)
+    return completions
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    count = 0
+    while count < min(len(a), len(b)) and a[count] == b[count]:
+        count += 1
+    return count
+
+
+def step_ms(engine: Engine, rows: int, steps: int = 32) -> float:
+    params = GenerationParams(max_new_tokens=steps + 8, min_new_tokens=steps + 8)
+    engine.add(
+        [
+            RowRequest(
+                key=i, prompt_ids=engine.encode_prompt(PROMPTS[i], use_chat_template=True), params=params
+            )
+            for i in range(rows)
+        ]
+    )
+    for _ in range(5):  # the prefill, then warm-up steps
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    engine.clear()
+    return elapsed / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["none:bfloat16", "int8", "int4"],
+        help="quantize[:dtype] settings to compare with float32 (default: bfloat16, int8, int4)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    engines = {setting: load(setting) for setting in [REFERENCE, *args.settings]}
+    reference = greedy(engines[REFERENCE], args.new_tokens)
+    quality = {}
+    for setting in args.settings:
+        leading = [
+            leading_equal(a, b)
+            for a, b in zip(reference, greedy(engines[setting], args.new_tokens), strict=True)
+        ]
+        quality[setting] = {
+            "leading_tokens_equal_to_float32": leading,
+            "mean": round(statistics.fmean(leading), 1),
+            "prompts_all_equal": sum(n == args.new_tokens for n in leading),
+        }
+    times: dict[str, dict[int, list[float]]] = {s: {1: [], 8: []} for s in engines}
+    for _ in range(args.repeats):
+        for setting, engine in engines.items():
+            for rows in (1, 8):
+                times[setting][rows].append(step_ms(engine, rows))
+    speed = {
+        setting: {
+            f"batch{rows}": {
+                "step_ms": round(statistics.median(values), 1),
+                "tokens_per_s": round(rows * 1000 / statistics.median(values), 1),
+                "runs_ms": [round(v, 1) for v in values],
+            }
+            for rows, values in by_rows.items()
+        }
+        for setting, by_rows in times.items()
+    }
+    print(
+        json.dumps(
+            {
+                "model": "bundled SmolLM2-135M-Instruct",
+                "threads": 1,
+                "torch": torch.__version__,
+                "cpu_count": os.cpu_count(),
+                "machine": platform.machine(),
+                "prompts": len(QUALITY_PROMPTS),
+                "new_tokens": args.new_tokens,
+                "quality": quality,
+                "speed": speed,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
