@@ -158,7 +158,7 @@ WORKER_OPTIONS = [
         help="int8 = int8 weights in every linear layer but the output head (CPU only; faster, "
         "answers differ from the unquantized model's). int4 = 4-bit weights (groups of 32) in "
         "every linear layer but the head, used for decode steps of <= 4 rows (CPU, bfloat16; "
-        "~2x faster at batch 1, 1.25x bfloat16's weight memory).",
+        "~1.7x faster decode steps at batch 1, 1.25x bfloat16's weight memory).",
     ),
     _option(
         "--pack-weights",

@@ -38,9 +38,7 @@ class WorkerSettings:
     prefill_width_multiple: int = 1  # >1: prompts left-padded to a multiple of this many tokens
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str = (
-        "none"  # "int8": dynamic int8 linear layers; "int4": 4-bit weights for small batches (CPU)
-    )
+    quantize: str = "none"  # "int8" or "int4" (CPU only), see worker/quantization.py
     pack_weights: str = "auto"  # "auto": bfloat16 linear weights pre-packed for oneDNN on a CPU; "off"
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from worker.layer_swap import replace_linear_layers
+
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -184,24 +186,15 @@ def quantize(model: PreTrainedModel, kind: str) -> int:
 
 def _quantize_int4(model: PreTrainedModel) -> int:
     head = model.get_output_embeddings()
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and child is not head and Int4Linear.applies(child)
-    ]
-    quantized: dict[int, Int4Linear] = {}  # a layer shared by two parents is quantized once
-    for parent, name, child in targets:
-        if id(child) not in quantized:
-            quantized[id(child)] = Int4Linear(child)
-        setattr(parent, name, quantized[id(child)])
-    skipped = sum(type(module) is nn.Linear for module in model.modules())
+    count = replace_linear_layers(
+        model, lambda layer: layer is not head and Int4Linear.applies(layer), Int4Linear
+    )
     log.info(
         "quantized %d linear layers to int4 (groups of %d weights; products of <= %d rows take the int4 "
         "kernel); %d layer(s) stay bfloat16 (the output head, and shapes the kernel does not take)",
-        len(quantized),
+        count,
         INT4_GROUP_SIZE,
         INT4_MAX_ROWS,
-        skipped,
+        sum(type(module) is nn.Linear for module in model.modules()),
     )
-    return len(quantized)
+    return count
