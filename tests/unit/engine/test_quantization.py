@@ -15,12 +15,25 @@ from worker.quantization import INT4_MAX_ROWS, BFloat16Head, Int4Linear, quantiz
 from worker.weight_packing import PackedLinear, pack_weights, packing_applies
 
 
+def quantized_model(model_dir, dtype: torch.dtype, kind: str):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    linear_layers = sum(isinstance(module, nn.Linear) for module in model.modules())
+    assert quantize(model, kind) == linear_layers - 1  # all but the output head
+    return model
+
+
+def assert_engine_equals_generate_one_row_at_a_time(model, tokenizer) -> None:
+    engine = Engine(model, tokenizer)
+    params = GenerationParams(max_new_tokens=10, min_new_tokens=10)
+    for prompt in PROMPTS:
+        ids = engine.encode_prompt(prompt)
+        (completion,) = run(engine, [RowRequest(key=0, prompt_ids=ids, params=params)]).values()
+        assert completion.tokens == hf_greedy(model, ids, 10, min_new_tokens=10)
+
+
 @pytest.fixture
 def quantized(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    linear_layers = sum(isinstance(module, nn.Linear) for module in model.modules())
-    assert quantize(model, "int8") == linear_layers - 1  # all but the output head
-    return model
+    return quantized_model(tiny_model_dir, torch.float32, "int8")
 
 
 def test_every_linear_layer_but_the_head_is_int8(quantized):
@@ -36,12 +49,7 @@ def test_every_linear_layer_but_the_head_is_int8(quantized):
 def test_the_engine_over_a_quantized_model_equals_its_generate(quantized, tokenizer):
     # One row at a time: the quantized layers scale activations per call, so a
     # row's rounding depends on the other rows of its batch (see README).
-    engine = Engine(quantized, tokenizer)
-    params = GenerationParams(max_new_tokens=10, min_new_tokens=10)
-    for prompt in PROMPTS:
-        ids = engine.encode_prompt(prompt)
-        (completion,) = run(engine, [RowRequest(key=0, prompt_ids=ids, params=params)]).values()
-        assert completion.tokens == hf_greedy(quantized, ids, 10, min_new_tokens=10)
+    assert_engine_equals_generate_one_row_at_a_time(quantized, tokenizer)
 
 
 def test_quantization_changes_answers_but_not_their_shape(quantized, tiny_model, tokenizer):
@@ -82,10 +90,7 @@ def test_the_bfloat16_head_of_an_int8_model_is_packed_alone(tiny_model_dir, quan
 
 @pytest.fixture
 def int4_model(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
-    linear_layers = sum(isinstance(module, nn.Linear) for module in model.modules())
-    assert quantize(model, "int4") == linear_layers - 1  # all but the output head
-    return model
+    return quantized_model(tiny_model_dir, torch.bfloat16, "int4")
 
 
 def test_int4_quantizes_every_linear_layer_but_the_head(int4_model):
@@ -133,12 +138,7 @@ def test_small_products_take_the_int4_kernel_and_large_ones_the_expanded_copy():
 def test_the_engine_over_an_int4_model_equals_its_generate(int4_model, tokenizer):
     # One row at a time: generate's decode steps then take the int4 kernel as the engine's
     # do; a bigger batch would take the bfloat16 copy, equal only up to rounding.
-    engine = Engine(int4_model, tokenizer)
-    params = GenerationParams(max_new_tokens=10, min_new_tokens=10)
-    for prompt in PROMPTS:
-        ids = engine.encode_prompt(prompt)
-        (completion,) = run(engine, [RowRequest(key=0, prompt_ids=ids, params=params)]).values()
-        assert completion.tokens == hf_greedy(int4_model, ids, 10, min_new_tokens=10)
+    assert_engine_equals_generate_one_row_at_a_time(int4_model, tokenizer)
 
 
 def test_int4_needs_a_bfloat16_model(tiny_model_dir):
