@@ -48,7 +48,7 @@ QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # weights per scale and zero point along a row, as in GGUF's Q4_0/Q4_1 blocks
 # Products of up to this many rows take the int4 kernel. Measured on this project's
 # development machine (1 thread, bundled model's layer shapes): at 4 rows int4 was
-# 1.1-2x faster than packed bfloat16 per layer, at 8 rows 1.3x slower.
+# 1.2-2x faster than packed bfloat16 per layer, at 8 rows 1.3x slower.
 INT4_MAX_ROWS = 4
 
 
