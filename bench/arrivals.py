@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
 
+from bench.repeats import median_of
 from mmserve.redis_server import RedisServer
 from shared import events, jobs, keys, limits, readers
 from shared.payload import GenerateRequest, GenerationJob
@@ -112,14 +113,6 @@ def summarise(traces: list[dict]) -> dict:
         "ttft_mean_s": round(statistics.fmean(ttfts), 3),
         "token_latency_p50_s": round(percentile(gaps, 50), 4),
         "token_latency_p99_s": round(percentile(gaps, 99), 4),
-    }
-
-
-def median_summary(results: list[dict]) -> dict:
-    """{rate: summary} of several runs: each figure the median over the runs."""
-    return {
-        rate: {key: round(statistics.median(run[rate][key] for run in results), 4) for key in summary}
-        for rate, summary in results[0].items()
     }
 
 
@@ -485,7 +478,7 @@ def main() -> None:
         finally:
             server.stop()
         for mode, results in runs.items():
-            report["modes"][mode] = median_summary(results)
+            report["modes"][mode] = median_of(results, digits=4)
         if args.repeats > 1:
             report["runs"] = runs
 

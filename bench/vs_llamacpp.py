@@ -1,6 +1,7 @@
 """mmserve's HTTP streaming path vs llama.cpp (llama-cpp-python) on the same GGUF model.
 
-    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--quantize none int8 int4]
+    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--repeats 3]
+        [--quantize none int8 int4]
 
 One run, the same prompts (chat template, token ids from the bundled model's tokenizer) and
 the same greedy 64-token workload everywhere (mmserve: min_new_tokens = max_new_tokens;
@@ -35,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.repeats import median_of
 from bench.throughput import PROMPTS, bench_http
 from tests.serving import ServeProcess, percentile
 
@@ -92,7 +93,7 @@ def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
 def bench_mmserve(args, quantize: str) -> dict:
     server = ServeProcess.for_benchmark(
         max_batch_size=BATCHED_SEQUENCES,
-        dtype=args.dtype if quantize == "none" else "auto",
+        dtype=dtype_flag(args.dtype, quantize),
         threads=args.threads,
         quantize=quantize,
         pack_weights=args.pack_weights,
@@ -297,6 +298,12 @@ def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
     return report
 
 
+def dtype_flag(dtype: str, quantize: str) -> str:
+    """The --dtype mmserve runs with: the one asked for, unquantized; `auto` (what the
+    quantization computes in) with --quantize."""
+    return dtype if quantize == "none" else "auto"
+
+
 def worker_dtype(dtype: str, quantize: str) -> str:
     """The dtype a worker computes in with these flags (as its /reader_groups entry says)."""
     from shared.settings import WorkerSettings
@@ -304,7 +311,7 @@ def worker_dtype(dtype: str, quantize: str) -> str:
     from worker.main import compute_dtype
     from worker.model_loading import resolve_device, resolve_dtype
 
-    settings = WorkerSettings(redis_url="unused", dtype=dtype, quantize=quantize)
+    settings = WorkerSettings(redis_url="unused", dtype=dtype_flag(dtype, quantize), quantize=quantize)
     resolved = resolve_dtype(compute_dtype(settings, AdapterCatalog()), resolve_device("auto"))
     return str(resolved).removeprefix("torch.")
 
@@ -321,18 +328,6 @@ def ratios(run: dict) -> dict:
         }
         for quantize, mm in run["mmserve_http"].items()
     }
-
-
-def median_of(values: list):
-    """The runs' figures merged: each number the median over the runs (ratios too, so
-    a ratio is the median of ratios taken within a run), anything else the first run's."""
-    first = values[0]
-    if isinstance(first, dict):
-        return {key: median_of([value.get(key) for value in values]) for key in first}
-    numbers = [value for value in values if isinstance(value, int | float) and not isinstance(value, bool)]
-    if len(numbers) == len(values) and not isinstance(first, bool):
-        return round(statistics.median(numbers), 3)
-    return first
 
 
 def ratio(a: dict, b: dict) -> float | None:

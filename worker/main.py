@@ -69,7 +69,7 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
             raise ValueError(
                 f"--quantize int4 computes in bfloat16: leave --dtype auto, not {settings.dtype}"
             )
-        return "bfloat16"  # quantize() refuses it where the CPU has no bfloat16
+        return "bfloat16"  # the int4 kernel's dtype, whatever --dtype auto would pick
     if settings.dtype not in ("auto", "float32"):
         raise ValueError(
             f"--quantize {settings.quantize} computes in float32: leave --dtype auto, not {settings.dtype}"
