@@ -110,8 +110,9 @@ def lora_engine(args, directory: Path, max_loaded: int):
     from worker.engine.adapters import AdapterCatalog, LoraAdapters
     from worker.engine.engine import Engine
 
-    loaded = served_model(args)  # PEFT wraps the model in place: a fresh one
-    adapters = LoraAdapters(loaded.model, AdapterCatalog(directory=directory), max_loaded=max_loaded)
+    catalog = AdapterCatalog(directory=directory)
+    loaded = served_model(args, catalog)  # PEFT wraps the model in place: a fresh one
+    adapters = LoraAdapters(loaded.model, catalog, max_loaded=max_loaded)
     return Engine(loaded.model, loaded.tokenizer, device=loaded.device, adapters=adapters)
 
 
@@ -193,15 +194,16 @@ def run_batch(engine, prompts, params, adapters: list[str | None], tag) -> tuple
     return time.perf_counter() - started, tokens, outputs
 
 
-def served_model(args):
-    """The model as a worker serves it (weights packed unless --pack-weights off)."""
+def served_model(args, catalog=None):
+    """The model as a worker serves it (weights packed unless --pack-weights off),
+    one serving the adapters of `catalog` if given (its layers not fused)."""
     from shared.settings import WorkerSettings
     from worker.main import load_for_serving
 
     settings = WorkerSettings(
         redis_url="", model=args.model, dtype=args.dtype, pack_weights=args.pack_weights
     )
-    return load_for_serving(settings)
+    return load_for_serving(settings, catalog)
 
 
 def bench_decode(args, directory: Path) -> tuple[list[dict], dict]:

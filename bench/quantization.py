@@ -1,9 +1,10 @@
-"""What `--quantize` and `--dtype` do to the bundled model's answers and decode speed.
+"""What `--quantize`, `--dtype` and `--fuse-layers` do to the bundled model's answers and speed.
 
-    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4] [--repeats 3]
+    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4 int4::off] [--repeats 3]
 
-Every setting is loaded as a worker loads it (`load_for_serving`: quantized, weights
-packed) and runs the engine in-process, 1 torch thread:
+A setting is `quantize[:dtype[:fuse_layers]]` (empty parts: the defaults, `auto`). Every
+setting is loaded as a worker loads it (`load_for_serving`: layers fused unless `off`,
+quantized, weights packed) and runs the engine in-process, 1 torch thread:
 
 - quality: greedy completions (48 tokens, forced) of the chat-templated prompts, one
   prompt at a time, compared with the unquantized model in float32: per prompt, how
@@ -45,8 +46,12 @@ REFERENCE = "none:float32"
 
 
 def load(setting: str) -> Engine:
-    quantize, _, dtype = setting.partition(":")
-    loaded = load_for_serving(WorkerSettings(redis_url="unused", quantize=quantize, dtype=dtype or "auto"))
+    quantize, dtype, fuse_layers = [*setting.split(":"), "", ""][:3]
+    loaded = load_for_serving(
+        WorkerSettings(
+            redis_url="unused", quantize=quantize, dtype=dtype or "auto", fuse_layers=fuse_layers or "auto"
+        )
+    )
     return Engine(loaded.model, loaded.tokenizer, device=loaded.device)
 
 
@@ -101,7 +106,8 @@ def main() -> None:
         "--settings",
         nargs="+",
         default=["none:bfloat16", "int8", "int4"],
-        help="quantize[:dtype] settings to compare with float32 (default: bfloat16, int8, int4)",
+        help="quantize[:dtype[:fuse_layers]] settings to compare with float32 "
+        "(default: bfloat16, int8, int4)",
     )
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)

@@ -168,6 +168,14 @@ WORKER_OPTIONS = [
         "(same results, faster decode); off = torch's default linear.",
     ),
     _option(
+        "--fuse-layers",
+        default="auto",
+        type=click.Choice(["auto", "off"]),
+        help="auto = Llama-architecture decoder layers run as one module each, their query/key/value "
+        "and gate/up projections stacked (same answers, faster decode; not with LoRA adapters); "
+        "off = transformers' own layers.",
+    ),
+    _option(
         "--threads",
         default=None,
         type=click.IntRange(1),

@@ -40,6 +40,7 @@ class WorkerSettings:
     dtype: str = "auto"
     quantize: str = "none"  # "int8" or "int4" (CPU only), see worker/quantization.py
     pack_weights: str = "auto"  # "auto": bfloat16 linear weights pre-packed for oneDNN on a CPU; "off"
+    fuse_layers: str = "auto"  # "auto": Llama decoder layers run fused (worker/fused_layers.py); "off"
     threads: int | None = None  # None = chosen from the core count
     cache_dir: str | None = None  # where converted models are kept
     reader_id: str | None = None  # None = <consumer_group>-<random>

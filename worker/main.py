@@ -19,6 +19,7 @@ from shared.settings import WorkerSettings
 from worker.batch_worker import BatchWorker
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
+from worker.fused_layers import fuse_layers
 from worker.model_loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.quantization import quantize
 from worker.reader import ReaderHeartbeat
@@ -79,9 +80,16 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
 
 def load_for_serving(settings: WorkerSettings, catalog: AdapterCatalog | None = None) -> LoadedModel:
     """The model as a worker serves it: loaded in the dtype `compute_dtype`
-    picks, quantized (--quantize) and its weights packed (--pack-weights)."""
-    dtype = compute_dtype(settings, catalog or AdapterCatalog())
+    picks, its decoder layers fused (--fuse-layers, not when it serves LoRA
+    adapters from `catalog`: they adapt the separate projections), quantized
+    (--quantize) and its weights packed (--pack-weights)."""
+    catalog = catalog or AdapterCatalog()
+    dtype = compute_dtype(settings, catalog)
     loaded = load_model(settings.model, device=settings.device, dtype=dtype, cache_root=settings.cache_dir)
+    if catalog.empty:
+        fuse_layers(loaded.model, settings.fuse_layers)
+    elif settings.fuse_layers != "off":
+        log.info("decoder layers not fused: LoRA adapters adapt their separate projections")
     quantize(loaded.model, settings.quantize)
     pack_weights(loaded.model, settings.pack_weights)
     return loaded

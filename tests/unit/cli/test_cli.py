@@ -61,6 +61,7 @@ def test_every_flag_is_in_the_help():
             "--max-loras",
             "--quantize",
             "--pack-weights",
+            "--fuse-layers",
             "--prefill-width-multiple",
         ],
     }.items():
@@ -165,6 +166,10 @@ def test_pack_weights_reaches_the_worker_and_decides_how_its_model_loads(monkeyp
     assert seen["settings"].pack_weights == "off"
     argv = cli._worker_argv("redis://x", {"pack_weights": "off"}, "INFO", "text")
     assert argv[-2:] == ["--pack-weights", "off"]
+    seen.clear()
+    result = CliRunner().invoke(cli.main, ["worker", "--redis-url", "redis://x", "--fuse-layers", "off"])
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].fuse_layers == "off"
 
     def packed_layers(**flags) -> int:
         settings = WorkerSettings(redis_url="x", model=str(tiny_model_dir), dtype="bfloat16", **flags)
