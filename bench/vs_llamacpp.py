@@ -92,6 +92,8 @@ def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
 
 def bench_mmserve(args, quantize: str) -> dict:
     server = ServeProcess.for_benchmark(
+        "--fuse-layers",
+        args.fuse_layers,
         max_batch_size=BATCHED_SEQUENCES,
         dtype=dtype_flag(args.dtype, quantize),
         threads=args.threads,
@@ -352,6 +354,9 @@ def main() -> None:
         "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
     )
     parser.add_argument(
+        "--fuse-layers", default="auto", choices=["auto", "off"], help="mmserve's --fuse-layers"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -378,6 +383,7 @@ def main() -> None:
         "greedy": True,
         "threads": {"mmserve_worker_torch": args.threads, "llama_cpp_n_threads": args.threads},
         "mmserve_dtype": {quantize: worker_dtype(args.dtype, quantize) for quantize in args.quantize},
+        "mmserve_fuse_layers": args.fuse_layers,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),

@@ -59,28 +59,28 @@ def _stacked(*linears: nn.Linear) -> nn.Linear:
     return stacked
 
 
-class _SignedSine:
-    """The rotary sine with its first half negated, computed once per forward
-    (every layer of a forward gets the same `position_embeddings` tensors)."""
+class _RotaryAngles:
+    """A forward's rotary cosine and sine as every fused layer of it multiplies
+    them: split into the head's two halves, the sine's first half negated.
+    Computed once per forward (its layers all get the same `position_embeddings`)."""
 
     def __init__(self) -> None:
-        self._source: torch.Tensor | None = None
-        self._signed: torch.Tensor | None = None
+        self._source: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._angles: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, sin: torch.Tensor) -> torch.Tensor:
-        if sin is not self._source:
-            half = sin.shape[-1] // 2
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._source is None or cos is not self._source[0] or sin is not self._source[1]:
             signed = sin.clone()
-            signed[..., :half].neg_()
-            self._source, self._signed = sin, signed
-        return self._signed
+            signed[..., : sin.shape[-1] // 2].neg_()
+            self._source, self._angles = (cos, sin), (_by_halves(cos), _by_halves(signed))
+        return self._angles
 
 
 class FusedLlamaLayer(nn.Module):
     """A transformers `LlamaDecoderLayer`'s computation in one module (see the
     module's docstring); called the way transformers' `LlamaModel` calls its layers."""
 
-    def __init__(self, layer: llama.LlamaDecoderLayer, signed_sine: _SignedSine):
+    def __init__(self, layer: llama.LlamaDecoderLayer, rotary_angles: _RotaryAngles):
         super().__init__()
         attention, mlp = layer.self_attn, layer.mlp
         self.config = attention.config
@@ -100,7 +100,7 @@ class FusedLlamaLayer(nn.Module):
         self.input_norm_eps = layer.input_layernorm.variance_epsilon
         self.post_norm_weight = layer.post_attention_layernorm.weight
         self.post_norm_eps = layer.post_attention_layernorm.variance_epsilon
-        self._signed_sine = signed_sine
+        self._rotary_angles = rotary_angles
 
     @staticmethod
     def applies(layer: nn.Module) -> bool:
@@ -137,8 +137,8 @@ class FusedLlamaLayer(nn.Module):
         # rotary embedding of queries and keys together: x * cos + swap_halves(x) * signed_sin
         cos, sin = position_embeddings  # [batch or 1, length, head_dim]
         rotated_width = self.query_width + self.key_width
-        turned = qkv[..., :rotated_width].unflatten(-1, (-1, 2, self.head_dim // 2))
-        cos, signed_sin = _by_halves(cos), _by_halves(self._signed_sine(sin))
+        turned = qkv[..., :rotated_width].view(batch, length, -1, 2, self.head_dim // 2)
+        cos, signed_sin = self._rotary_angles(cos, sin)
         turned = (turned * cos + turned.flip(-2) * signed_sin).view(batch, length, -1, self.head_dim)
         query_heads = self.query_width // self.head_dim
         query = turned[:, :, :query_heads].transpose(1, 2)
@@ -163,15 +163,16 @@ class FusedLlamaLayer(nn.Module):
 
 def _by_halves(angles: torch.Tensor) -> torch.Tensor:
     """[batch, length, head_dim] -> [batch, length, 1 (every head), 2 halves, head_dim / 2]."""
-    return angles.unflatten(-1, (2, -1)).unsqueeze(-3)
+    return angles.view(*angles.shape[:-1], 1, 2, angles.shape[-1] // 2)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' `LlamaRMSNorm`, the same operations in the same order."""
+    """transformers' `LlamaRMSNorm`: the normalisation in float32 (torch's
+    `rms_norm`, which computes transformers' `x * rsqrt(mean(x^2) + eps)` in
+    one call, bit for bit), rounded to the input's dtype, times the weight."""
     dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return weight * (hidden * torch.rsqrt(variance + eps)).to(dtype)
+    normalised = nn.functional.rms_norm(hidden.to(torch.float32), (hidden.shape[-1],), None, eps)
+    return weight * normalised.to(dtype)
 
 
 def fuse_layers(model: nn.Module, fusing: str = "auto") -> int:
@@ -185,10 +186,10 @@ def fuse_layers(model: nn.Module, fusing: str = "auto") -> int:
     for module in list(model.modules()):
         if not isinstance(module, nn.ModuleList):
             continue
-        signed_sine = _SignedSine()
+        rotary_angles = _RotaryAngles()
         for index, layer in enumerate(module):
             if FusedLlamaLayer.applies(layer):
-                module[index] = FusedLlamaLayer(layer, signed_sine)
+                module[index] = FusedLlamaLayer(layer, rotary_angles)
                 count += 1
     if count:
         log.info("fused %d decoder layers (stacked projections, one module per layer)", count)
