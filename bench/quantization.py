@@ -1,6 +1,6 @@
 """What `--quantize`, `--dtype` and `--fuse-layers` do to the bundled model's answers and speed.
 
-    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4 int4::off] [--repeats 3]
+    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4 int4::off] [--steps 100]
 
 A setting is `quantize[:dtype[:fuse_layers]]` (empty parts: the defaults, `auto`). Every
 setting is loaded as a worker loads it (`load_for_serving`: layers fused unless `off`,
@@ -9,8 +9,9 @@ quantized, weights packed) and runs the engine in-process, 1 torch thread:
 - quality: greedy completions (48 tokens, forced) of the chat-templated prompts, one
   prompt at a time, compared with the unquantized model in float32: per prompt, how
   many leading tokens equal float32's (48 = all);
-- speed: the mean decode step at batch 1 and batch 8 over 32 steps after 4 warm-up
-  steps; the settings take turns, --repeats times, and each figure is the median.
+- speed: decode steps at batch 1 and batch 8 (--steps of them after 3 warm-up steps),
+  the settings taking turns step by step (so a slow moment of a noisy machine hits them
+  alike): each setting's median step and its fastest.
 
 Prints one JSON document."""
 
@@ -80,24 +81,30 @@ def leading_equal(a: list[int], b: list[int]) -> int:
     return count
 
 
-def step_ms(engine: Engine, rows: int, steps: int = 32) -> float:
+def step_times(engines: dict[str, Engine], rows: int, steps: int) -> dict[str, list[float]]:
+    """Each engine's decode steps (ms) with `rows` rows running, the engines taking
+    turns step by step, so that a slow moment of the machine hits them all alike."""
     params = GenerationParams(max_new_tokens=steps + 8, min_new_tokens=steps + 8)
-    engine.add(
-        [
-            RowRequest(
-                key=i, prompt_ids=engine.encode_prompt(PROMPTS[i], use_chat_template=True), params=params
-            )
-            for i in range(rows)
-        ]
-    )
-    for _ in range(5):  # the prefill, then warm-up steps
-        engine.step()
-    start = time.perf_counter()
+    for engine in engines.values():
+        engine.add(
+            [
+                RowRequest(
+                    key=i, prompt_ids=engine.encode_prompt(PROMPTS[i], use_chat_template=True), params=params
+                )
+                for i in range(rows)
+            ]
+        )
+        for _ in range(4):  # the prefill's first token, then warm-up steps
+            engine.step()
+    times: dict[str, list[float]] = {setting: [] for setting in engines}
     for _ in range(steps):
-        engine.step()
-    elapsed = time.perf_counter() - start
-    engine.clear()
-    return elapsed / steps * 1000
+        for setting, engine in engines.items():
+            start = time.perf_counter()
+            engine.step()
+            times[setting].append((time.perf_counter() - start) * 1000)
+    for engine in engines.values():
+        engine.clear()
+    return times
 
 
 def main() -> None:
@@ -110,7 +117,9 @@ def main() -> None:
         "(default: bfloat16, int8, int4)",
     )
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--steps", type=int, default=100, help="timed decode steps per setting and batch size"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -127,22 +136,15 @@ def main() -> None:
             "mean": round(statistics.fmean(leading), 1),
             "prompts_all_equal": sum(n == args.new_tokens for n in leading),
         }
-    times: dict[str, dict[int, list[float]]] = {s: {1: [], 8: []} for s in engines}
-    for _ in range(args.repeats):
-        for setting, engine in engines.items():
-            for rows in (1, 8):
-                times[setting][rows].append(step_ms(engine, rows))
-    speed = {
-        setting: {
-            f"batch{rows}": {
-                "step_ms": round(statistics.median(values), 1),
-                "tokens_per_s": round(rows * 1000 / statistics.median(values), 1),
-                "runs_ms": [round(v, 1) for v in values],
+    speed = {}
+    for rows in (1, 8):
+        for setting, values in step_times(engines, rows, args.steps).items():
+            median = statistics.median(values)
+            speed.setdefault(setting, {})[f"batch{rows}"] = {
+                "step_ms": round(median, 1),
+                "fastest_step_ms": round(min(values), 1),
+                "tokens_per_s": round(rows * 1000 / median, 1),
             }
-            for rows, values in by_rows.items()
-        }
-        for setting, by_rows in times.items()
-    }
     print(
         json.dumps(
             {

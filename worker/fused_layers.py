@@ -116,6 +116,7 @@ class FusedLlamaLayer(nn.Module):
             and all(type(linear) is nn.Linear for linear in linears)
             and type(mlp.act_fn) in (nn.SiLU, SiLUActivation)
             and attention.head_dim % 2 == 0
+            and not any(_hooked(module) for module in layer.modules())
         )
 
     def forward(
@@ -159,6 +160,12 @@ class FusedLlamaLayer(nn.Module):
         gate_up = self.gate_up_proj(_rms_norm(hidden_states, self.post_norm_weight, self.post_norm_eps))
         gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
         return residual + self.down_proj(nn.functional.silu(gate) * up)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether something hooks into `module`'s calls (accelerate's device-placement
+    hooks, forward hooks), which a fused layer would silently skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")
 
 
 def _by_halves(angles: torch.Tensor) -> torch.Tensor:

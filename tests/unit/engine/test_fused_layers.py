@@ -113,6 +113,9 @@ def test_layers_it_does_not_know_are_left_alone(tiny_model_dir):
     model.model.layers[0].mlp.act_fn = nn.GELU()
     assert fuse_layers(model) == model.config.num_hidden_layers - 1  # the fused MLP is SiLU's
     assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    hooked = llama(tiny_model_dir)
+    hooked.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: None)
+    assert fuse_layers(hooked) == hooked.config.num_hidden_layers - 1  # its hook would be skipped
     assert fuse_layers(llama(tiny_model_dir), "off") == 0
     with pytest.raises(ValueError, match="auto, off"):
         fuse_layers(llama(tiny_model_dir), "always")
