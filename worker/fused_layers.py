@@ -17,7 +17,8 @@ decode step.
 - the rotary embedding turns queries and keys in one pass, with the half-swap
   done as a flip of the head's two halves against a sine whose first half is
   negated once per forward (`-x2 * sin` and `x2 * -sin` are the same number);
-- the norms do transformers' operations in transformers' order, inline.
+- the norms call torch's `rms_norm` (transformers' `x * rsqrt(mean(x^2) + eps)`
+  in one call, bit for bit) inline instead of through a module.
 
 So in one dtype each layer computes what transformers' layer computes, up to
 the rounding of the stacked products (the same per output column where the
