@@ -144,6 +144,14 @@ WORKER_OPTIONS = [
         "worker's memory under prompts of ever new lengths (oneDNN keeps state per shape); "
         "1 keeps greedy answers equal to unpadded generate.",
     ),
+    _option(
+        "--joint-prefill",
+        default="auto",
+        type=click.Choice(["auto", "off"]),
+        help="auto = with continuous batching, newcomers' prompts are prefilled in the running "
+        "rows' decode step (one forward instead of two; fused Llama text models, no prefill "
+        "padding); off = every prefill in a forward of its own.",
+    ),
     _option("--device", default="auto", type=DEVICES, help="auto = cuda when available, else cpu."),
     _option(
         "--dtype",

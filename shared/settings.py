@@ -36,6 +36,7 @@ class WorkerSettings:
     batching: str = limits.DEFAULT_BATCHING  # "continuous" or "micro"
     max_prefill_tokens_per_step: int = limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP
     prefill_width_multiple: int = 1  # >1: prompts left-padded to a multiple of this many tokens
+    joint_prefill: str = "auto"  # "auto": newcomers prefilled in the decode step's forward; "off"
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # "int8" or "int4" (CPU only), see worker/quantization.py

@@ -186,13 +186,15 @@ class BatchRun:
         return self._take_finished()
 
     def step(self) -> list[RequestOutcome]:
-        """Prefill what the budget allows, then one decode step. Returns the
+        """Prefill what the budget allows (in the decode step's own forward where
+        the engine can: Engine.can_join), then one decode step. Returns the
         requests whose last row ended in this step."""
         try:
-            self._prefill()
+            joining = self._prefill()
             if self._engine.has_work:
                 started = time.perf_counter()
-                outputs = self._engine.step()
+                outputs = self._engine.step(joining) if joining else self._engine.step()
+                self.peak_rows = max(self.peak_rows, self._engine.num_rows)
                 self.steps += 1
                 if self._stats is not None:
                     tokens = sum(1 for output in outputs if output.token_id is not None)
@@ -219,11 +221,13 @@ class BatchRun:
         if outcome not in self._finished:
             self._finished.append(outcome)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> list[RowRequest]:
+        """Prefill the rows chosen for this step, or return them when the
+        engine takes them in the step's own forward (Engine.can_join)."""
         if not self._waiting:
-            return
+            return []
         if self._engine.has_work and not self._engine.accepts_rows_mid_batch:
-            return  # e.g. sliding-window caches: newcomers wait for the batch to empty
+            return []  # e.g. sliding-window caches: newcomers wait for the batch to empty
         free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
         budget = self._max_prefill_tokens
         chosen: list[RowRequest] = []
@@ -258,9 +262,16 @@ class BatchRun:
             width = wider
             if free is not None:
                 free -= 1
+        if chosen and self._engine.can_join(chosen):
+            try:
+                self._engine.check(chosen)
+                return chosen
+            except Exception:  # _add finds the request at fault and fails it alone
+                pass
         if chosen:
             self._add(chosen)
             self.peak_rows = max(self.peak_rows, self._engine.num_rows)
+        return []
 
     def _add(self, rows: list[RowRequest]) -> None:
         """Prefill `rows`; when that fails, retry request by request so that

@@ -36,10 +36,13 @@ layers (worker.main).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama as llama
 
@@ -133,9 +136,41 @@ class FusedLlamaLayer(nn.Module):
     ) -> torch.Tensor:
         cache = cache if cache is not None else past_key_values
         batch, length = hidden_states.shape[:2]
-        residual = hidden_states
-        qkv = self.qkv_proj(_rms_norm(hidden_states, self.input_norm_weight, self.input_norm_eps))
+        query, key, value = (  # [batch, heads, length, head_dim]
+            states.transpose(1, 2) for states in self._queries_keys_values(hidden_states, position_embeddings)
+        )
+        attended = self._attend(query, key, value, attention_mask, cache, kwargs)
+        return self._after_attention(hidden_states, attended.reshape(batch, length, -1))
 
+    def forward_segments(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        segments: Sequence[Segment],
+    ) -> torch.Tensor:
+        """The layer over `segments` packed one after another in one sequence
+        (`hidden_states` [1, tokens, hidden]): every product runs once over all
+        their tokens, and attention runs per segment, over its own cache and
+        mask, as if it had been its own batch (see worker.engine.joint)."""
+        query, key, value = self._queries_keys_values(hidden_states, position_embeddings)
+        attended, start = [], 0
+        for segment in segments:
+            end = start + segment.rows * segment.length
+            parts = (  # [rows, heads, length, head_dim]
+                states[0, start:end].unflatten(0, (segment.rows, segment.length)).transpose(1, 2)
+                for states in (query, key, value)
+            )
+            output = self._attend(*parts, segment.mask, segment.cache, segment.kwargs)
+            attended.append(output.reshape(end - start, -1))
+            start = end
+        return self._after_attention(hidden_states, torch.cat(attended)[None])
+
+    def _queries_keys_values(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys (rotated) and values, each [batch, length, heads, head_dim]."""
+        batch, length = hidden_states.shape[:2]
+        qkv = self.qkv_proj(_rms_norm(hidden_states, self.input_norm_weight, self.input_norm_eps))
         # rotary embedding of queries and keys together: x * cos + swap_halves(x) * signed_sin
         cos, sin = position_embeddings  # [batch or 1, length, head_dim]
         rotated_width = self.query_width + self.key_width
@@ -143,10 +178,12 @@ class FusedLlamaLayer(nn.Module):
         cos, signed_sin = self._rotary_angles(cos, sin)
         turned = (turned * cos + turned.flip(-2) * signed_sin).view(batch, length, -1, self.head_dim)
         query_heads = self.query_width // self.head_dim
-        query = turned[:, :, :query_heads].transpose(1, 2)
-        key = turned[:, :, query_heads:].transpose(1, 2)
-        value = qkv[..., rotated_width:].view(batch, length, -1, self.head_dim).transpose(1, 2)
+        value = qkv[..., rotated_width:].view(batch, length, -1, self.head_dim)
+        return turned[:, :, :query_heads], turned[:, :, query_heads:], value
 
+    def _attend(self, query, key, value, attention_mask, cache, kwargs) -> torch.Tensor:
+        """Attention over [batch, heads, length, head_dim] states (the new keys
+        and values stored in `cache` first); [batch, length, heads, head_dim]."""
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -155,12 +192,27 @@ class FusedLlamaLayer(nn.Module):
         attended, _ = attend(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
-        hidden_states = residual + self.o_proj(attended.reshape(batch, length, -1))
+        return attended
 
-        residual = hidden_states
+    def _after_attention(self, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The output projection and the MLP, each with its residual."""
+        hidden_states = residual + self.o_proj(attended)
         gate_up = self.gate_up_proj(_rms_norm(hidden_states, self.post_norm_weight, self.post_norm_eps))
         gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
-        return residual + self.down_proj(nn.functional.silu(gate) * up)
+        return hidden_states + self.down_proj(nn.functional.silu(gate) * up)
+
+
+@dataclass
+class Segment:
+    """Part of a packed forward (`FusedLlamaLayer.forward_segments`): `rows`
+    rows of `length` tokens each, attending through `cache` (which gets their
+    keys and values) under `mask`; `kwargs` go to the attention function."""
+
+    rows: int
+    length: int
+    cache: Cache
+    mask: torch.Tensor | None
+    kwargs: dict = field(default_factory=dict)
 
 
 def _hooked(module: nn.Module) -> bool:

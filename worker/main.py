@@ -138,6 +138,7 @@ def run_worker(settings: WorkerSettings) -> None:
             processor=loaded.processor,
             adapters=adapters,
             prefill_width_multiple=settings.prefill_width_multiple,
+            joint_prefill=settings.joint_prefill == "auto",
         )
         worker = BatchWorker(
             [keys.queue_name(settings.consumer_group)],

@@ -45,6 +45,7 @@ from worker.engine.adapters import LoraAdapters, UnknownAdapter
 from worker.engine.attention import plan_windows
 from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
+from worker.engine.joint import JointForward
 from worker.engine.kv_cache import growing_cache
 from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_token_mask
@@ -74,13 +75,16 @@ class Engine:
         processor: Any = None,
         adapters: LoraAdapters | None = None,
         prefill_width_multiple: int = 1,
+        joint_prefill: bool = True,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
         model's transformers processor) makes a vision-language model take images.
         `adapters` (over this same model) lets rows name a LoRA adapter.
         `prefill_width_multiple` > 1 left-pads every prefill to a multiple of
-        that many tokens (see worker.engine.batch.padded_width)."""
+        that many tokens (see worker.engine.batch.padded_width). `joint_prefill`
+        lets rows join a running batch in its decode step's forward where the
+        model allows (see `can_join`)."""
         self.device = torch.device(device)
         if getattr(model, "hf_device_map", None) is None and model.device != self.device:
             model = model.to(self.device)
@@ -111,6 +115,8 @@ class Engine:
         self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
         self._windowed_attention = attention.install(self.model)
+        joint = joint_prefill and self._windowed_attention
+        self._joint = JointForward.for_model(self.model) if joint else None
         if prefill_width_multiple < 1:
             raise ValueError("prefill_width_multiple must be at least 1")
         self.prefill_width_multiple = prefill_width_multiple
@@ -143,6 +149,19 @@ class Engine:
         """Whether `add` can merge rows into the running batch now (False for
         KV caches `Batch.concatenate` cannot pad, e.g. sliding-window layers)."""
         return self._batch is None or self._batch.can_concatenate
+
+    def can_join(self, rows: Sequence[RowRequest]) -> bool:
+        """Whether `step(joining=rows)` prefills these rows in the step's own
+        forward (worker.engine.joint): a running batch of a model that has a
+        joint forward, rows without images or adapters, prompts not padded."""
+        return (
+            self._joint is not None
+            and self._batch is not None
+            and self._batch.can_concatenate
+            and self.prefill_width_multiple == 1
+            and self.adapters is None
+            and all(row.image_features is None and row.adapter is None for row in rows)
+        )
 
     @property
     def keys(self) -> list[Hashable]:
@@ -319,24 +338,39 @@ class Engine:
             self._add(rows)
 
     def _add(self, rows: list[RowRequest]) -> None:
-        for request in rows:
-            self._check(request)
         rows = sorted(rows, key=lambda r: -len(r.prompt_ids))  # longest first, see worker.engine.attention
         if self._batch is not None and not self._batch.can_concatenate:
             raise NotImplementedError(
                 "this model's KV cache (e.g. sliding-window layers) cannot take rows into a running batch; "
                 "add rows when the engine has no work"
             )
+        grammars = self.check(rows)
+        wanted = [r.adapter for r in rows if r.adapter is not None]
+        if wanted:
+            assert self.adapters is not None  # _check refused adapters otherwise
+            self.adapters.ensure(wanted, self.adapters_in_use)
+        batch = self._new_batch(rows, grammars)
+        prefill_inputs = (
+            self.vision.prefill_inputs([r.image_features for r in rows]) if self.vision is not None else {}
+        )
+        self._forward(batch, prefill_inputs)
+        self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
+
+    def check(self, rows: Sequence[RowRequest]) -> list[Grammar | None]:
+        """Check that `rows` can join the batch (PromptError, AdapterError,
+        ValueError for a key already running) and compile their constraints
+        (ConstraintError); their grammars. Changes nothing."""
+        for request in rows:
+            self._check(request)
         known = set(self.keys)
         for request in rows:
             if request.key in known:
                 raise ValueError(f"row key {request.key!r} is already in the batch")
             known.add(request.key)
-        grammars = [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
-        wanted = [r.adapter for r in rows if r.adapter is not None]
-        if wanted:
-            assert self.adapters is not None  # _check refused adapters otherwise
-            self.adapters.ensure(wanted, self.adapters_in_use)
+        return [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
+
+    def _new_batch(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> Batch:
+        """A batch ready to prefill `rows` (left-padded, on a fresh cache)."""
         batch = Batch.from_rows(
             rows,
             tokenizer=self.tokenizer,
@@ -349,23 +383,32 @@ class Engine:
         )
         for row, grammar in zip(batch.rows, grammars, strict=True):
             row.grammar = grammar.start() if grammar is not None else None
-        prefill_inputs = (
-            self.vision.prefill_inputs([r.image_features for r in rows]) if self.vision is not None else {}
-        )
-        self._forward(batch, prefill_inputs)
-        self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
+        return batch
 
     @torch.inference_mode()
-    def step(self) -> list[RowOutput]:
+    def step(self, joining: Sequence[RowRequest] = ()) -> list[RowOutput]:
         """One token for every running row. Finished rows report their finish
         reason and leave the batch; the model then runs on the new tokens of
-        the rows still running."""
+        the rows still running. `joining` rows (only rows `can_join` accepts)
+        are prefilled in that same forward and join the batch: their first
+        token comes with the next step. They are checked first, as `add`
+        checks, and nothing changes when a check fails."""
         if self._batch is None:
+            if joining:
+                raise RuntimeError("rows join a running batch; add them when the engine has no work")
             return []
+        if joining and not self.can_join(joining):
+            raise ValueError("these rows cannot join in a step (see can_join); add them instead")
         with self._model_lock:
-            return self._step(self._batch)
+            newcomers = []
+            if joining:
+                rows = sorted(joining, key=lambda r: -len(r.prompt_ids))
+                grammars = self.check(rows)
+                pairs = zip(rows, grammars, strict=True)
+                newcomers = [self._new_batch([row], [grammar]) for row, grammar in pairs]
+            return self._step(self._batch, newcomers)
 
-    def _step(self, batch: Batch) -> list[RowOutput]:
+    def _step(self, batch: Batch, newcomers: Sequence[Batch] = ()) -> list[RowOutput]:
         assert batch.logits is not None
         banned = merge_bans(
             banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device),
@@ -390,13 +433,19 @@ class Engine:
                 text += row.detokenizer.flush()
             outputs.append(self._output(row, token, text, finish_reason))
 
-        if not keep:
+        running: Batch | None = None
+        if keep:
+            running = batch.filter(keep)
+            running.append(tokens[keep])
+        if newcomers:
+            assert self._joint is not None
+            self._joint(running, newcomers, self._decode_kwargs(running) if running is not None else None)
+            self._batch = Batch.concatenate([*([running] if running is not None else []), *newcomers])
+        elif running is not None:
+            self._forward(running)
+            self._batch = running
+        else:
             self._batch = None
-            return outputs
-        batch = batch.filter(keep)
-        batch.append(tokens[keep])
-        self._forward(batch)
-        self._batch = batch
         return outputs
 
     @torch.inference_mode()
@@ -436,10 +485,16 @@ class Engine:
         batch.cache = cache if cache is not None else out.past_key_values
         batch.logits = out.logits[:, -1, :]
 
-    def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
-        windows = None
+    def _decode_kwargs(self, batch: Batch) -> dict[str, Any]:
+        """What a decode step's attention takes beyond transformers' arguments:
+        the rows' windows (worker.engine.attention), when they save anything."""
         if self._windowed_attention and batch.input_ids.shape[1] == 1:
             windows = plan_windows(batch.lengths, batch.attention_mask.shape[1])
+            if windows is not None:
+                return {"row_windows": windows}
+        return {}
+
+    def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
         return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -448,7 +503,7 @@ class Engine:
             **{self._cache_argument: batch.cache},
             **self._forward_kwargs,
             **(prefill_inputs or {}),
-            **({"row_windows": windows} if windows is not None else {}),
+            **self._decode_kwargs(batch),
         )
 
     @staticmethod

@@ -63,6 +63,7 @@ def test_every_flag_is_in_the_help():
             "--pack-weights",
             "--fuse-layers",
             "--prefill-width-multiple",
+            "--joint-prefill",
         ],
     }.items():
         output = CliRunner().invoke(cli.main, [command, "--help"]).output
@@ -170,6 +171,10 @@ def test_pack_weights_reaches_the_worker_and_decides_how_its_model_loads(monkeyp
     result = CliRunner().invoke(cli.main, ["worker", "--redis-url", "redis://x", "--fuse-layers", "off"])
     assert result.exit_code == 0, result.output
     assert seen["settings"].fuse_layers == "off"
+    seen.clear()
+    result = CliRunner().invoke(cli.main, ["worker", "--redis-url", "redis://x", "--joint-prefill", "off"])
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].joint_prefill == "off"
 
     def packed_layers(**flags) -> int:
         settings = WorkerSettings(redis_url="x", model=str(tiny_model_dir), dtype="bfloat16", **flags)

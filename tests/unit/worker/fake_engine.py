@@ -2,7 +2,10 @@
 "w<n> " per step until max_new_tokens; prompts are whitespace-split words.
 Rows may be added while others run (as the real engine's Batch.concatenate
 allows); `add_log` records (step, keys) of every add. LoRA adapters: rows may
-name one of `adapters`, and at most `adapter_slots` distinct adapters run at once."""
+name one of `adapters`, and at most `adapter_slots` distinct adapters run at once.
+With `joins_in_step`, rows without adapters join a running batch in `step`'s
+own forward (as the real engine's joint forward does); `join_log` records
+(step, keys) of those."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class FakeEngine:
         fail_at_step: int | None = None,
         adapters: frozenset[str] = frozenset(),
         adapter_slots: int = 4,
+        joins_in_step: bool = False,
     ):
         self.context_length = context_length
         self.adapters = adapters
@@ -28,6 +32,8 @@ class FakeEngine:
         self.steps = 0
         self.add_log: list[tuple[int, list]] = []
         self.accepts_rows_mid_batch = True
+        self.joins_in_step = joins_in_step
+        self.join_log: list[tuple[int, list]] = []
 
     def encode_prompt(
         self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None, messages=None
@@ -47,17 +53,23 @@ class FakeEngine:
         running = {row.adapter for row, _ in self.rows.values() if row.adapter is not None}
         return len(running | set(wanted)) <= self.adapter_slots
 
-    def add(self, rows: list[RowRequest]) -> None:
+    def can_join(self, rows: list[RowRequest]) -> bool:
+        return self.joins_in_step and bool(self.rows) and all(row.adapter is None for row in rows)
+
+    def check(self, rows: list[RowRequest]) -> None:
         for row in rows:
             if row.adapter is not None and not self.knows_adapter(row.adapter):
                 raise UnknownAdapter(f"unknown lora_id '{row.adapter}'")
+            if row.key in self.rows:
+                raise ValueError(f"row key {row.key!r} is already in the batch")
+
+    def add(self, rows: list[RowRequest]) -> None:
+        self.check(rows)
         if not self.adapters_fit({row.adapter for row in rows if row.adapter is not None}):
             raise AdaptersBusy("every adapter slot is busy")
         self.added.append(rows)
         self.add_log.append((self.steps, [row.key for row in rows]))
         for row in rows:
-            if row.key in self.rows:
-                raise ValueError(f"row key {row.key!r} is already in the batch")
             self.rows[row.key] = [row, 0]
 
     @property
@@ -68,7 +80,10 @@ class FakeEngine:
     def has_work(self) -> bool:
         return bool(self.rows)
 
-    def step(self) -> list[RowOutput]:
+    def step(self, joining: list[RowRequest] = ()) -> list[RowOutput]:
+        if joining:
+            assert self.can_join(joining)
+            self.check(joining)
         self.steps += 1
         if self.fail_at_step == self.steps:
             raise RuntimeError("boom")
@@ -85,6 +100,10 @@ class FakeEngine:
             )
             if done:
                 del self.rows[key]
+        if joining:
+            self.join_log.append((self.steps, [row.key for row in joining]))
+            for row in joining:
+                self.rows[row.key] = [row, 0]
         return outputs
 
     def clear(self) -> None:

@@ -10,6 +10,7 @@ from shared.payload import GenerateRequest, GenerationJob
 from tests.unit.worker.fake_engine import FakeEngine
 from worker.batch_run import BatchRun
 from worker.engine.adapters import AdaptersBusy
+from worker.engine.engine import PromptError
 from worker.publisher import EventPublisher
 
 
@@ -193,6 +194,41 @@ def test_a_newcomer_that_fails_to_prefill_fails_alone(connection):
     ended = {outcome.request_id: outcome for outcome in run.step()}
     assert ended["b"].error.error_type == "generation_error"
     assert ended["c"].result()["text"] == ["w1 "]
+    (last,) = [outcome for _ in range(2) for outcome in run.step()]
+    assert last.request_id == "a" and last.result()["text"] == ["w1 w2 w3 "]
+
+
+def test_newcomers_join_in_the_decode_steps_own_forward_when_the_engine_can(connection):
+    engine = FakeEngine(joins_in_step=True)
+    run = BatchRun(engine, EventPublisher(connection), max_rows=4)
+    run.admit([make_job("a", text="x", max_new_tokens=4)])
+    run.step()  # nothing running yet: a plain prefill
+    run.admit([make_job("b", text="y", max_new_tokens=2), make_job("c", text=["z", "w"], max_new_tokens=1)])
+    assert run.step() == []  # b and c join this step's forward; their first tokens come next step
+    assert engine.add_log == [(0, [("a", 0)])]
+    assert engine.join_log == [(2, [("b", 0), ("c", 0), ("c", 1)])]
+    ended = {outcome.request_id: outcome for _ in range(3) for outcome in run.step()}
+    assert ended["a"].result()["text"] == ["w1 w2 w3 w4 "]
+    assert ended["b"].result()["text"] == ["w1 w2 "]
+    assert ended["c"].result()["text"] == ["w1 ", "w1 "]
+    assert run.peak_rows == 4
+
+
+def test_a_newcomer_refused_when_joining_in_a_step_fails_alone(connection):
+    class RefusesB(FakeEngine):
+        def check(self, rows):
+            if any(row.key[0] == "b" for row in rows):
+                raise PromptError("b cannot run")
+            super().check(rows)
+
+    engine = RefusesB(joins_in_step=True)
+    run = BatchRun(engine, EventPublisher(connection))
+    run.admit([make_job("a", text="x", max_new_tokens=3)])
+    run.step()
+    run.admit([make_job("b", text="y", max_new_tokens=3), make_job("c", text="z", max_new_tokens=1)])
+    ended = {outcome.request_id: outcome for outcome in run.step()}
+    assert ended["b"].error.error_type == "invalid_prompt"
+    assert ended["c"].result()["text"] == ["w1 "]  # prefilled on its own instead
     (last,) = [outcome for _ in range(2) for outcome in run.step()]
     assert last.request_id == "a" and last.result()["text"] == ["w1 w2 w3 "]
 
