@@ -223,24 +223,31 @@ class BatchRun:
 
     def _prefill(self) -> list[RowRequest]:
         """Prefill the rows chosen for this step, or return them when the
-        engine takes them in the step's own forward (Engine.can_join)."""
+        engine takes them in the step's own forward (Engine.can_join): those
+        may also take the slots of rows that surely end in this step (their
+        last token by max_new_tokens), since they join after those left."""
         if not self._waiting:
             return []
         if self._engine.has_work and not self._engine.accepts_rows_mid_batch:
             return []  # e.g. sliding-window caches: newcomers wait for the batch to empty
+        joins = self._engine.can_join([])
         free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
+        ending = self._engine.rows_ending_by_length if joins and free is not None else 0
         budget = self._max_prefill_tokens
         chosen: list[RowRequest] = []
         adapters: set[str] = set()
-        blocked: set[str] = set()  # requests whose adapter finds no free slot this step
+        blocked: set[str] = set()  # requests whose row cannot take a slot this step
         oldest_waits = False
         width = 0
-        while free is None or free > 0:
+        while free is None or free > 0 or ending > 0:
             order = [request_id for request_id in self._waiting if request_id not in blocked]
             if not order:
                 break
             request_id = min(order, key=lambda r: self._running[r])  # ties: admission order
             row = self._waiting[request_id][0]
+            if free is not None and free <= 0 and not self._engine.can_join([row]):
+                blocked.add(request_id)  # only the slots of ending rows are left: for joining rows
+                continue
             if row.adapter is not None and (
                 oldest_waits or not self._engine.adapters_fit(adapters | {row.adapter})
             ):
@@ -260,18 +267,31 @@ class BatchRun:
             self._running[request_id] += 1
             chosen.append(row)
             width = wider
-            if free is not None:
+            if free is not None and free > 0:
                 free -= 1
-        if chosen and self._engine.can_join(chosen):
-            try:
-                self._engine.check(chosen)
-                return chosen
-            except Exception:  # _add finds the request at fault and fails it alone
-                pass
+            elif free is not None:
+                ending -= 1
+        if joins and chosen and self._engine.can_join(chosen):
+            return self._checked(chosen)
         if chosen:
             self._add(chosen)
             self.peak_rows = max(self.peak_rows, self._engine.num_rows)
         return []
+
+    def _checked(self, rows: list[RowRequest]) -> list[RowRequest]:
+        """The rows that pass the engine's checks (Engine.check); a request
+        with a row that fails ends with that error, its other rows with it."""
+        failed: set[str] = set()
+        for row in rows:
+            request_id = row.key[0]
+            if request_id in failed:
+                continue
+            try:
+                self._engine.check([row])
+            except Exception as exc:
+                failed.add(request_id)
+                self._fail_request(request_id, _refusal(request_id, exc))
+        return [row for row in rows if row.key[0] not in failed]
 
     def _add(self, rows: list[RowRequest]) -> None:
         """Prefill `rows`; when that fails, retry request by request so that

@@ -164,6 +164,14 @@ class Engine:
         )
 
     @property
+    def rows_ending_by_length(self) -> int:
+        """Running rows whose next token is their last (max_new_tokens): the
+        next `step` ends them whatever it samples, before its forward."""
+        if self._batch is None:
+            return 0
+        return sum(row.stopping.generated + 1 >= row.stopping.max_new_tokens for row in self._batch.rows)
+
+    @property
     def keys(self) -> list[Hashable]:
         """The keys of the running rows, in batch order."""
         return self._batch.keys if self._batch is not None else []

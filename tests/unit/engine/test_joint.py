@@ -114,6 +114,7 @@ def test_the_newcomers_join_even_when_every_running_row_ends(plain, fused, token
         key="short", prompt_ids=engine.encode_prompt("Hello"), params=GenerationParams(max_new_tokens=1)
     )
     engine.add([short])
+    assert engine.rows_ending_by_length == 1  # its next token is its last, whatever it is
     newcomer = rows(engine, PROMPTS[1:2])[0]
     completions: dict = {}
     collect(engine.step([newcomer]), completions)

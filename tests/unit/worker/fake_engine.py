@@ -34,6 +34,7 @@ class FakeEngine:
         self.accepts_rows_mid_batch = True
         self.joins_in_step = joins_in_step
         self.join_log: list[tuple[int, list]] = []
+        self.peak_rows = 0  # most rows held between steps (joined rows included)
 
     def encode_prompt(
         self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None, messages=None
@@ -55,30 +56,6 @@ class FakeEngine:
 
     def can_join(self, rows: list[RowRequest]) -> bool:
         return self.joins_in_step and bool(self.rows) and all(row.adapter is None for row in rows)
-
-    def check(self, rows: list[RowRequest]) -> None:
-        for row in rows:
-            if row.adapter is not None and not self.knows_adapter(row.adapter):
-                raise UnknownAdapter(f"unknown lora_id '{row.adapter}'")
-            if row.key in self.rows:
-                raise ValueError(f"row key {row.key!r} is already in the batch")
-
-    def add(self, rows: list[RowRequest]) -> None:
-        self.check(rows)
-        if not self.adapters_fit({row.adapter for row in rows if row.adapter is not None}):
-            raise AdaptersBusy("every adapter slot is busy")
-        self.added.append(rows)
-        self.add_log.append((self.steps, [row.key for row in rows]))
-        for row in rows:
-            self.rows[row.key] = [row, 0]
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.rows)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.rows)
 
     def step(self, joining: list[RowRequest] = ()) -> list[RowOutput]:
         if joining:
@@ -104,7 +81,37 @@ class FakeEngine:
             self.join_log.append((self.steps, [row.key for row in joining]))
             for row in joining:
                 self.rows[row.key] = [row, 0]
+        self.peak_rows = max(self.peak_rows, len(self.rows))
         return outputs
+
+    def check(self, rows: list[RowRequest]) -> None:
+        for row in rows:
+            if row.adapter is not None and not self.knows_adapter(row.adapter):
+                raise UnknownAdapter(f"unknown lora_id '{row.adapter}'")
+            if row.key in self.rows:
+                raise ValueError(f"row key {row.key!r} is already in the batch")
+
+    def add(self, rows: list[RowRequest]) -> None:
+        self.check(rows)
+        if not self.adapters_fit({row.adapter for row in rows if row.adapter is not None}):
+            raise AdaptersBusy("every adapter slot is busy")
+        self.added.append(rows)
+        self.add_log.append((self.steps, [row.key for row in rows]))
+        for row in rows:
+            self.rows[row.key] = [row, 0]
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+
+    @property
+    def rows_ending_by_length(self) -> int:
+        return sum(produced + 1 >= row.params.max_new_tokens for row, produced in self.rows.values())
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows)
 
     def clear(self) -> None:
         self.rows.clear()

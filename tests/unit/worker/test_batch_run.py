@@ -226,11 +226,30 @@ def test_a_newcomer_refused_when_joining_in_a_step_fails_alone(connection):
     run.admit([make_job("a", text="x", max_new_tokens=3)])
     run.step()
     run.admit([make_job("b", text="y", max_new_tokens=3), make_job("c", text="z", max_new_tokens=1)])
-    ended = {outcome.request_id: outcome for outcome in run.step()}
-    assert ended["b"].error.error_type == "invalid_prompt"
-    assert ended["c"].result()["text"] == ["w1 "]  # prefilled on its own instead
-    (last,) = [outcome for _ in range(2) for outcome in run.step()]
-    assert last.request_id == "a" and last.result()["text"] == ["w1 w2 w3 "]
+    (refused,) = run.step()
+    assert refused.request_id == "b" and refused.error.error_type == "invalid_prompt"
+    assert engine.join_log == [(2, [("c", 0)])]  # c still joins
+    ended = {outcome.request_id: outcome for _ in range(2) for outcome in run.step()}
+    assert ended["c"].result()["text"] == ["w1 "]
+    assert ended["a"].result()["text"] == ["w1 w2 w3 "]
+
+
+def test_newcomers_take_the_slots_of_rows_ending_in_the_step_they_join(connection):
+    engine = FakeEngine(joins_in_step=True)
+    run = BatchRun(engine, EventPublisher(connection), max_rows=2)
+    run.admit([make_job("a", text="x", max_new_tokens=2), make_job("b", text="y", max_new_tokens=5)])
+    run.step()  # a and b prefilled; a's first token
+    run.admit([make_job("c", text="z", max_new_tokens=2), make_job("d", text="w", max_new_tokens=2)])
+    (a,) = run.step()  # a's last token: its slot goes to c in this same step; d waits
+    assert a.request_id == "a"
+    assert engine.join_log == [(2, [("c", 0)])] and run.waiting_rows == 1
+    assert engine.peak_rows == 2  # never more rows than --max-batch-size
+    run.step()  # c's first token; no slot frees (c and b go on)
+    (c,) = run.step()  # c's last: d joins
+    assert c.request_id == "c" and engine.join_log[-1] == (4, [("d", 0)])
+    while run.has_work:
+        run.step()
+    assert engine.peak_rows == 2
 
 
 # -- LoRA adapters ------------------------------------------------------------
