@@ -159,6 +159,13 @@ class BatchRun:
         return self._engine.num_rows
 
     @property
+    def rows_leaving(self) -> int:
+        """Running rows that surely end in the next step (by max_new_tokens)
+        and whose slots rows joining in that step's forward can take; 0 where
+        the engine prefills newcomers separately."""
+        return self._engine.rows_ending_by_length if self._engine.can_join([]) else 0
+
+    @property
     def waiting_rows(self) -> int:
         """Rows admitted but not prefilled yet."""
         return sum(len(rows) for rows in self._waiting.values())

@@ -16,8 +16,10 @@ Two modes (`batching`):
   which waiting rows are prefilled, within `max_prefill_tokens_per_step`).
   A job finishes in RQ as soon as its last row is done. Admission is FIFO by
   queue order: a job is popped when a row slot is free that no admitted row
-  waits for; besides, while a batch request's rows are still entering, one
-  more job may be popped so that single requests take turns with it. On
+  waits for (a slot counts as free in the step its row surely ends, by
+  max_new_tokens, when newcomers join inside that step's forward); besides,
+  while a batch request's rows are still entering, one more job may be
+  popped so that single requests take turns with it. On
   SIGTERM the worker stops admitting, finishes the rows in flight and exits.
 - "micro": the jobs collected at the start run to the end together; newcomers
   wait for the next batch.
@@ -224,13 +226,10 @@ class BatchWorker(SimpleWorker):
 
     def _has_room(self, run: BatchRun) -> bool:
         """Whether to pop another job (see the module docstring for the policy)."""
-        if run.running_rows + run.waiting_rows < self.max_batch_size:
+        running = run.running_rows - run.rows_leaving
+        if running + run.waiting_rows < self.max_batch_size:
             return True
-        return (
-            run.running_rows < self.max_batch_size
-            and run.waiting_requests == 1
-            and run.entering_request_waits
-        )
+        return running < self.max_batch_size and run.waiting_requests == 1 and run.entering_request_waits
 
     def _admit_newcomers(self, run: BatchRun) -> None:
         joined = 0

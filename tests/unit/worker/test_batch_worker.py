@@ -126,6 +126,20 @@ def test_a_job_arriving_mid_run_joins_the_running_batch_and_finishes_first(conne
     assert queue.fetch_job(seen["short"]).return_value()["text"] == ["w1 w2 "]
 
 
+def test_a_job_takes_the_slot_of_a_row_ending_in_the_step_it_joins(connection):
+    engine = FakeEngine(joins_in_step=True)
+    worker, queue = make_worker(connection, engine, max_batch_size=1)
+    first = enqueue(queue, text="a", max_new_tokens=3)
+    second = enqueue(queue, text="b", max_new_tokens=2)
+    worker.work(burst=True)
+    assert worker.batches_run == 1
+    # popped while the first row's last token was being sampled, and joined in that step
+    assert engine.add_log == [(0, [(first, 0)])]
+    assert engine.join_log == [(3, [(second, 0)])]
+    assert engine.peak_rows == 1
+    assert queue.fetch_job(second).return_value()["text"] == ["w1 w2 "]
+
+
 def test_the_heartbeat_covers_jobs_that_join_mid_run(connection):
     seen = []
     engine = ScriptedArrivals({})
