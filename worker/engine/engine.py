@@ -13,6 +13,11 @@ same token ids in float32; in bfloat16 the padding of a batch (or of
 its solo run after a while (it still equals `generate` on the same padded
 batch).
 
+Rows may also join a running batch inside a step (`step(joining=...)`, where
+`can_join` allows): their prompts are prefilled in the same forward as the
+running rows' next tokens (worker.engine.joint), one pass over the weights
+instead of two.
+
 A vision-language model comes with its processor: `encode_image_prompts`
 builds rows that carry their encoded images (worker.engine.vision), which
 `add` hands to the model at prefill; rows with and without images share a
