@@ -31,14 +31,16 @@ SUMMARY_FIELDS = (
     "device",
     "dtype",
     "quantization",
+    "fused_layers",
+    "joint_prefill",
     "loras",
 )
 
 
 @blueprint.get("/reader_groups")
 def reader_groups() -> Response:
-    """`{group: [{reader_id, model_name, model_type, pids, ready, device, dtype, quantization, loras}]}`,
-    one entry per live reader."""
+    """`{group: [{reader_id, model_name, model_type, pids, ready, device, dtype, quantization,
+    fused_layers, joint_prefill, loras}]}`, one entry per live reader."""
     groups = readers.all_live_readers(app_state().connection)
     return jsonify(
         {

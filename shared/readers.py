@@ -54,6 +54,10 @@ class ReaderInfo(BaseModel):
     device: str = "cpu"
     dtype: str = "float32"
     quantization: str = Field("none", description="Weight quantization: none, int8 or int4 (--quantize).")
+    fused_layers: int = Field(0, description="Decoder layers running fused (--fuse-layers).")
+    joint_prefill: bool = Field(
+        False, description="Whether newcomers are prefilled inside the running batch's decode steps."
+    )
     threads: int | None = None
     max_batch_size: int = limits.DEFAULT_MAX_BATCH_SIZE
     batch_duration_millis: int = limits.DEFAULT_BATCH_DURATION_MILLIS

@@ -19,7 +19,7 @@ from shared.settings import WorkerSettings
 from worker.batch_worker import BatchWorker
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
-from worker.fused_layers import fuse_layers
+from worker.fused_layers import FusedLlamaLayer, fuse_layers
 from worker.model_loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.quantization import quantize
 from worker.reader import ReaderHeartbeat
@@ -158,6 +158,8 @@ def run_worker(settings: WorkerSettings) -> None:
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),  # float32 under --quantize (compute_dtype)
             quantization=settings.quantize,
+            fused_layers=sum(isinstance(module, FusedLlamaLayer) for module in loaded.model.modules()),
+            joint_prefill=engine.joint_prefill,
             context_length=engine.context_length,
             has_chat_template=engine.has_chat_template,
         )

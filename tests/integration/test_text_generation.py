@@ -184,6 +184,7 @@ def test_management_lists_the_worker(server):
     (reader,) = groups["primary"]
     assert reader["ready"] is True
     assert reader["pids"]
+    assert reader["fused_layers"] > 0 and reader["joint_prefill"] is True  # the tiny Llama's defaults
     status = requests.get(server.management_url + "/status").json()
     assert status["live_readers"][reader["reader_id"]]["consumer_groups"] == ["primary"]
     assert requests.get(server.url + "/readyz").status_code == 200

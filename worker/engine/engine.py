@@ -155,16 +155,19 @@ class Engine:
         KV caches `Batch.concatenate` cannot pad, e.g. sliding-window layers)."""
         return self._batch is None or self._batch.can_concatenate
 
+    @property
+    def joint_prefill(self) -> bool:
+        """Whether rows of this model can join a running batch inside a step (see `can_join`)."""
+        return self._joint is not None and self.prefill_width_multiple == 1 and self.adapters is None
+
     def can_join(self, rows: Sequence[RowRequest]) -> bool:
         """Whether `step(joining=rows)` prefills these rows in the step's own
         forward (worker.engine.joint): a running batch of a model that has a
         joint forward, rows without images or adapters, prompts not padded."""
         return (
-            self._joint is not None
+            self.joint_prefill
             and self._batch is not None
             and self._batch.can_concatenate
-            and self.prefill_width_multiple == 1
-            and self.adapters is None
             and all(row.image_features is None and row.adapter is None for row in rows)
         )
 

@@ -4,7 +4,14 @@ from shared import keys
 from tests.unit.api.fakes import add_reader
 
 NO_LORAS = {"available": [], "loaded": [], "max_loaded": 0}
-DEFAULTS = {"device": "cpu", "dtype": "float32", "quantization": "none", "loras": NO_LORAS}
+DEFAULTS = {
+    "device": "cpu",
+    "dtype": "float32",
+    "quantization": "none",
+    "fused_layers": 0,
+    "joint_prefill": False,
+    "loras": NO_LORAS,
+}
 
 
 def test_reader_groups_lists_each_live_reader(management, connection):

@@ -60,10 +60,11 @@ def test_only_fused_llama_models_get_a_joint_forward(plain, fused, tokenizer):
     assert JointForward.for_model(plain) is None
     assert JointForward.for_model(fused) is not None
     assert Engine(fused, tokenizer).can_join([]) is False  # nothing running yet
-    assert Engine(fused, tokenizer, joint_prefill=False)._joint is None
+    assert Engine(fused, tokenizer).joint_prefill and not Engine(plain, tokenizer).joint_prefill
+    assert not Engine(fused, tokenizer, joint_prefill=False).joint_prefill
     padded = Engine(fused, tokenizer, prefill_width_multiple=8)  # a prefill's width is its own there
     padded.add(rows(padded, PROMPTS[:1]))
-    assert not padded.can_join(rows(padded, PROMPTS[1:2], first_key=1))
+    assert not padded.joint_prefill and not padded.can_join(rows(padded, PROMPTS[1:2], first_key=1))
 
 
 def test_rows_joining_mid_flight_answer_what_generate_answers_alone(plain, fused, tokenizer, monkeypatch):
