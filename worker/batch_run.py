@@ -278,12 +278,14 @@ class BatchRun:
                 free -= 1
             elif free is not None:
                 ending -= 1
-        if joins and chosen and self._engine.can_join(chosen):
-            return self._checked(chosen)
-        if chosen:
-            self._add(chosen)
+        joining: list[RowRequest] = []
+        separate: list[RowRequest] = []
+        for row in chosen:
+            (joining if joins and self._engine.can_join([row]) else separate).append(row)
+        if separate:  # only ever in free slots (see above), so never more rows than max_rows
+            self._add(separate)
             self.peak_rows = max(self.peak_rows, self._engine.num_rows)
-        return []
+        return self._checked(joining)
 
     def _checked(self, rows: list[RowRequest]) -> list[RowRequest]:
         """The rows that pass the engine's checks (Engine.check); a request

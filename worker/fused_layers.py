@@ -26,6 +26,8 @@ kernel blocks columns the same way). Attention still goes through
 transformers' attention interface (whatever the model's
 `_attn_implementation` names, e.g. worker.engine.attention's windowed sdpa)
 and the model's own cache, mask and rotary-embedding code are untouched.
+`forward_segments` runs the same layer over several batches packed into one
+sequence, each attending through its own cache (worker.engine.joint).
 
 Only layers that are exactly transformers' `LlamaDecoderLayer` with its own
 attention, MLP (SiLU) and RMSNorm modules are replaced. LoRA adapters target

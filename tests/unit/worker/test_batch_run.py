@@ -252,6 +252,20 @@ def test_newcomers_take_the_slots_of_rows_ending_in_the_step_they_join(connectio
     assert engine.peak_rows == 2
 
 
+def test_rows_that_cannot_join_in_a_step_are_prefilled_before_it_and_the_others_join(connection):
+    engine = FakeEngine(joins_in_step=True, adapters=frozenset({"x"}))
+    run = BatchRun(engine, EventPublisher(connection), max_rows=2)
+    run.admit([make_job("a", text="a", max_new_tokens=2)])
+    run.step()
+    b, d = (make_job(name, text=name, max_new_tokens=2) for name in "bd")
+    run.admit([lora_job("c", "x"), b, d])
+    (a,) = run.step()  # a ends: its slot goes to b (joins in the step); c took the free slot
+    assert a.request_id == "a"
+    assert engine.add_log == [(0, [("a", 0)]), (1, [("c", 0)])]
+    assert engine.join_log == [(2, [("b", 0)])]
+    assert engine.peak_rows == 2 and run.waiting_rows == 1
+
+
 # -- LoRA adapters ------------------------------------------------------------
 
 
