@@ -29,6 +29,11 @@ class _Option:
 _option = _Option
 
 
+def _auto_or_off(flag: str, help: str) -> _Option:
+    """A flag that is `auto` (on where it applies) unless set to `off`."""
+    return _Option(flag, default="auto", type=click.Choice(["auto", "off"]), help=help)
+
+
 REDIS_URL = _option(
     "--redis-url",
     default=None,
@@ -144,11 +149,9 @@ WORKER_OPTIONS = [
         "worker's memory under prompts of ever new lengths (oneDNN keeps state per shape); "
         "1 keeps greedy answers equal to unpadded generate.",
     ),
-    _option(
+    _auto_or_off(
         "--joint-prefill",
-        default="auto",
-        type=click.Choice(["auto", "off"]),
-        help="auto = with continuous batching, newcomers' prompts are prefilled in the running "
+        "auto = with continuous batching, newcomers' prompts are prefilled in the running "
         "rows' decode step (one forward instead of two; fused Llama text models, no prefill "
         "padding); off = every prefill in a forward of its own.",
     ),
@@ -168,18 +171,14 @@ WORKER_OPTIONS = [
         "every linear layer but the head, used for decode steps of <= 4 rows (CPU, bfloat16; "
         "~1.7x faster decode steps at batch 1, 1.25x bfloat16's weight memory).",
     ),
-    _option(
+    _auto_or_off(
         "--pack-weights",
-        default="auto",
-        type=click.Choice(["auto", "off"]),
-        help="auto = on a CPU, bfloat16 linear weights are packed once for oneDNN "
+        "auto = on a CPU, bfloat16 linear weights are packed once for oneDNN "
         "(same results, faster decode); off = torch's default linear.",
     ),
-    _option(
+    _auto_or_off(
         "--fuse-layers",
-        default="auto",
-        type=click.Choice(["auto", "off"]),
-        help="auto = Llama-architecture decoder layers run as one module each, their query/key/value "
+        "auto = Llama-architecture decoder layers run as one module each, their query/key/value "
         "and gate/up projections stacked (same answers, faster decode; not with LoRA adapters); "
         "off = transformers' own layers.",
     ),

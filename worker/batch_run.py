@@ -239,7 +239,7 @@ class BatchRun:
             return []  # e.g. sliding-window caches: newcomers wait for the batch to empty
         joins = self._engine.can_join([])
         free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
-        ending = self._engine.rows_ending_by_length if joins and free is not None else 0
+        ending = self.rows_leaving if free is not None else 0
         budget = self._max_prefill_tokens
         chosen: list[RowRequest] = []
         adapters: set[str] = set()
