@@ -1,6 +1,7 @@
 """A running batch, start to end: turns GenerationJobs into engine rows,
 admits them into the engine as row slots and the prefill budget allow, runs
-the decode loop one step at a time, publishes every step's events, drops
+the decode loop one step at a time, publishes every step's events (as soon
+as the step has chosen its tokens, before the model runs on them), drops
 cancelled requests, and hands back each request's outcome as soon as its last
 row is done. Knows the event protocol, not RQ.
 
@@ -132,6 +133,7 @@ class BatchRun:
         )  # rows not prefilled yet, by request
         self._running: Counter[str] = Counter()  # rows in the engine, by request
         self._finished: list[RequestOutcome] = []
+        self._cancelled: set[str] = set()  # found cancelled by a publish, not cancelled yet
         self.steps = 0
         self.peak_rows = 0
 
@@ -200,13 +202,15 @@ class BatchRun:
             joining = self._prefill()
             if self._engine.has_work:
                 started = time.perf_counter()
-                outputs = self._engine.step(joining) if joining else self._engine.step()
+                # the step's events go out as soon as its tokens are chosen,
+                # while the model runs on them; cancellations apply after it
+                outputs = self._engine.step(joining, before_forward=self._publish)
                 self.peak_rows = max(self.peak_rows, self._engine.num_rows)
                 self.steps += 1
                 if self._stats is not None:
                     tokens = sum(1 for output in outputs if output.token_id is not None)
                     self._stats.record_step(len(outputs), tokens, time.perf_counter() - started)
-                self._deliver(outputs)
+                self._cancel_requested()
                 self._on_step()
         except Exception as exc:  # the model itself failed: every unfinished request fails
             log.exception("batch failed")
@@ -413,6 +417,18 @@ class BatchRun:
         )
 
     def _deliver(self, outputs: list[RowOutput]) -> None:
+        self._publish(outputs)
+        self._cancel_requested()
+
+    def _cancel_requested(self) -> None:
+        """Cancel the requests whose cancel key the last publish found set."""
+        cancelled, self._cancelled = self._cancelled, set()
+        if cancelled:
+            self._cancel(cancelled)
+
+    def _publish(self, outputs: list[RowOutput]) -> None:
+        """Record `outputs` in their requests' outcomes and publish their events;
+        requests found cancelled meanwhile are noted for `_cancel_requested`."""
         batch: list[tuple[str, Event]] = []
         for output in outputs:
             request_id, row = output.key
@@ -434,9 +450,7 @@ class BatchRun:
                 if outcome.finished:
                     self._end(outcome)
         running = [request_id for request_id, outcome in self.outcomes.items() if not outcome.finished]
-        cancelled = self._publisher.publish(batch, watch_cancelled=running)
-        if cancelled:
-            self._cancel(cancelled)
+        self._cancelled |= self._publisher.publish(batch, watch_cancelled=running)
 
     def _cancel(self, request_ids: set[str]) -> None:
         keys = [

@@ -3,10 +3,12 @@
 `Engine` drives a transformers causal LM over a `Batch`: `add` left-pads and
 prefills new rows (merging them into a running batch if there is one),
 `step` samples one token for every row, reports it, drops finished rows and
-runs the model on the new tokens of the rows still running, and `cancel`
-drops rows at once. Rows are kept longest first, so that each decode step's
-attention reads each group of rows' own tokens rather than the batch's
-padding (worker.engine.attention). Greedy rows produce what
+runs the model on the new tokens of the rows still running (handing the
+step's outputs to a `before_forward` callback first, if given, so they can be
+published while the model runs), and `cancel` drops rows at once. Rows
+are kept longest first, so that each decode step's attention reads each
+group of rows' own tokens rather than the batch's padding
+(worker.engine.attention). Greedy rows produce what
 `model.generate(do_sample=False)` produces for the same prompt alone: the
 same token ids in float32; in bfloat16 the padding of a batch (or of
 `prefill_width_multiple`) changes rounding enough that a row can drift from
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +55,7 @@ from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, gramma
 from worker.engine.joint import JointForward
 from worker.engine.kv_cache import growing_cache
 from worker.engine.rows import Constraint, RowOutput, RowRequest
-from worker.engine.stopping import banned_token_mask
+from worker.engine.stopping import banned_tokens
 from worker.engine.vision import VisionPrompt, VisionPrompter, VisionPromptError
 
 
@@ -402,13 +404,21 @@ class Engine:
         return batch
 
     @torch.inference_mode()
-    def step(self, joining: Sequence[RowRequest] = ()) -> list[RowOutput]:
+    def step(
+        self,
+        joining: Sequence[RowRequest] = (),
+        before_forward: Callable[[list[RowOutput]], None] | None = None,
+    ) -> list[RowOutput]:
         """One token for every running row. Finished rows report their finish
         reason and leave the batch; the model then runs on the new tokens of
         the rows still running. `joining` rows (only rows `can_join` accepts)
         are prefilled in that same forward and join the batch: their first
         token comes with the next step. They are checked first, as `add`
-        checks, and nothing changes when a check fails."""
+        checks, and nothing changes when a check fails. `before_forward`, if
+        given, gets the step's outputs (the list returned) once its tokens
+        are chosen and before the model runs on them: a caller that publishes
+        them there sends every token one forward sooner. If it raises, the
+        step stops there; the engine is then to be `clear`ed."""
         if self._batch is None:
             if joining:
                 raise RuntimeError("rows join a running batch; add them when the engine has no work")
@@ -422,12 +432,17 @@ class Engine:
                 grammars = self.check(rows)
                 pairs = zip(rows, grammars, strict=True)
                 newcomers = [self._new_batch([row], [grammar]) for row, grammar in pairs]
-            return self._step(self._batch, newcomers)
+            return self._step(self._batch, newcomers, before_forward)
 
-    def _step(self, batch: Batch, newcomers: Sequence[Batch] = ()) -> list[RowOutput]:
+    def _step(
+        self,
+        batch: Batch,
+        newcomers: Sequence[Batch] = (),
+        before_forward: Callable[[list[RowOutput]], None] | None = None,
+    ) -> list[RowOutput]:
         assert batch.logits is not None
         banned = merge_bans(
-            banned_token_mask([row.stopping for row in batch.rows], self.vocab_size, self.device),
+            banned_tokens([row.stopping for row in batch.rows], self.vocab_size, self.device),
             grammar_mask(
                 [row.grammar for row in batch.rows], self.vocab_size, self.eos_token_ids, self.device
             ),
@@ -448,6 +463,8 @@ class Engine:
             else:
                 text += row.detokenizer.flush()
             outputs.append(self._output(row, token, text, finish_reason))
+        if before_forward is not None:
+            before_forward(outputs)
 
         running: Batch | None = None
         if keep:

@@ -40,6 +40,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from shared import constraints
+from worker.engine.bans import TokenBans
 from worker.engine.rows import Constraint
 
 log = logging.getLogger(__name__)
@@ -170,15 +171,16 @@ def grammar_mask(
     return banned
 
 
-def merge_bans(soft: torch.Tensor | None, grammar: torch.Tensor | None) -> torch.Tensor | None:
+def merge_bans(soft: TokenBans | None, grammar: torch.Tensor | None) -> TokenBans | torch.Tensor | None:
     """The grammar's bans are hard, the other bans (min_new_tokens' EOS,
     no_repeat_ngram) soft: where both together would ban every token of a
-    row, that row keeps only the grammar's bans."""
+    row, that row keeps only the grammar's bans. The soft bans stay pairs
+    when no row has a grammar; with one, the result is a [B, V] mask."""
     if grammar is None:
         return soft
     if soft is None:
         return grammar
-    merged = soft | grammar
+    merged = soft.mask() | grammar
     stuck = merged.all(dim=1, keepdim=True)
     return torch.where(stuck, grammar, merged)
 

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.bans import TokenBans
 from worker.engine.rows import GenerationParams
+
+# Width of the column blocks `greedy_tokens` takes each row's maximum over.
+GREEDY_BLOCK = 1024
+
+Bans = torch.Tensor | TokenBans | None  # a [B, V] bool mask, (row, token) pairs, or nothing
 
 # Candidates a nucleus-only row (top_k 0, top_p < 1) looks at before falling
 # back to sorting the whole vocabulary.
@@ -109,7 +115,7 @@ class Sampler:
 
     # -- the maths ---------------------------------------------------------
 
-    def process(self, logits: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, banned: Bans = None) -> torch.Tensor:
         """Scores after the logits processors shared by greedy and sampled rows:
         repetition penalty (HF semantics: positive scores divided, negative
         multiplied, for every token already seen) and banned tokens at -inf."""
@@ -120,6 +126,10 @@ class Sampler:
         if bool((self.repetition_penalty != 1.0).any()):
             penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
             scores = torch.where(self.seen, penalised, scores)
+        if isinstance(banned, TokenBans):
+            if scores.data_ptr() == logits.data_ptr():  # float32 logits: .float() did not copy
+                scores = scores.clone()
+            return banned.apply(scores)
         if banned is not None:
             # A row with every token banned keeps its scores rather than
             # sampling from nothing (possible with tiny vocabularies).
@@ -169,12 +179,12 @@ class Sampler:
                 groups.append(_Candidates(rows[again], weights, ids))
         return groups
 
-    def probabilities(self, logits: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    def probabilities(self, logits: torch.Tensor, banned: Bans = None) -> torch.Tensor:
         """The distribution each row draws from, in vocabulary order ([B, V]);
         a greedy row puts all its mass on its argmax."""
         scores = self.process(logits, banned)
         result = torch.zeros_like(scores)
-        result.scatter_(1, scores.argmax(dim=-1, keepdim=True), 1.0)
+        result.scatter_(1, greedy_tokens(scores)[:, None], 1.0)
         for group in self._candidates(scores, torch.nonzero(~self.greedy).flatten()):
             probs = (group.weights / group.weights.sum(dim=-1, keepdim=True)).float()
             if group.ids is None:
@@ -183,11 +193,12 @@ class Sampler:
                 result[group.rows] = torch.zeros_like(result[group.rows]).scatter_(1, group.ids, probs)
         return result
 
-    def __call__(self, logits: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, banned: Bans = None) -> torch.Tensor:
         """One token per row ([B] long) from next-token `logits` ([B, V]).
-        `banned` ([B, V] bool) marks tokens a row may not pick this step."""
+        `banned` (a [B, V] bool mask, or TokenBans) marks tokens a row may
+        not pick this step."""
         scores = self.process(logits, banned)
-        tokens = scores.argmax(dim=-1)
+        tokens = greedy_tokens(scores)
         sampled = torch.nonzero(~self.greedy).flatten()
         if sampled.numel() == 0:
             return tokens
@@ -260,6 +271,34 @@ class _Candidates:
         if self.ids is None:
             return picks
         return self.ids.gather(1, picks[:, None]).squeeze(1)
+
+
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(dim=-1)` ([B, V] -> [B], the first of equal maxima),
+    found through each row's block maxima: torch's CPU argmax does not
+    vectorise and took ~0.8 ms over a batch of 8 rows of 49 152 scores on
+    the development machine, its `amax` ~40 µs. The best block's argmax (first
+    best block, first best column in it) is the row's. Rows with NaN scores
+    go to argmax itself (NaN counts as the largest there)."""
+    batch, vocab = scores.shape
+    blocks = vocab // GREEDY_BLOCK
+    if blocks < 2 or scores.stride(1) != 1:
+        return scores.argmax(dim=-1)
+    width = blocks * GREEDY_BLOCK
+    blocked = scores[:, :width].view(batch, blocks, GREEDY_BLOCK)
+    block_max = blocked.amax(dim=-1)  # [B, blocks]
+    best_block = block_max.argmax(dim=-1)  # [B], first best block
+    best = block_max.gather(1, best_block[:, None]).squeeze(1)
+    rows = torch.arange(batch, device=scores.device)
+    tokens = best_block * GREEDY_BLOCK + blocked[rows, best_block].argmax(dim=-1)
+    if width < vocab:  # the columns past the last whole block win only when larger
+        tail = scores[:, width:]
+        tail_best, tail_token = tail.max(dim=-1)
+        tokens = torch.where(tail_best > best, width + tail_token, tokens)
+        best = torch.maximum(best, tail_best)
+    if bool(torch.isnan(best).any()):
+        return scores.argmax(dim=-1)
+    return tokens
 
 
 def _truncate(

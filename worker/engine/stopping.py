@@ -6,8 +6,8 @@ max_new_tokens, "stop" when the engine finds the row's constraint
 complete) and knows the row's bans: end-of-sequence while fewer than
 min_new_tokens tokens exist, and tokens that would repeat an n-gram
 (Hugging Face `no_repeat_ngram_size` semantics, over prompt + completion).
-`banned_token_mask` gathers every row's bans into one [B, V] mask that the
-sampler applies in its vectorised pass.
+`banned_tokens` gathers every row's bans as (row, token) pairs that the
+sampler applies in its vectorised pass (worker.engine.bans).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from shared.events import FinishReason
+from worker.engine.bans import TokenBans
 from worker.engine.rows import GenerationParams
 
 
@@ -91,11 +92,10 @@ class Stopping:
         return self.finish_reason
 
 
-def banned_token_mask(
+def banned_tokens(
     stoppings: Sequence[Stopping], vocab_size: int, device: torch.device | str = "cpu"
-) -> torch.Tensor | None:
-    """[B, V] bool mask of the tokens each row may not pick next, or None
-    when no row bans anything."""
+) -> TokenBans | None:
+    """Every row's bans as (row, token) pairs, or None when no row bans anything."""
     rows: list[int] = []
     tokens: list[int] = []
     for row, stopping in enumerate(stoppings):
@@ -104,10 +104,4 @@ def banned_token_mask(
             banned |= stopping.eos_token_ids
         rows.extend([row] * len(banned))
         tokens.extend(banned)
-    if not rows:
-        return None
-    mask = torch.zeros((len(stoppings), vocab_size), dtype=torch.bool, device=device)
-    columns = torch.tensor(tokens, dtype=torch.long, device=device)
-    valid = (columns >= 0) & (columns < vocab_size)
-    mask[torch.tensor(rows, dtype=torch.long, device=device)[valid], columns[valid]] = True
-    return mask
+    return TokenBans.from_lists(rows, tokens, len(stoppings), vocab_size, device) if rows else None

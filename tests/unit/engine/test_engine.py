@@ -299,6 +299,32 @@ def test_cancel_drops_rows_at_once_with_reason_cancelled(engine, tiny_model):
     assert engine.cancel([0]) == []
 
 
+def test_before_forward_gets_the_step_outputs_before_the_model_runs_on_them(engine, tiny_model):
+    rows = rows_for(engine, PROMPTS[:2], GenerationParams(max_new_tokens=3))
+    engine.add(rows)
+    forwards = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    handed: list[tuple[int, list[RowOutput]]] = []
+    try:
+        returned = []
+
+        def hand(outputs):
+            handed.append((len(forwards), list(outputs)))
+
+        while engine.has_work:
+            returned.append(engine.step(before_forward=hand))
+    finally:
+        handle.remove()
+    # step n's outputs were handed over after n - 1 forwards (the decode
+    # forward of the step itself had not run), and are what step returned
+    assert [count for count, _ in handed] == [0, 1, 2]
+    assert [outputs for _, outputs in handed] == returned
+    for row in rows:
+        assert [o.token_id for outs in returned for o in outs if o.key == row.key] == hf_greedy(
+            tiny_model, row.prompt_ids, 3
+        )
+
+
 def test_cancelling_every_row_leaves_no_work(engine):
     engine.add(rows_for(engine, PROMPTS[:2], GenerationParams(max_new_tokens=10)))
     engine.step()

@@ -15,6 +15,7 @@ import torch
 from api.constraints import check_schema
 from shared import constraints
 from tests.unit.engine.test_engine import Completion, collect, hf_greedy, run
+from worker.engine.bans import TokenBans
 from worker.engine.engine import Engine
 from worker.engine.grammar import (
     ConstraintError,
@@ -344,7 +345,7 @@ def test_bitmasks_round_trip():
 
 def test_grammar_bans_win_over_the_other_bans():
     grammar = torch.tensor([[True, False, True], [False, False, True]])
-    soft = torch.tensor([[False, True, False], [True, False, False]])
+    soft = TokenBans.from_lists([0, 1], [1, 0], batch=2, vocab=3)
     merged = merge_bans(soft, grammar)
     # Row 0: both together would ban every token, so only the grammar's bans stay.
     assert merged[0].tolist() == [True, False, True]

@@ -12,8 +12,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from worker.engine.bans import TokenBans
 from worker.engine.rows import GenerationParams
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import Sampler, greedy_tokens
 
 SAMPLED = {"top_k": 0, "temperature": 1.0}
 
@@ -108,10 +109,35 @@ def test_banned_tokens_are_never_picked():
     assert sampler.probabilities(logits, banned)[:, 1].tolist() == [0.0, 0.0]
 
 
-def test_a_row_with_every_token_banned_ignores_the_bans():
-    logits = torch.tensor([[1.0, 9.0, 2.0]])
-    banned = torch.ones((1, 3), dtype=torch.bool)
-    assert sampler_for(GenerationParams(), vocab=3)(logits, banned).tolist() == [1]
+def test_banned_token_pairs_ban_what_the_same_mask_bans():
+    logits = torch.tensor([[1.0, 9.0, 2.0], [0.0, 9.0, 8.0]])
+    pairs = TokenBans.from_lists([0, 1, 1, 1], [1, 1, 2, 7], batch=2, vocab=3)  # 7: out of range
+    assert pairs.mask().tolist() == [[False, True, False], [False, True, True]]
+    sampler = sampler_for(GenerationParams(), GenerationParams(**SAMPLED, seed=3), vocab=3)
+    assert sampler(logits, pairs).tolist() == [2, 0]
+    torch.testing.assert_close(sampler.process(logits, pairs), sampler.process(logits, pairs.mask()))
+    assert logits.tolist() == [[1.0, 9.0, 2.0], [0.0, 9.0, 8.0]]  # float32 logits are not changed
+
+
+@pytest.mark.parametrize("as_pairs", [False, True])
+def test_a_row_with_every_token_banned_ignores_the_bans(as_pairs):
+    logits = torch.tensor([[1.0, 9.0, 2.0], [1.0, 9.0, 2.0]])
+    banned = torch.tensor([[True, True, True], [False, True, False]])
+    if as_pairs:
+        banned = TokenBans.from_lists([0, 0, 0, 1], [0, 1, 2, 1], batch=2, vocab=3)
+    assert sampler_for(GenerationParams(), GenerationParams(), vocab=3)(logits, banned).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("vocab", [5, 2048, 3000, 49152, 151936])
+def test_greedy_tokens_equal_argmax_ties_and_nan_included(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(6, vocab, generator=generator).bfloat16().float()  # bfloat16 makes ties likely
+    scores[1, :] = float("-inf")
+    scores[2, [7 % vocab, vocab // 2, vocab - 1]] = 99.0  # equal maxima: the first wins
+    scores[3, vocab - 1] = 99.0  # the maximum past the last whole block
+    scores[4, vocab // 3] = float("nan")
+    scores[5, :] = 0.0
+    assert greedy_tokens(scores).tolist() == scores.argmax(dim=-1).tolist()
 
 
 def test_sampled_tokens_stay_inside_top_k_and_top_p():

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from worker.engine.rows import GenerationParams
-from worker.engine.stopping import NGramIndex, Stopping, banned_token_mask
+from worker.engine.stopping import NGramIndex, Stopping, banned_tokens
 
 EOS = 2
 
@@ -46,7 +46,8 @@ def test_min_new_tokens_masks_eos_until_reached():
     params = GenerationParams(min_new_tokens=2, max_new_tokens=10)
     stoppings = [Stopping(params, [5], eos_token_ids={EOS, 3}), Stopping(GenerationParams(), [5], {EOS, 3})]
     for step in range(3):
-        mask = banned_token_mask(stoppings, vocab_size=6)
+        bans = banned_tokens(stoppings, vocab_size=6)
+        mask = bans.mask() if bans is not None else None
         # Hugging Face's processor on the same history agrees with the mask.
         input_ids = torch.tensor([[5] + [4] * step])
         hf = MinNewTokensLengthLogitsProcessor(1, 2, [EOS, 3])(input_ids, torch.zeros(1, 6))
@@ -62,8 +63,8 @@ def test_min_new_tokens_masks_eos_until_reached():
             stopping.update(4)
 
 
-def test_no_bans_gives_no_mask():
-    assert banned_token_mask([Stopping(GenerationParams(), [1, 2, 1], {EOS})], vocab_size=5) is None
+def test_no_bans_gives_no_bans():
+    assert banned_tokens([Stopping(GenerationParams(), [1, 2, 1], {EOS})], vocab_size=5) is None
 
 
 def test_no_repeat_ngram_bans_tokens_that_complete_a_seen_ngram():
@@ -91,8 +92,8 @@ def test_no_repeat_ngram_bans_match_hf_over_prompt_and_completion(size: int):
     hf = NoRepeatNGramLogitsProcessor(size)
     for _ in range(15):
         expected = torch.isinf(hf(torch.tensor([history]), torch.zeros(1, vocab)))[0]
-        mask = banned_token_mask([stopping], vocab_size=vocab)
-        got = mask[0] if mask is not None else torch.zeros(vocab, dtype=torch.bool)
+        bans = banned_tokens([stopping], vocab_size=vocab)
+        got = bans.mask()[0] if bans is not None else torch.zeros(vocab, dtype=torch.bool)
         assert got.tolist() == expected.tolist()
         token = rng.randrange(vocab)
         stopping.update(token)

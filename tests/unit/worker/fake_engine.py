@@ -5,7 +5,8 @@ allows); `add_log` records (step, keys) of every add. LoRA adapters: rows may
 name one of `adapters`, and at most `adapter_slots` distinct adapters run at once.
 With `joins_in_step`, rows without adapters join a running batch in `step`'s
 own forward (as the real engine's joint forward does); `join_log` records
-(step, keys) of those."""
+(step, keys) of those. `step` hands its outputs to `before_forward` first,
+then calls `on_forward` where the real engine would run the model."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class FakeEngine:
         self.joins_in_step = joins_in_step
         self.join_log: list[tuple[int, list]] = []
         self.peak_rows = 0  # most rows held between steps (joined rows included)
+        self.on_forward = lambda: None  # called where the real engine's step runs the model
 
     def encode_prompt(
         self, text: str, *, use_chat_template: bool = False, prompt_max_tokens=None, messages=None
@@ -57,7 +59,7 @@ class FakeEngine:
     def can_join(self, rows: list[RowRequest]) -> bool:
         return self.joins_in_step and bool(self.rows) and all(row.adapter is None for row in rows)
 
-    def step(self, joining: list[RowRequest] = ()) -> list[RowOutput]:
+    def step(self, joining: list[RowRequest] = (), before_forward=None) -> list[RowOutput]:
         if joining:
             assert self.can_join(joining)
             self.check(joining)
@@ -77,6 +79,9 @@ class FakeEngine:
             )
             if done:
                 del self.rows[key]
+        if before_forward is not None:
+            before_forward(outputs)
+        self.on_forward()
         if joining:
             self.join_log.append((self.steps, [row.key for row in joining]))
             for row in joining:

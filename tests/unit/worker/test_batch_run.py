@@ -113,6 +113,16 @@ def test_cancelled_request_leaves_the_batch_and_others_continue(connection):
     assert engine.steps == 5
 
 
+def test_a_steps_events_are_published_before_the_model_runs_on_its_tokens(connection):
+    engine = FakeEngine()
+    pubsub = collect(connection, "a")
+    published_by_forward = []
+    engine.on_forward = lambda: published_by_forward.append([event.type for _, event in drain(pubsub)])
+    outcomes = BatchRun(engine, EventPublisher(connection), [make_job("a", text="x", max_new_tokens=3)]).run()
+    assert published_by_forward == [["token"], ["token"], ["token", "done"]]
+    assert outcomes["a"].result()["text"] == ["w1 w2 w3 "]
+
+
 def test_engine_failure_fails_every_unfinished_request(connection):
     pubsub = collect(connection, "a")
     outcomes = BatchRun(

@@ -95,8 +95,8 @@ class ScriptedArrivals(FakeEngine):
         super().__init__(**kwargs)
         self.arrivals = arrivals
 
-    def step(self):
-        outputs = super().step()
+    def step(self, joining=(), before_forward=None):
+        outputs = super().step(joining, before_forward)
         if self.steps in self.arrivals:
             self.arrivals[self.steps]()
         return outputs
