@@ -53,6 +53,7 @@ from bench.repeats import median_of
 from mmserve.redis_server import RedisServer
 from shared import events, jobs, keys, readers
 from shared.payload import GenerateRequest, GenerationJob
+from tests.serving import percentile
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -91,12 +92,9 @@ def arrival_times(count: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+def _rounded_percentile(values: list[float], q: float, digits: int) -> float | None:
+    value = percentile(values, q)
+    return None if value is None else round(value, digits)
 
 
 def summarise(traces: list[dict]) -> dict:
@@ -116,11 +114,11 @@ def summarise(traces: list[dict]) -> dict:
         "offered_tokens_per_s": round(tokens / arrivals_span, 2) if arrivals_span > 0 else None,
         "mean_rows_decoding": round(decoding / (end - start), 2),
         "tokens_per_s": round(tokens / (end - start), 2),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3),
-        "ttft_p99_s": round(percentile(ttfts, 99), 3),
+        "ttft_p50_s": _rounded_percentile(ttfts, 50, 3),
+        "ttft_p99_s": _rounded_percentile(ttfts, 99, 3),
         "ttft_mean_s": round(statistics.fmean(ttfts), 3),
-        "token_latency_p50_s": round(percentile(gaps, 50), 4),
-        "token_latency_p99_s": round(percentile(gaps, 99), 4),
+        "token_latency_p50_s": _rounded_percentile(gaps, 50, 4),
+        "token_latency_p99_s": _rounded_percentile(gaps, 99, 4),
     }
 
 
