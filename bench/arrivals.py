@@ -24,9 +24,11 @@ queue replayed for each rate (a FIFO server of one: start = max(arrival,
 previous end)); nothing else runs meanwhile. transformers' continuous batching
 runs its ContinuousBatchingManager in this process, requests added at their
 arrival times, streaming. Every path uses the same torch thread count.
-With --repeats N the worker modes run N times each, in alternating order;
-each figure is the median over the runs, and continuous over micro-batching
-is the median of the ratios of runs made back to back (on a shared, noisy
+The worker modes' workers start once, side by side (an idle one waits on
+Redis); with --repeats N each rate runs N times per mode, the modes back to
+back in alternating order, so two runs compared are seconds apart. Each
+figure is the median over the runs, and continuous over micro-batching is
+the median of the ratios of those back-to-back runs (on a shared, noisy
 machine single runs of the same code differed by up to a third).
 Prints one JSON document."""
 
@@ -251,16 +253,40 @@ def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
     return traces
 
 
-def bench_worker(redis_url: str, mode: str, args, work: list[dict]) -> dict:
-    worker = WorkerUnderTest(redis_url, mode, args)
+def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> dict[str, list[dict]]:
+    """Every mode's worker started once and warmed up; then, for each repeat
+    and rate, the modes run the workload back to back (their order alternating),
+    so the runs compared are seconds apart rather than a whole set of rates
+    (an idle worker waits on Redis and takes no CPU). {mode: [{rate: summary}
+    per repeat]}."""
+    workers: dict[str, WorkerUnderTest] = {}
     try:
+        for mode in modes:
+            workers[mode] = WorkerUnderTest(redis_url, mode, args)
 
-        def submit(item, trace):
-            one_request(redis_url, worker.group, item["text"], item["new_tokens"], trace)
+        def submitter(group: str):
+            def submit(item, trace):
+                one_request(redis_url, group, item["text"], item["new_tokens"], trace)
 
-        return measure_rates(submit, work, args)
+            return submit
+
+        submits = {mode: submitter(worker.group) for mode, worker in workers.items()}
+        for submit in submits.values():
+            run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        turn = 0
+        for _ in range(args.repeats):
+            for mode in modes:
+                runs[mode].append({})
+            for rate in args.rates:
+                times = arrival_times(len(work), rate, args.seed)
+                for mode in modes if turn % 2 == 0 else modes[::-1]:
+                    runs[mode][-1][str(rate)] = summarise(run_arrivals(submits[mode], work, times))
+                turn += 1
+        return runs
     finally:
-        worker.stop()
+        for worker in workers.values():
+            worker.stop()
 
 
 # -- in process ----------------------------------------------------------------
@@ -484,14 +510,11 @@ def main() -> None:
         "modes": {},
     }
     worker_modes = [m for m in args.modes if m in WORKER_MODES]
-    runs: dict[str, list[dict]] = {mode: [] for mode in worker_modes}
+    runs: dict[str, list[dict]] = {}
     if worker_modes:
         server = RedisServer().start()
         try:
-            for repeat in range(args.repeats):
-                # alternate the order, so that neither mode always runs on a warmer or quieter machine
-                for mode in worker_modes if repeat % 2 == 0 else worker_modes[::-1]:
-                    runs[mode].append(bench_worker(server.url, mode, args, work))
+            runs = bench_workers(server.url, worker_modes, args, work)
         finally:
             server.stop()
         for mode, results in runs.items():
