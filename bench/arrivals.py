@@ -26,7 +26,7 @@ runs its ContinuousBatchingManager in this process, requests added at their
 arrival times, streaming. Every path uses the same torch thread count.
 The worker modes' workers start once, side by side (an idle one waits on
 Redis); with --repeats N each rate runs N times per mode, the modes back to
-back in alternating order, so two runs compared are seconds apart. Each
+back in alternating order, so two runs compared are one run apart. Each
 figure is the median over the runs, and continuous over micro-batching is
 the median of the ratios of those back-to-back runs (on a shared, noisy
 machine single runs of the same code differed by up to a third).
@@ -256,7 +256,7 @@ def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
 def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> dict[str, list[dict]]:
     """Every mode's worker started once and warmed up; then, for each repeat
     and rate, the modes run the workload back to back (their order alternating),
-    so the runs compared are seconds apart rather than a whole set of rates
+    so the runs compared are one run apart rather than a whole set of rates
     (an idle worker waits on Redis and takes no CPU). {mode: [{rate: summary}
     per repeat]}."""
     workers: dict[str, WorkerUnderTest] = {}
