@@ -3,22 +3,27 @@ many apps in one process). Request counters and histograms are updated as
 requests end; queue depth, live readers and the event hub's state are read
 when /metrics is scraped.
 
-Each gunicorn worker process keeps its own registry, so a scrape sees the
-process that answered it."""
+With several gunicorn worker processes (--api-processes), api.gunicorn_config
+gives them a prometheus-client multiprocess directory: each process writes its
+counters and histograms there and a scrape sums every process's files, so any
+process answers for the whole API. The Redis gauges are read by the process
+that answers; the event hub's two gauges are that process's own."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from api.admission import job_queue
 from shared import readers
+from shared.limits import METRICS_DIR_ENV
 
 if TYPE_CHECKING:
     from api.relay import EventHub
@@ -160,11 +165,17 @@ class ApiMetrics:
             ["error_type"],
             registry=self.registry,
         )
-        self.registry.register(RedisStateCollector(connection, hub))
+        self._state = RedisStateCollector(connection, hub)
+        self.registry.register(self._state)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.request_latency.labels(route).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not os.environ.get(METRICS_DIR_ENV):
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()  # several API processes: their files, summed
+        multiprocess.MultiProcessCollector(every_process)
+        every_process.register(self._state)
+        return generate_latest(every_process)

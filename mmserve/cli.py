@@ -14,6 +14,7 @@ from mmserve.supervisor import REDIS, Child, LocalWorkerCommands, Supervisor, py
 from shared import logs
 
 GUNICORN_APP = "api.wsgi:app_from_env()"
+GUNICORN_CONFIG = "python:api.gunicorn_config"  # its server hooks
 
 
 def _setup_logging(level: str, log_format: str) -> None:
@@ -47,6 +48,8 @@ def _gunicorn_argv(api: dict, log_level: str, log_format: str) -> list[str]:
         "gunicorn",
         "--worker-class",
         "gevent",
+        "--config",
+        GUNICORN_CONFIG,
         "--workers",
         str(api["api_processes"]),
         "--worker-connections",

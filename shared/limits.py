@@ -99,3 +99,7 @@ REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
 # How long the management port waits for a reader to load a LoRA adapter (it
 # waits for the running decode step, then reads the adapter); below the socket timeout.
 LORA_LOAD_TIMEOUT_SECONDS = 8.0
+
+# prometheus-client's multiprocess directory (its own variable name): set by
+# api.gunicorn_config when the API runs several processes, read by api.metrics
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

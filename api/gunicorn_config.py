@@ -1,0 +1,44 @@
+"""gunicorn server hooks (`gunicorn --config python:api.gunicorn_config`).
+
+With several worker processes (`--api-processes N`), each process counts the
+requests it answers; a scrape of /metrics is answered by one of them. So that
+every scrape reports the whole API, the processes keep their counters and
+histograms in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR)
+and /metrics sums them (api.metrics). The master sets the directory up before
+it forks the workers: a fresh temporary one, removed at exit, unless the
+operator names one (its old files are cleared: they would count twice)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from shared.limits import METRICS_DIR_ENV
+
+log = logging.getLogger(__name__)
+
+_created: list[Path] = []  # the directory this master made (removed at exit)
+
+
+def on_starting(server) -> None:
+    if server.cfg.workers < 2:
+        return
+    named = os.environ.get(METRICS_DIR_ENV)
+    if named:
+        directory = Path(named)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="mmserve-metrics-"))
+        _created.append(directory)
+        os.environ[METRICS_DIR_ENV] = str(directory)
+    log.info("API metrics of %d processes are summed through %s", server.cfg.workers, directory)
+
+
+def on_exit(server) -> None:
+    while _created:
+        shutil.rmtree(_created.pop(), ignore_errors=True)
