@@ -10,15 +10,12 @@ operator names one (its old files are cleared: they would count twice)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from shared.limits import METRICS_DIR_ENV
-
-log = logging.getLogger(__name__)
 
 _created: list[Path] = []  # the directory this master made (removed at exit)
 
@@ -36,7 +33,7 @@ def on_starting(server) -> None:
         directory = Path(tempfile.mkdtemp(prefix="mmserve-metrics-"))
         _created.append(directory)
         os.environ[METRICS_DIR_ENV] = str(directory)
-    log.info("API metrics of %d processes are summed through %s", server.cfg.workers, directory)
+    server.log.info("API metrics of %d processes are summed through %s", server.cfg.workers, directory)
 
 
 def on_exit(server) -> None:

