@@ -51,7 +51,7 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_DURATION_MILLIS = 20
 BATCHING_MODES = ("continuous", "micro")
 DEFAULT_BATCHING = "continuous"
-# Prompt tokens (padding included) prefilled per decode step when requests join
+# Prompt tokens (padding included where prompts share a prefill) prefilled per decode step when requests join
 # a running batch; a longer prompt still runs, alone in its step.
 DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
 # LoRA adapters a worker keeps in memory at once (least recently used evicted).

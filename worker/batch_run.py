@@ -12,8 +12,10 @@ newcomers join between decode steps; see worker.batch_worker).
 Which admitted rows are prefilled next (continuous batching): while a row
 slot is free, the waiting request with the fewest rows already running goes
 first, ties in admission (queue) order, and a step prefills at most
-`max_prefill_tokens` prompt tokens (padding included; always at least one
-row, so a prompt longer than the budget runs alone in its step). A batch
+`max_prefill_tokens` prompt tokens (always at least one row, so a prompt
+longer than the budget runs alone in its step): a row joining the step's own
+forward counts its prompt's length, rows prefilled together before the step
+their padded width. A batch
 request's rows thus take turns with single requests instead of holding every
 slot until its last row has run. A row whose LoRA adapter finds no free
 adapter slot (every slot held by running rows' adapters) is passed over; when it
@@ -245,7 +247,8 @@ class BatchRun:
         free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
         ending = self.rows_leaving if free is not None else 0
         budget = self._max_prefill_tokens
-        chosen: list[RowRequest] = []
+        joining: list[RowRequest] = []  # prefilled in the step's own forward, unpadded
+        separate: list[RowRequest] = []  # prefilled together before it, padded to one width
         adapters: set[str] = set()
         blocked: set[str] = set()  # requests whose row cannot take a slot this step
         oldest_waits = False
@@ -267,8 +270,11 @@ class BatchRun:
                 oldest_waits = oldest_waits or request_id == next(iter(self._waiting))
                 blocked.add(request_id)
                 continue
-            wider = max(width, self._engine.prefill_width(len(row.prompt_ids)))
-            if chosen and budget is not None and wider * (len(chosen) + 1) > budget:
+            joins_step = joins and self._engine.can_join([row])
+            wider = width if joins_step else max(width, self._engine.prefill_width(len(row.prompt_ids)))
+            tokens = sum(len(r.prompt_ids) for r in joining) + wider * len(separate)
+            tokens += len(row.prompt_ids) if joins_step else wider
+            if (joining or separate) and budget is not None and tokens > budget:
                 break
             if row.adapter is not None:
                 adapters.add(row.adapter)
@@ -276,16 +282,12 @@ class BatchRun:
             if not self._waiting[request_id]:
                 del self._waiting[request_id]
             self._running[request_id] += 1
-            chosen.append(row)
+            (joining if joins_step else separate).append(row)
             width = wider
             if free is not None and free > 0:
                 free -= 1
             elif free is not None:
                 ending -= 1
-        joining: list[RowRequest] = []
-        separate: list[RowRequest] = []
-        for row in chosen:
-            (joining if joins and self._engine.can_join([row]) else separate).append(row)
         if separate:  # only ever in free slots (see above), so never more rows than max_rows
             self._add(separate)
             self.peak_rows = max(self.peak_rows, self._engine.num_rows)

@@ -224,6 +224,27 @@ def test_newcomers_join_in_the_decode_steps_own_forward_when_the_engine_can(conn
     assert run.peak_rows == 4
 
 
+@pytest.mark.parametrize(
+    ("joins_in_step", "prefilled_together"),
+    [
+        (True, [["long", "short"]]),  # joining rows count their own lengths: 4 + 2 fits 6
+        (False, [["long"], ["short"]]),  # a shared prefill pads both to 4: 8 does not fit
+    ],
+)
+def test_the_prefill_budget_counts_padding_only_where_prompts_share_a_prefill(
+    connection, joins_in_step, prefilled_together
+):
+    engine = FakeEngine(joins_in_step=joins_in_step)
+    run = BatchRun(engine, EventPublisher(connection), max_rows=4, max_prefill_tokens=6)
+    run.admit([make_job("a", text="x", max_new_tokens=6)])
+    run.step()
+    run.admit([make_job("long", text="p q r s", max_new_tokens=1), make_job("short", text="t u", max_new_tokens=1)])
+    run.step()
+    run.step()
+    newcomers = engine.join_log if joins_in_step else engine.add_log[1:]
+    assert [[key[0] for key in keys_] for _, keys_ in newcomers] == prefilled_together
+
+
 def test_a_newcomer_refused_when_joining_in_a_step_fails_alone(connection):
     class RefusesB(FakeEngine):
         def check(self, rows):
