@@ -238,7 +238,9 @@ def test_the_prefill_budget_counts_padding_only_where_prompts_share_a_prefill(
     run = BatchRun(engine, EventPublisher(connection), max_rows=4, max_prefill_tokens=6)
     run.admit([make_job("a", text="x", max_new_tokens=6)])
     run.step()
-    run.admit([make_job("long", text="p q r s", max_new_tokens=1), make_job("short", text="t u", max_new_tokens=1)])
+    run.admit(
+        [make_job("long", text="p q r s", max_new_tokens=1), make_job("short", text="t u", max_new_tokens=1)]
+    )
     run.step()
     run.step()
     newcomers = engine.join_log if joins_in_step else engine.add_log[1:]
