@@ -6,7 +6,8 @@ every scrape reports the whole API, the processes keep their counters and
 histograms in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR)
 and /metrics sums them (api.metrics). The master sets the directory up before
 it forks the workers: a fresh temporary one, removed at exit, unless the
-operator names one (its old files are cleared: they would count twice)."""
+operator names one (made if missing, its old files cleared: they would count
+twice; with one process too, since prometheus-client then uses it as well)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ _created: list[Path] = []  # the directory this master made (removed at exit)
 
 
 def on_starting(server) -> None:
-    if server.cfg.workers < 2:
-        return
     named = os.environ.get(METRICS_DIR_ENV)
-    if named:
+    if named:  # prometheus-client uses it whenever it is set, even for one process
         directory = Path(named)
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.db"):
             stale.unlink()
+    elif server.cfg.workers < 2:
+        return
     else:
         directory = Path(tempfile.mkdtemp(prefix="mmserve-metrics-"))
         _created.append(directory)

@@ -111,3 +111,13 @@ def test_a_directory_the_operator_names_is_cleared_of_old_counts_and_kept(no_met
     gunicorn_config.on_starting(master(3))
     gunicorn_config.on_exit(master(3))
     assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_directory_the_operator_names_is_made_and_cleared_for_one_process_too(no_metrics_dir, tmp_path):
+    named = tmp_path / "metrics"
+    os.environ[METRICS_DIR_ENV] = str(named)
+    gunicorn_config.on_starting(master(1))
+    assert named.is_dir()
+    (named / "counter_1.db").write_bytes(b"old")
+    gunicorn_config.on_starting(master(1))
+    assert not any(named.iterdir())
