@@ -10,7 +10,7 @@ serving one request at a time vs transformers' own continuous batching
 Every mode serves the same requests (same prompts, same output lengths, same
 arrival times for a given rate): prompts of mixed length (short questions and
 a few ~300-token documents, each with its own page number, chat template on),
-outputs of 16, 32 or 64 tokens (forced with min_new_tokens, greedy). Reported
+outputs of 16, 32 or 64 tokens (or --output-lengths; forced with min_new_tokens, greedy). Reported
 per mode and rate: tokens/s (generated tokens over the time from the first
 arrival to the last token), time to first token p50/p99 (from arrival) and
 per-token latency p50/p99 (the gaps between a request's successive tokens),
@@ -76,7 +76,7 @@ DOCUMENT = (
 OUTPUT_LENGTHS = [16, 32, 64]
 
 
-def workload(count: int, seed: int) -> list[dict]:
+def workload(count: int, seed: int, output_lengths: list[int] = OUTPUT_LENGTHS) -> list[dict]:
     """The requests: prompt text and output length (the same for every mode and rate).
     Each document starts with its own page number, so no two share more than the
     chat template's opening: a prefix cache (transformers' continuous batching has
@@ -88,7 +88,7 @@ def workload(count: int, seed: int) -> list[dict]:
             text = f"Logbook, page {index + 1}.\n" + DOCUMENT * 5 + "\nSummarise this story in one sentence."
         else:
             text = QUESTIONS[index % len(QUESTIONS)]
-        work.append({"text": text, "new_tokens": rng.choice(OUTPUT_LENGTHS)})
+        work.append({"text": text, "new_tokens": rng.choice(output_lengths)})
     return work
 
 
@@ -380,7 +380,7 @@ def bench_transformers_cb(loaded, args, work: list[dict], max_rows: int | None =
 
     model, tokenizer = loaded.model, loaded.tokenizer
     config = GenerationConfig(
-        max_new_tokens=max(OUTPUT_LENGTHS),
+        max_new_tokens=max(item["new_tokens"] for item in work),
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -515,6 +515,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what serve picks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--output-lengths",
+        type=int,
+        nargs="+",
+        default=OUTPUT_LENGTHS,
+        help="each request's output length is drawn from these (forced, greedy)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -537,7 +544,7 @@ def main() -> None:
     from worker.main import configure_threads, default_threads
 
     args.threads = args.threads or default_threads(1)
-    work = workload(args.requests, args.seed)
+    work = workload(args.requests, args.seed, args.output_lengths)
     report: dict = {
         "model": "SmolLM2-135M-Instruct (bundled)",
         "threads": args.threads,
@@ -545,7 +552,7 @@ def main() -> None:
         "machine": platform.machine(),
         "max_batch_size": args.max_batch_size,
         "requests_per_rate": args.requests,
-        "output_lengths": OUTPUT_LENGTHS,
+        "output_lengths": args.output_lengths,
         "rates_per_s": args.rates,
         "modes": {},
     }
