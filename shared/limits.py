@@ -45,6 +45,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
 MAX_IMAGES_PER_REQUEST = 8  # the multipart image counts as the first
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what the API decodes; others are 400
 REMOTE_IMAGE_TIMEOUT_SECONDS = 10.0  # whole download, with --allow-remote-images
+# A vision worker keeps the encodings of recently seen images (by content) up to this size.
+IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20
 
 # Worker batching.
 DEFAULT_MAX_BATCH_SIZE = 8

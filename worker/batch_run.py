@@ -416,6 +416,7 @@ class BatchRun:
             use_chat_template=request.use_chat_template,
             prompt_max_tokens=request.prompt_max_tokens,
             messages=job.template_messages(),
+            images_key=tuple(job.image_ids),
         )
 
     def _deliver(self, outputs: list[RowOutput]) -> None:

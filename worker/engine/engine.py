@@ -281,11 +281,13 @@ class Engine:
         use_chat_template: bool = False,
         prompt_max_tokens: int | None = None,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        images_key: Hashable | None = None,
     ) -> list[VisionPrompt]:
         """Rows asking about `images` (RGB PIL images), one per text: their
         token ids with the image tokens in place, and the images encoded once
         for all of them (see worker.engine.vision.VisionPrompter.prompts).
-        `messages` replaces every text with that conversation."""
+        `messages` replaces every text with that conversation; `images_key`
+        (the images' content ids) lets a recent encoding of them be reused."""
         if self.vision is None:
             raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
         try:
@@ -295,6 +297,7 @@ class Engine:
                 use_chat_template=use_chat_template,
                 prompt_max_tokens=prompt_max_tokens,
                 messages=messages,
+                images_key=images_key,
             )
         except VisionPromptError as exc:
             raise PromptError(str(exc)) from exc

@@ -5,7 +5,9 @@ runs: each row's token ids, built with the processor's chat template (or the
 prompt as given) and with every image placeholder expanded into the image
 tokens the model expects, plus the images encoded by the model's vision
 tower (`ImageFeatures`). The images of a request are processed and encoded
-once, however many prompts ask about them.
+once, however many prompts ask about them, and the encodings of recent images
+are kept (`FeatureCache`, keyed by the images' content ids): a conversation
+that sends the same image with every turn runs the vision tower once.
 
 At prefill, the features of every row of a batch are handed to the model
 together (`prefill_inputs`), in the form transformers' own `generate` uses
@@ -18,7 +20,8 @@ prefill and one batch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from shared import limits
 
 # What the processor returns besides the pixels: the token ids and masks the
 # engine builds itself, and bookkeeping the model does not take.
@@ -48,6 +53,41 @@ class ImageFeatures:
     pooler_output: Any
     tokens: int
 
+    @property
+    def nbytes(self) -> int:
+        parts = [self.pooler_output] if isinstance(self.pooler_output, torch.Tensor) else self.pooler_output
+        return sum(part.nbytes for part in parts)
+
+
+class FeatureCache:
+    """The most recently used image encodings, at most `max_bytes` of them
+    (least recently used dropped first; one larger than the whole budget is
+    not kept). Keys name the images by content, so an entry is never stale."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[Hashable, ImageFeatures] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> ImageFeatures | None:
+        features = self._entries.get(key)
+        if features is not None:
+            self._entries.move_to_end(key)
+        return features
+
+    def put(self, key: Hashable, features: ImageFeatures) -> None:
+        size = features.nbytes
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self._entries and self.bytes + size > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped.nbytes
+        self._entries[key] = features
+        self.bytes += size
+
 
 @dataclass(frozen=True)
 class VisionPrompt:
@@ -65,8 +105,15 @@ class _Processed:
 class VisionPrompter:
     """Prompt building and image encoding for one vision-language model."""
 
-    def __init__(self, model: PreTrainedModel, processor: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_cache_bytes: int = limits.IMAGE_FEATURE_CACHE_BYTES,
+    ) -> None:
         self.model = model
+        self.feature_cache = FeatureCache(feature_cache_bytes)
         self.processor = processor
         self.tokenizer = tokenizer
         self.image_token: str = getattr(processor, "image_token", None) or "<image>"
@@ -115,6 +162,7 @@ class VisionPrompter:
         use_chat_template: bool,
         prompt_max_tokens: int | None,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        images_key: Hashable | None = None,
     ) -> list[VisionPrompt]:
         """One VisionPrompt per text, every one asking about all of `images`.
 
@@ -125,7 +173,9 @@ class VisionPrompter:
         case the placeholders go before the text. `prompt_max_tokens` keeps
         the last n tokens but never cuts into an image. `messages` (a
         conversation whose {"type": "image"} parts stand for `images`, in order)
-        replaces every text and implies the chat template.
+        replaces every text and implies the chat template. `images_key` names
+        `images` by content (their ids, in order): their encoding is then
+        looked up in, and kept in, the feature cache.
         """
         if not images:
             raise VisionPromptError("no images given")
@@ -136,7 +186,11 @@ class VisionPrompter:
             for text in texts
         ]
         first = self._processed(strings[0], images)
-        features = self._encode(first.pixel_inputs)
+        features = self.feature_cache.get(images_key) if images_key is not None else None
+        if features is None:
+            features = self._encode(first.pixel_inputs)
+            if images_key is not None:
+                self.feature_cache.put(images_key, features)
         splice = _Splice.of(self._plain_ids(strings[0]), first.ids, self.image_token_id)
         prompts = []
         for index, string in enumerate(strings):

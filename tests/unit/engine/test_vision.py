@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tests.fixtures.tiny_vlms import sample_image
 from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
 from worker.engine.rows import GenerationParams, RowRequest
-from worker.engine.vision import VisionPrompt
+from worker.engine.vision import FeatureCache, VisionPrompt
 
 GREEDY = GenerationParams(max_new_tokens=10, min_new_tokens=10)
 RED = sample_image((220, 30, 30))
@@ -125,11 +125,16 @@ def test_changing_one_image_changes_only_its_row(vlm):
     assert before[1] != after[1]
 
 
-def test_prompts_of_one_request_share_one_encoding_of_the_image(vlm):
-    engine = vlm.engine()
-    calls = []
+def counting_encoder(engine: Engine) -> list[int]:
+    calls: list[int] = []
     encoder = engine.vision._encoder
     engine.vision._encoder = lambda **kwargs: calls.append(1) or encoder(**kwargs)
+    return calls
+
+
+def test_prompts_of_one_request_share_one_encoding_of_the_image(vlm):
+    engine = vlm.engine()
+    calls = counting_encoder(engine)
     texts = ["What is it?", "Which colour is it?", "Is it big?"]
     prompts = engine.encode_image_prompts(texts, [BLUE], use_chat_template=True)
     assert len(calls) == 1
@@ -137,6 +142,38 @@ def test_prompts_of_one_request_share_one_encoding_of_the_image(vlm):
     tokens = run(engine, [row(index, prompt) for index, prompt in enumerate(prompts)])
     for index, text in enumerate(texts):
         assert tokens[index] == vlm.generate(vlm.chat_prompt(text, 1), [BLUE])
+
+
+def test_requests_sending_the_same_images_again_reuse_their_encoding(vlm):
+    engine = vlm.engine()
+    calls = counting_encoder(engine)
+    first = engine.encode_image_prompts(["What is it?"], [RED, BLUE], images_key=("red", "blue"))
+    again = engine.encode_image_prompts(
+        ["Which colour?", "Is it big?"], [RED, BLUE], use_chat_template=True, images_key=("red", "blue")
+    )
+    assert len(calls) == 1 and again[0].image_features is first[0].image_features
+    engine.encode_image_prompts(["What is it?"], [BLUE, RED], images_key=("blue", "red"))  # other order
+    engine.encode_image_prompts(["What is it?"], [RED, BLUE])  # no key: not looked up
+    assert len(calls) == 3
+    tokens = run(engine, [row(index, prompt) for index, prompt in enumerate(again)])
+    for index, text in enumerate(["Which colour?", "Is it big?"]):
+        assert tokens[index] == vlm.generate(vlm.chat_prompt(text, 2), [RED, BLUE])
+
+
+def test_the_feature_cache_keeps_the_most_recent_encodings_within_its_bytes(llava):
+    engine = llava.engine()
+    (red,) = engine.encode_image_prompts(["What?"], [RED])
+    size = red.image_features.nbytes
+    cache = FeatureCache(max_bytes=2 * size)
+    cache.put("a", red.image_features)
+    cache.put("b", red.image_features)
+    assert cache.get("a") is red.image_features  # now "b" is the least recently used
+    cache.put("c", red.image_features)
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert len(cache) == 2 and cache.bytes == 2 * size
+    tiny = FeatureCache(max_bytes=size - 1)
+    tiny.put("a", red.image_features)  # larger than the whole budget: not kept
+    assert len(tiny) == 0 and tiny.bytes == 0
 
 
 def test_several_images_in_one_prompt_equal_hf_generate(vlm):

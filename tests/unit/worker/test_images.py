@@ -102,6 +102,20 @@ def test_image_jobs_and_text_jobs_run_in_one_batch(connection, llava):
     assert all(usage["prompt_tokens"] > 16 for usage in outcomes["a"].result()["usage"])
 
 
+def test_a_later_job_with_the_same_image_reuses_its_encoding(connection, llava):
+    engine = Engine(llava.model, llava.tokenizer, processor=llava.processor)
+    calls = []
+    encoder = engine.vision._encoder
+    engine.vision._encoder = lambda **kwargs: calls.append(1) or encoder(**kwargs)
+    red, blue = store(connection, sample_image("red")), store(connection, sample_image("blue"))
+    texts = []
+    for request_id, images in (("first", [red]), ("again", [red]), ("other", [blue])):
+        job = image_job(request_id, images, text="What is it?", max_new_tokens=4, min_new_tokens=4)
+        texts.append(BatchRun(engine, EventPublisher(connection), [job]).run()[request_id].result()["text"])
+    assert len(calls) == 2  # red once, blue once
+    assert texts[0] == texts[1] != texts[2]
+
+
 def test_an_expired_image_fails_only_its_request(connection, llava):
     engine = Engine(llava.model, llava.tokenizer, processor=llava.processor)
     jobs = [image_job("gone", ["f" * 64], text="x", max_new_tokens=2), image_job("ok", [], text="y")]
