@@ -10,9 +10,10 @@ serving one request at a time vs transformers' own continuous batching
 Every mode serves the same requests (same prompts, same output lengths, same
 arrival times for a given rate): prompts of mixed length (short questions and
 a few ~300-token documents, each with its own page number, chat template on),
-outputs of 16, 32 or 64 tokens (or --output-lengths; forced with min_new_tokens, greedy). Reported
-per mode and rate: tokens/s (generated tokens over the time from the first
-arrival to the last token), time to first token p50/p99 (from arrival) and
+outputs of 16, 32 or 64 tokens (or --output-lengths; forced with
+min_new_tokens, greedy). Reported per mode and rate: tokens/s (generated
+tokens over the time from the first arrival to the last token), time to
+first token p50/p99 (from arrival) and
 per-token latency p50/p99 (the gaps between a request's successive tokens),
 and mean rows decoding (the sum of each request's first-to-last-token time
 over the run's time: 8 when a max-batch-8 worker always has 8 rows streaming)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tests.fixtures.tiny_vlms import sample_image
+from tests.fixtures.tiny_vlms import counting_encoder, sample_image
 from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
 from worker.engine.rows import GenerationParams, RowRequest
 from worker.engine.vision import FeatureCache, VisionPrompt
@@ -123,13 +123,6 @@ def test_changing_one_image_changes_only_its_row(vlm):
     after = answers([RED, TALL, RED])
     assert before[0] == after[0] and before[2] == after[2]
     assert before[1] != after[1]
-
-
-def counting_encoder(engine: Engine) -> list[int]:
-    calls: list[int] = []
-    encoder = engine.vision._encoder
-    engine.vision._encoder = lambda **kwargs: calls.append(1) or encoder(**kwargs)
-    return calls
 
 
 def test_prompts_of_one_request_share_one_encoding_of_the_image(vlm):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from shared import keys, limits
 from shared.payload import GenerateRequest, GenerationJob
-from tests.fixtures.tiny_vlms import sample_image
+from tests.fixtures.tiny_vlms import counting_encoder, sample_image
 from tests.unit.worker.fake_engine import FakeEngine
 from worker.batch_run import BatchRun
 from worker.engine.engine import Engine
@@ -104,9 +104,7 @@ def test_image_jobs_and_text_jobs_run_in_one_batch(connection, llava):
 
 def test_a_later_job_with_the_same_image_reuses_its_encoding(connection, llava):
     engine = Engine(llava.model, llava.tokenizer, processor=llava.processor)
-    calls = []
-    encoder = engine.vision._encoder
-    engine.vision._encoder = lambda **kwargs: calls.append(1) or encoder(**kwargs)
+    calls = counting_encoder(engine)
     red, blue = store(connection, sample_image("red")), store(connection, sample_image("blue"))
     texts = []
     for request_id, images in (("first", [red]), ("again", [red]), ("other", [blue])):
