@@ -16,7 +16,7 @@ from api.errors import (
     UnknownConsumerGroup,
     UnknownLora,
 )
-from shared import jobs, limits, readers
+from shared import defaults, jobs, registry
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
 
@@ -28,23 +28,23 @@ def job_queue(connection: redis.Redis, consumer_group: str) -> rq.Queue:
 
 def admit(
     connection: redis.Redis, payload: GenerateRequest, settings: ApiSettings, *, with_images: bool = False
-) -> list[readers.ReaderInfo]:
+) -> list[registry.ReaderInfo]:
     """Raise the ApiError that stops this request, or return the group's live
     readers that can serve it (those with its lora_id, when it names one).
     `with_images`: the request carries images, which only a VISION model accepts."""
     group = payload.consumer_group
-    if group not in readers.known_groups(connection):
+    if group not in registry.known_groups(connection):
         raise UnknownConsumerGroup(f"unknown consumer_group '{group}': no worker has ever served it")
 
-    live = readers.live_readers(connection, group)
+    live = registry.live_readers(connection, group)
     if not live:
         raise NoLiveReader(
-            f"consumer_group '{group}' has no live worker", retry_after=limits.RETRY_AFTER_NO_READER_SECONDS
+            f"consumer_group '{group}' has no live worker", retry_after=defaults.RETRY_AFTER_NO_READER_SECONDS
         )
     if not any(reader.ready for reader in live):
         raise NoLiveReader(
             f"the workers of consumer_group '{group}' are still loading their model",
-            retry_after=limits.RETRY_AFTER_NO_READER_SECONDS,
+            retry_after=defaults.RETRY_AFTER_NO_READER_SECONDS,
         )
 
     if with_images and not any(reader.ready and reader.model_type == "VISION" for reader in live):
@@ -79,6 +79,6 @@ def admit(
         if depth >= settings.max_queue_depth:
             raise QueueFull(
                 f"the queue of consumer_group '{group}' is full ({depth} waiting requests)",
-                retry_after=limits.RETRY_AFTER_QUEUE_FULL_SECONDS,
+                retry_after=defaults.RETRY_AFTER_QUEUE_FULL_SECONDS,
             )
     return live

@@ -21,11 +21,14 @@ import redis
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import NotFound
 
-from api import docs, inference, management, openai_routes, probes
+from api import openapi, probes
 from api.errors import Unauthorized, register_error_handlers
+from api.management import routes as management
 from api.metrics import ApiMetrics
+from api.openai import routes as openai_routes
 from api.relay import EventHub
 from api.state import AppState, app_state, install
+from api.takeoff import routes as inference
 from shared import connection as shared_connection
 from shared.settings import ApiSettings
 
@@ -37,7 +40,7 @@ OPENAI = "OpenAI"
 
 PORT_OF_BLUEPRINT = {
     inference.blueprint.name: INFERENCE,
-    docs.blueprint.name: INFERENCE,
+    openapi.blueprint.name: INFERENCE,
     management.blueprint.name: MANAGEMENT,
     openai_routes.blueprint.name: OPENAI,
 }
@@ -52,7 +55,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) -> Flask:
     app = Flask("mmserve.api")
     # One byte above the limit: werkzeug truncates a chunked body at this size
-    # without an error, and api.payloads answers 413 for anything longer than the limit.
+    # without an error, and api.takeoff.payloads answers 413 for anything longer than the limit.
     app.config["MAX_CONTENT_LENGTH"] = settings.body_size_limit_bytes + 1
     # Flask caps a multipart text field at 500 kB by default; json_data may be
     # as large as the body itself.
@@ -69,7 +72,7 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
         inference.blueprint,
         management.blueprint,
         probes.blueprint,
-        docs.blueprint,
+        openapi.blueprint,
         openai_routes.blueprint,
     ):
         app.register_blueprint(blueprint)

@@ -1,6 +1,6 @@
 """The API's errors and the handlers that turn every exception into the JSON
 error body `{"error": "...", "error_type": "..."}` (on the OpenAI port,
-OpenAI's shape instead: see api.openai_errors).
+OpenAI's shape instead: see api.openai.errors).
 
 Routes raise an `ApiError` subclass; werkzeug's HTTP exceptions (unknown route,
 wrong method, body over MAX_CONTENT_LENGTH) and Redis connection failures are
@@ -168,7 +168,7 @@ def error_response(
 ) -> Response:
     count_error(error_type)
     if _on_openai_port():
-        from api.openai_errors import openai_error_body, openai_status
+        from api.openai.errors import openai_error_body, openai_status
 
         status = openai_status(status)
         response = jsonify(openai_error_body(message, error_type, status, param=param))

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shared.limits import METRICS_DIR_ENV
+from shared.defaults import METRICS_DIR_ENV
 
 _created: list[Path] = []  # the directory this master made (removed at exit)
 

@@ -22,8 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from api.admission import job_queue
-from shared import readers
-from shared.limits import METRICS_DIR_ENV
+from shared import registry
+from shared.defaults import METRICS_DIR_ENV
 
 if TYPE_CHECKING:
     from api.relay import EventHub
@@ -58,7 +58,7 @@ class WorkerFamilies:
             "mmserve_worker_batch_rows", "Rows decoded together, per decode step.", labels=self.LABELS
         )
 
-    def add(self, reader: readers.ReaderInfo) -> None:
+    def add(self, reader: registry.ReaderInfo) -> None:
         labels = [reader.consumer_group, reader.reader_id]
         stats = reader.stats
         self.tokens.add_metric(labels, stats.tokens_generated)
@@ -95,7 +95,7 @@ class RedisStateCollector(Collector):
         )
         workers = WorkerFamilies()
         try:
-            for group, group_readers in readers.all_live_readers(self._connection).items():
+            for group, group_readers in registry.all_live_readers(self._connection).items():
                 depth = job_queue(self._connection, group).count
                 queue_depth.add_metric([group], depth)
                 live.add_metric([group], len(group_readers))

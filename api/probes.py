@@ -7,7 +7,7 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.state import app_state
-from shared import limits, readers
+from shared import defaults, registry
 
 blueprint = Blueprint("probes", __name__)
 
@@ -26,8 +26,8 @@ def readyz() -> Response:
     ready_readers: dict[str, int] = {}
     try:
         state.connection.ping()
-        groups = readers.all_live_readers(state.connection)
-        recent = readers.groups_seen_since(state.connection, limits.IDLE_GROUP_SECONDS)
+        groups = registry.all_live_readers(state.connection)
+        recent = registry.groups_seen_since(state.connection, defaults.IDLE_GROUP_SECONDS)
     except redis.exceptions.RedisError as exc:
         reasons.append(f"redis is unreachable: {exc}")
         groups = None

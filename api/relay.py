@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pydantic
 import redis
 
-from shared import events, keys, limits
+from shared import defaults, events, keys
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class EventHub:
         self,
         connection: redis.Redis,
         *,
-        subscribe_timeout_seconds: float = limits.SUBSCRIBE_TIMEOUT_SECONDS,
+        subscribe_timeout_seconds: float = defaults.SUBSCRIBE_TIMEOUT_SECONDS,
         poll_seconds: float = 1.0,
         reconnect_delay_seconds: float = 0.1,
         max_reconnect_delay_seconds: float = 5.0,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from shared.events import FinishReason
-from shared.readers import ModelType
+from shared.registry import ModelType
 
 
 class ErrorBody(BaseModel):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from flask import Flask
 
 from api.app import create_app
-from shared import limits, logs
+from shared import defaults, logs
 from shared.settings import ApiSettings
 
 
@@ -45,23 +45,23 @@ def settings_from_env(environ: Mapping[str, str]) -> ApiSettings:
         raise ValueError("MMSERVE_REDIS_URL is not set: the API needs the Redis the workers use")
     return ApiSettings(
         redis_url=redis_url,
-        port=number("PORT", int, limits.INFERENCE_PORT),
-        management_port=number("MANAGEMENT_PORT", int, limits.MANAGEMENT_PORT),
-        openai_port=number("OPENAI_PORT", int, limits.OPENAI_PORT),
-        body_size_limit_bytes=number("BODY_SIZE_LIMIT_BYTES", int, limits.DEFAULT_BODY_SIZE_LIMIT_BYTES),
+        port=number("PORT", int, defaults.INFERENCE_PORT),
+        management_port=number("MANAGEMENT_PORT", int, defaults.MANAGEMENT_PORT),
+        openai_port=number("OPENAI_PORT", int, defaults.OPENAI_PORT),
+        body_size_limit_bytes=number("BODY_SIZE_LIMIT_BYTES", int, defaults.DEFAULT_BODY_SIZE_LIMIT_BYTES),
         max_queue_depth=number("MAX_QUEUE_DEPTH", int, None),
         api_key=value("API_KEY"),
         first_event_timeout_seconds=number(
-            "QUEUE_TIMEOUT_SECONDS", float, limits.FIRST_EVENT_TIMEOUT_SECONDS
+            "QUEUE_TIMEOUT_SECONDS", float, defaults.FIRST_EVENT_TIMEOUT_SECONDS
         ),
         next_event_timeout_seconds=number(
-            "NEXT_EVENT_TIMEOUT_SECONDS", float, limits.NEXT_EVENT_TIMEOUT_SECONDS
+            "NEXT_EVENT_TIMEOUT_SECONDS", float, defaults.NEXT_EVENT_TIMEOUT_SECONDS
         ),
         supervisor_id=value("SUPERVISOR_ID"),
-        keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", float, limits.SSE_KEEPALIVE_SECONDS),
+        keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", float, defaults.SSE_KEEPALIVE_SECONDS),
         image_dir=value("IMAGE_DIR"),
         allow_remote_images=flag("ALLOW_REMOTE_IMAGES"),
-        max_image_pixels=number("MAX_IMAGE_PIXELS", int, limits.DEFAULT_MAX_IMAGE_PIXELS),
+        max_image_pixels=number("MAX_IMAGE_PIXELS", int, defaults.DEFAULT_MAX_IMAGE_PIXELS),
     )
 
 

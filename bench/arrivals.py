@@ -57,9 +57,9 @@ import redis
 
 from bench.repeats import median_of
 from mmserve.redis_server import RedisServer
-from shared import events, jobs, keys, readers
+from shared import events, jobs, keys, registry
 from shared.payload import GenerateRequest, GenerationJob
-from tests.serving import percentile
+from tests.support.serving import percentile
 
 QUESTIONS = [
     "Why is the sky blue?",
@@ -206,7 +206,7 @@ class WorkerUnderTest:
         self.process = subprocess.Popen(argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 300
-        while not any(r.ready for r in readers.live_readers(client, self.group)):
+        while not any(r.ready for r in registry.live_readers(client, self.group)):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("worker did not start:\n" + self.log_path.read_text()[-3000:])
             time.sleep(0.5)
@@ -571,7 +571,7 @@ def main() -> None:
 
     in_process = [m for m in args.modes if m not in WORKER_MODES]
     if in_process:
-        from worker.model_loading import load_model
+        from worker.engine.models.loading import load_model
 
         configure_threads(args.threads)
         loaded = load_model(None, dtype=args.dtype)  # transformers' paths run the model as it ships

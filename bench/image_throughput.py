@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmserve.redis_server import RedisServer
 from shared import keys
-from tests.serving import ServeProcess, percentile
-from tests.sse import iter_lines, parse_sse
+from tests.support.serving import ServeProcess, percentile
+from tests.support.sse import iter_lines, parse_sse
 
 QUESTION = "What is in this picture?"
 
@@ -126,8 +126,8 @@ def upload_latency(url: str, image: bytes, repeats: int = 5) -> float:
 
 
 def api_upload_cost(jpeg: bytes, repeats: int = 5) -> dict:
-    """What api.images spends on one upload, in this process, against a real Redis."""
-    from api import images
+    """What api.takeoff.images spends on one upload, in this process, against a real Redis."""
+    from api.takeoff import images
     from shared import limits
 
     def timed(function) -> tuple[float, object]:
@@ -194,11 +194,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmserve-bench-") as scratch:
         model = args.model
         if model is None:
-            from tests.fixtures.tiny_vlms import build_tiny_llava
+            from tests.support.tiny_vlms import build_tiny_llava
 
             model = build_tiny_llava(Path(scratch) / "tiny-llava")
         report: dict = {
-            "model": str(args.model) if args.model else "tiny random LLaVA (tests/fixtures/tiny_vlms.py)",
+            "model": str(args.model) if args.model else "tiny random LLaVA (tests/support/tiny_vlms.py)",
             "new_tokens": args.new_tokens,
             "dtype": args.dtype,
             "threads": args.threads,

@@ -79,7 +79,7 @@ def build_adapters(args, directory: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from worker.model_loading import load_model
+    from worker.engine.models.loading import load_model
 
     started = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype)

@@ -28,9 +28,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmserve.redis_server import RedisServer
-from tests.fixtures.tiny_models import build_tiny_llama
-from tests.serving import ServeProcess, percentile
-from tests.sse import iter_lines, parse_sse
+from tests.support.serving import ServeProcess, percentile
+from tests.support.sse import iter_lines, parse_sse
+from tests.support.tiny_models import build_tiny_llama
 
 DEADLINE_SECONDS = 600
 

@@ -21,8 +21,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.serving import ServeProcess, percentile
-from tests.sse import iter_lines, parse_sse
+from tests.support.serving import ServeProcess, percentile
+from tests.support.sse import iter_lines, parse_sse
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -184,8 +184,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from shared.settings import WorkerSettings
+    from worker.engine.models.loading import load_model
     from worker.main import configure_threads, default_threads, load_for_serving
-    from worker.model_loading import load_model
 
     args.threads = args.threads or default_threads(1)
     report: dict = {

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repeats import median_of
 from bench.throughput import PROMPTS, bench_http
-from tests.serving import ServeProcess, percentile
+from tests.support.serving import ServeProcess, percentile
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCHED_SEQUENCES = 8
@@ -60,7 +60,7 @@ def prompt_ids_and_eog() -> tuple[list[list[int]], set[int]]:
     end-of-generation ids to ban so llama.cpp also makes every token."""
     from transformers import AutoTokenizer
 
-    from worker.model_loading import cache_dir, converted_default_model
+    from worker.engine.models.loading import cache_dir, converted_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(converted_default_model(cache_dir()))
     ids = []
@@ -310,8 +310,8 @@ def worker_dtype(dtype: str, quantize: str) -> str:
     """The dtype a worker computes in with these flags (as its /reader_groups entry says)."""
     from shared.settings import WorkerSettings
     from worker.engine.adapters import AdapterCatalog
+    from worker.engine.models.loading import resolve_device, resolve_dtype
     from worker.main import compute_dtype
-    from worker.model_loading import resolve_device, resolve_dtype
 
     settings = WorkerSettings(redis_url="unused", dtype=dtype_flag(dtype, quantize), quantize=quantize)
     resolved = resolve_dtype(compute_dtype(settings, AdapterCatalog()), resolve_device("auto"))

@@ -1,5 +1,5 @@
 """The command-line flags, each also an environment variable MMSERVE_<FLAG>.
-Defaults come from shared.limits."""
+Defaults come from shared.defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from shared import limits
+from shared import defaults
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
 DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"], case_sensitive=False)
@@ -49,17 +49,17 @@ LOG_FORMAT = _option(
 
 API_OPTIONS = [
     _option("--host", default="0.0.0.0", help="Address the API listens on."),
-    _option("--port", default=limits.INFERENCE_PORT, type=int, help="Inference port."),
-    _option("--management-port", default=limits.MANAGEMENT_PORT, type=int, help="Management port."),
+    _option("--port", default=defaults.INFERENCE_PORT, type=int, help="Inference port."),
+    _option("--management-port", default=defaults.MANAGEMENT_PORT, type=int, help="Management port."),
     _option(
         "--openai-port",
-        default=limits.OPENAI_PORT,
+        default=defaults.OPENAI_PORT,
         type=int,
         help="Port of the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).",
     ),
     _option(
         "--body-size-limit-bytes",
-        default=limits.DEFAULT_BODY_SIZE_LIMIT_BYTES,
+        default=defaults.DEFAULT_BODY_SIZE_LIMIT_BYTES,
         type=click.IntRange(1),
         help="Largest request body accepted (413 beyond).",
     ),
@@ -76,7 +76,7 @@ API_OPTIONS = [
     ),
     _option(
         "--queue-timeout-seconds",
-        default=limits.FIRST_EVENT_TIMEOUT_SECONDS,
+        default=defaults.FIRST_EVENT_TIMEOUT_SECONDS,
         type=click.FloatRange(min=0, min_open=True),
         help="A request no worker has started within this time is ended (504) and taken off the queue.",
     ),
@@ -94,7 +94,7 @@ API_OPTIONS = [
     ),
     _option(
         "--max-image-pixels",
-        default=limits.DEFAULT_MAX_IMAGE_PIXELS,
+        default=defaults.DEFAULT_MAX_IMAGE_PIXELS,
         type=click.IntRange(1),
         help="Largest image accepted, in pixels (width x height; 413 beyond, checked before decoding).",
     ),
@@ -113,30 +113,30 @@ WORKER_OPTIONS = [
         help="Hugging Face model id or local path. Unset = the bundled SmolLM2-135M-Instruct.",
     ),
     _option(
-        "--consumer-group", default=limits.DEFAULT_CONSUMER_GROUP, help="Group (queue) the worker serves."
+        "--consumer-group", default=defaults.DEFAULT_CONSUMER_GROUP, help="Group (queue) the worker serves."
     ),
     _option(
         "--max-batch-size",
-        default=limits.DEFAULT_MAX_BATCH_SIZE,
+        default=defaults.DEFAULT_MAX_BATCH_SIZE,
         type=click.IntRange(1),
         help="Most rows decoded together.",
     ),
     _option(
         "--batch-duration-millis",
-        default=limits.DEFAULT_BATCH_DURATION_MILLIS,
+        default=defaults.DEFAULT_BATCH_DURATION_MILLIS,
         type=click.IntRange(0),
         help="How long a worker keeps collecting jobs after the first one before it starts.",
     ),
     _option(
         "--batching",
-        default=limits.DEFAULT_BATCHING,
-        type=click.Choice(limits.BATCHING_MODES),
+        default=defaults.DEFAULT_BATCHING,
+        type=click.Choice(defaults.BATCHING_MODES),
         help="continuous = requests join and leave the running batch between decode steps; "
         "micro = a batch runs to the end before the next starts.",
     ),
     _option(
         "--max-prefill-tokens-per-step",
-        default=limits.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
+        default=defaults.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
         type=click.IntRange(1),
         help="Continuous batching: most prompt tokens prefilled between two decode steps "
         "(a longer prompt runs alone in its step).",
@@ -206,7 +206,7 @@ WORKER_OPTIONS = [
     ),
     _option(
         "--max-loras",
-        default=limits.DEFAULT_MAX_LORAS,
+        default=defaults.DEFAULT_MAX_LORAS,
         type=click.IntRange(1),
         help="LoRA adapters kept in memory at once; the least recently used one is evicted.",
     ),

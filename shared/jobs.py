@@ -8,7 +8,7 @@ import redis
 import rq
 from rq.serializers import JSONSerializer
 
-from shared import keys, limits
+from shared import defaults, keys
 from shared.payload import JOB_FUNCTION, GenerationJob
 
 
@@ -24,9 +24,9 @@ def enqueue(queue: rq.Queue, job: GenerationJob) -> rq.job.Job:
         JOB_FUNCTION,
         kwargs={"job": job.model_dump(mode="json")},
         job_id=job.request_id,
-        ttl=limits.JOB_TTL_SECONDS,
-        result_ttl=limits.JOB_RESULT_TTL_SECONDS,
-        failure_ttl=limits.JOB_FAILURE_TTL_SECONDS,
-        job_timeout=limits.JOB_TIMEOUT_SECONDS,
-        retry=rq.Retry(max=limits.JOB_MAX_ATTEMPTS - 1),
+        ttl=defaults.JOB_TTL_SECONDS,
+        result_ttl=defaults.JOB_RESULT_TTL_SECONDS,
+        failure_ttl=defaults.JOB_FAILURE_TTL_SECONDS,
+        job_timeout=defaults.JOB_TIMEOUT_SECONDS,
+        retry=rq.Retry(max=defaults.JOB_MAX_ATTEMPTS - 1),
     )

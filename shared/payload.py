@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from shared import limits
+from shared import defaults
 
 
 class NullMeansDefault(BaseModel):
@@ -32,34 +32,34 @@ class GenerateRequest(NullMeansDefault):
 
     text: str | list[str] = Field(description="A prompt, or a list of prompts (a batch).")
     consumer_group: str = Field(
-        limits.DEFAULT_CONSUMER_GROUP,
-        pattern=limits.CONSUMER_GROUP_PATTERN,
+        defaults.DEFAULT_CONSUMER_GROUP,
+        pattern=defaults.CONSUMER_GROUP_PATTERN,
         description="Pool of workers (one model) that serves the request.",
     )
-    max_new_tokens: int = Field(limits.DEFAULT_MAX_NEW_TOKENS, ge=1, le=limits.MAX_NEW_TOKENS_LIMIT)
+    max_new_tokens: int = Field(defaults.DEFAULT_MAX_NEW_TOKENS, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT)
     min_new_tokens: int = Field(
-        limits.DEFAULT_MIN_NEW_TOKENS,
+        defaults.DEFAULT_MIN_NEW_TOKENS,
         ge=0,
-        le=limits.MAX_NEW_TOKENS_LIMIT,
+        le=defaults.MAX_NEW_TOKENS_LIMIT,
         description="End-of-sequence is masked until this many tokens are generated.",
     )
     sampling_temperature: float = Field(
-        limits.DEFAULT_TEMPERATURE,
+        defaults.DEFAULT_TEMPERATURE,
         ge=0.0,
-        le=limits.MAX_TEMPERATURE,
+        le=defaults.MAX_TEMPERATURE,
         description="Softmax temperature; 0 means greedy.",
     )
     sampling_topk: int = Field(
-        limits.DEFAULT_TOPK,
+        defaults.DEFAULT_TOPK,
         ge=0,
         description="Sample from the k most likely tokens; 1 = greedy, 0 = no top-k cut.",
     )
-    sampling_topp: float = Field(limits.DEFAULT_TOPP, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    sampling_topp: float = Field(defaults.DEFAULT_TOPP, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     repetition_penalty: float = Field(
-        limits.DEFAULT_REPETITION_PENALTY, gt=0.0, le=limits.MAX_REPETITION_PENALTY
+        defaults.DEFAULT_REPETITION_PENALTY, gt=0.0, le=defaults.MAX_REPETITION_PENALTY
     )
     no_repeat_ngram_size: int = Field(
-        limits.DEFAULT_NO_REPEAT_NGRAM_SIZE, ge=0, le=64, description="0 = off."
+        defaults.DEFAULT_NO_REPEAT_NGRAM_SIZE, ge=0, le=64, description="0 = off."
     )
     prompt_max_tokens: int | None = Field(None, ge=1, description="Keep only the last n prompt tokens.")
     use_chat_template: bool = Field(
@@ -78,20 +78,20 @@ class GenerateRequest(NullMeansDefault):
     )
     lora_id: str | None = Field(
         None,
-        pattern=limits.LORA_ID_PATTERN,
+        pattern=defaults.LORA_ID_PATTERN,
         description="Generate with this LoRA adapter of the consumer group's workers (GET /loras on the "
         "management port lists them); unset = the base model.",
     )
     image_paths: list[str] | None = Field(
         None,
-        max_length=limits.MAX_IMAGES_PER_REQUEST,
+        max_length=defaults.MAX_IMAGES_PER_REQUEST,
         description="Images for every prompt: files under the server's --image-dir, or http(s) URLs "
         "when the server allows remote images.",
     )
     return_metadata: bool = Field(
         False, description="Add token counts, finish reason and timings to the answer."
     )
-    seed: int | None = Field(None, ge=0, le=limits.MAX_SEED, description="Reproducible sampling.")
+    seed: int | None = Field(None, ge=0, le=defaults.MAX_SEED, description="Reproducible sampling.")
 
     @field_validator("text")
     @classmethod
@@ -99,11 +99,11 @@ class GenerateRequest(NullMeansDefault):
         texts = [value] if isinstance(value, str) else value
         if not texts:
             raise ValueError("text must be a string or a non-empty list of strings")
-        if len(texts) > limits.MAX_BATCH_TEXTS:
-            raise ValueError(f"at most {limits.MAX_BATCH_TEXTS} prompts per request")
+        if len(texts) > defaults.MAX_BATCH_TEXTS:
+            raise ValueError(f"at most {defaults.MAX_BATCH_TEXTS} prompts per request")
         for text in texts:
-            if len(text) > limits.MAX_TEXT_CHARS:
-                raise ValueError(f"each prompt may hold at most {limits.MAX_TEXT_CHARS} characters")
+            if len(text) > defaults.MAX_TEXT_CHARS:
+                raise ValueError(f"each prompt may hold at most {defaults.MAX_TEXT_CHARS} characters")
         return value
 
     @field_validator("json_schema")
@@ -160,7 +160,7 @@ class GenerationJob(BaseModel):
 
     request_id: str
     request: GenerateRequest
-    seed: int = Field(ge=0, le=limits.MAX_SEED, description="Resolved seed: a re-run repeats itself.")
+    seed: int = Field(ge=0, le=defaults.MAX_SEED, description="Resolved seed: a re-run repeats itself.")
     enqueued_at: float
     image_ids: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
         default_factory=list,

@@ -16,7 +16,7 @@ import redis
 from shared import keys
 
 TTL_SECONDS = 60
-CALL_TIMEOUT_SECONDS = 5  # below the API client's socket timeout (shared.limits)
+CALL_TIMEOUT_SECONDS = 5  # below the API client's socket timeout (shared.defaults)
 
 
 @dataclass(frozen=True)

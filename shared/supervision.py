@@ -8,7 +8,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import keys, limits, rpc
+from shared import defaults, keys, rpc
 
 
 class ReaderSpec(BaseModel):
@@ -17,7 +17,7 @@ class ReaderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str | None = Field(None, description="HF model id or path; unset = the model `serve` runs.")
-    consumer_group: str = Field(limits.DEFAULT_CONSUMER_GROUP, pattern=limits.CONSUMER_GROUP_PATTERN)
+    consumer_group: str = Field(defaults.DEFAULT_CONSUMER_GROUP, pattern=defaults.CONSUMER_GROUP_PATTERN)
     max_batch_size: int | None = Field(None, ge=1)
     batch_duration_millis: int | None = Field(None, ge=0)
     device: Literal["auto", "cpu", "cuda"] | None = None

@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from tests.fixtures.tiny_models import build_tiny_llama, smollm2_tokenizer
+from tests.support.tiny_models import build_tiny_llama, smollm2_tokenizer
 
 # On a 2-core machine torch's default thread pool makes tiny models erratically
-# slow (see DESIGN.md, "Known pitfalls"); tests never need more than one.
+# slow on a small machine; tests never need more than one.
 torch.set_num_threads(1)
 
 
@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A tiny random LLaVA (CLIP tower + Llama + SmolLM2 tokenizer with <image>) and
     its processor, loadable by AutoModelForImageTextToText / AutoProcessor."""
-    from tests.fixtures.tiny_vlms import build_tiny_llava
+    from tests.support.tiny_vlms import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer_cache_dir=smollm2_tokenizer_dir)
 
@@ -45,7 +45,7 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 @pytest.fixture(scope="session")
 def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A tiny random Idefics3 (the SmolVLM family, with image splitting) and its processor."""
-    from tests.fixtures.tiny_vlms import build_tiny_idefics3
+    from tests.support.tiny_vlms import build_tiny_idefics3
 
     return build_tiny_idefics3(
         tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_cache_dir=smollm2_tokenizer_dir
@@ -55,7 +55,7 @@ def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenize
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A --lora-dir for the tiny Llama: two random adapters, "alpha" and "beta"."""
-    from tests.fixtures.tiny_loras import build_tiny_lora
+    from tests.support.tiny_loras import build_tiny_lora
 
     root = tmp_path_factory.mktemp("tiny-loras")
     build_tiny_lora(tiny_model_dir, root / "alpha", seed=1)
@@ -67,7 +67,7 @@ def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 def tiny_llava_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llava_dir: Path) -> Path:
     """A --lora-dir for the tiny LLaVA: "text" adapts the language model only;
     "vision" also adapts the vision tower (which mmserve refuses)."""
-    from tests.fixtures.tiny_loras import build_tiny_lora
+    from tests.support.tiny_loras import build_tiny_lora
 
     root = tmp_path_factory.mktemp("tiny-llava-loras")
     language_only = r".*language_model.*\.(q_proj|v_proj)"

@@ -7,7 +7,7 @@ row is done. Knows the event protocol, not RQ.
 
 Two ways to drive it: `run()` (micro-batching: every job prefilled at once,
 decoded to the end) or `admit()` + `step()` in a loop (continuous batching:
-newcomers join between decode steps; see worker.batch_worker).
+newcomers join between decode steps; see worker.rq_worker).
 
 Which admitted rows are prefilled next (continuous batching): while a row
 slot is free, the waiting request with the fewest rows already running goes

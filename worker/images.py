@@ -1,4 +1,4 @@
-"""Reading a job's images from Redis (stored by api.images: PNG bytes under
+"""Reading a job's images from Redis (stored by api.takeoff.images: PNG bytes under
 shared.keys.image_key(sha256), so each is checked against its own id)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import redis
 from PIL import Image
 
-from shared import keys, limits
+from shared import defaults, keys
 
 
 class ImageUnavailable(Exception):
@@ -33,7 +33,7 @@ class ImageStore:
             for image_id in distinct:
                 key = keys.image_key(image_id)
                 pipe.hget(key, keys.IMAGE_DATA_FIELD)
-                pipe.expire(key, limits.IMAGE_TTL_SECONDS)
+                pipe.expire(key, defaults.IMAGE_TTL_SECONDS)
             replies = pipe.execute()
         decoded = {
             image_id: _decode(image_id, data) for image_id, data in zip(distinct, replies[::2], strict=True)

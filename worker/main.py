@@ -14,17 +14,17 @@ import torch
 
 from shared import keys
 from shared.connection import connect
-from shared.readers import LoraStatus, ReaderInfo
+from shared.registry import LoraStatus, ReaderInfo
 from shared.settings import WorkerSettings
-from worker.batch_worker import BatchWorker
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
-from worker.fused_layers import FusedLlamaLayer, fuse_layers
-from worker.model_loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
-from worker.quantization import quantize
-from worker.reader import ReaderHeartbeat
-from worker.reader_tools import ReaderTools
-from worker.weight_packing import pack_weights
+from worker.engine.models.fused_layers import FusedLlamaLayer, fuse_layers
+from worker.engine.models.loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
+from worker.engine.models.quantization import quantize
+from worker.engine.models.weight_packing import pack_weights
+from worker.heartbeat import ReaderHeartbeat
+from worker.reader_calls import ReaderTools
+from worker.rq_worker import BatchWorker
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from shared.readers import BATCH_ROWS_BUCKETS, WorkerStats
+from shared.registry import BATCH_ROWS_BUCKETS, WorkerStats
 
 
 class StatsRecorder:

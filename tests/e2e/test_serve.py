@@ -10,10 +10,10 @@ import psutil
 import pytest
 import requests
 
-from tests.fixtures.tiny_loras import build_tiny_lora
-from tests.serving import ServeProcess
-from tests.sse import read_stream
-from worker.model_loading import cache_dir, converted_default_model
+from tests.support.serving import ServeProcess
+from tests.support.sse import read_stream
+from tests.support.tiny_loras import build_tiny_lora
+from worker.engine.models.loading import cache_dir, converted_default_model
 
 pytestmark = pytest.mark.e2e
 

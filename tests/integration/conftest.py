@@ -16,7 +16,7 @@ import redis
 import requests
 
 from mmserve.redis_server import RedisServer, free_port
-from shared import keys, readers
+from shared import keys, registry
 
 pytestmark = pytest.mark.integration
 
@@ -162,12 +162,12 @@ class Launcher:
         ).start()
         self.started.append(process)
         client = redis.Redis.from_url(redis_url)
-        known = {reader.reader_id for reader in readers.live_readers(client, group)}
+        known = {reader.reader_id for reader in registry.live_readers(client, group)}
 
         def ready() -> bool:
             return any(
                 r.ready and r.reader_id not in known and process.process.pid in r.pids
-                for r in readers.live_readers(client, group)
+                for r in registry.live_readers(client, group)
             )
 
         wait_for(ready, f"worker {index} to register as ready", process)
@@ -215,6 +215,6 @@ def _clean_redis(redis_server) -> Iterator[None]:
     doomed = [key for key in client.scan_iter(count=1000) if not key.startswith(keep)]
     if doomed:
         client.delete(*doomed)
-    for group in readers.known_groups(client):
-        if not readers.live_readers(client, group):
+    for group in registry.known_groups(client):
+        if not registry.live_readers(client, group):
             client.zrem(keys.GROUPS_KEY, group)

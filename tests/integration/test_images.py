@@ -18,8 +18,8 @@ from takeoff_client import TakeoffClient
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shared import keys
-from tests.fixtures.tiny_vlms import sample_image
-from tests.sse import read_stream
+from tests.support.sse import read_stream
+from tests.support.tiny_vlms import sample_image
 
 pytestmark = pytest.mark.integration
 

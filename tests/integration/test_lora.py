@@ -16,10 +16,10 @@ from peft import PeftModel
 from takeoff_client import TakeoffClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared import limits
+from shared import defaults
 from tests.integration.conftest import Api, Launcher
 from tests.integration.test_images import IMAGES, Reference, payload, post_image
-from tests.sse import read_stream
+from tests.support.sse import read_stream
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def test_each_request_equals_peft_generation_with_its_adapter(server, reference,
 
 def test_a_mixed_batch_gives_what_each_request_gives_alone(server, reference):
     reader_id = reader_of(server, "primary")["reader_id"]
-    time.sleep(limits.READER_HEARTBEAT_SECONDS + 0.5)  # the registry has caught up with earlier requests
+    time.sleep(defaults.READER_HEARTBEAT_SECONDS + 0.5)  # the registry has caught up with earlier requests
     before = stats_of(server, reader_id)
     lora_ids = ["alpha", "beta", None, "alpha"]
     with concurrent.futures.ThreadPoolExecutor(len(lora_ids)) as pool:

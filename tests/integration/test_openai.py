@@ -14,8 +14,8 @@ import openai
 import pytest
 import requests
 
-from tests.fixtures.tiny_vlms import sample_image
 from tests.integration.conftest import Api, Launcher
+from tests.support.tiny_vlms import sample_image
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from mmserve.redis_server import RedisServer, free_port
 from shared import keys
-from tests.sse import read_stream
+from tests.support.sse import read_stream
 
 pytestmark = pytest.mark.integration
 

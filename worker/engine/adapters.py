@@ -36,7 +36,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from shared import limits
+from shared import defaults
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class AdapterCatalog:
     def __post_init__(self) -> None:
         for lora_id in self.named:
             if not valid_id(lora_id):
-                raise ValueError(f"LoRA id {lora_id!r} must match {limits.LORA_ID_PATTERN}")
+                raise ValueError(f"LoRA id {lora_id!r} must match {defaults.LORA_ID_PATTERN}")
 
     def paths(self) -> dict[str, Path]:
         """Every adapter id with its folder."""
@@ -104,7 +104,7 @@ class AdapterCatalog:
 
 
 def valid_id(lora_id: str) -> bool:
-    return lora_id != BASE and re.fullmatch(limits.LORA_ID_PATTERN, lora_id) is not None
+    return lora_id != BASE and re.fullmatch(defaults.LORA_ID_PATTERN, lora_id) is not None
 
 
 def parse_named(specs: Collection[str]) -> dict[str, Path]:

@@ -14,7 +14,7 @@ prompt alone. So each row computes what it would in its own forward, up to
 the rounding of products over more rows.
 
 Only for models whose decoder layers are all fused Llama layers
-(worker.fused_layers) in a plain `LlamaForCausalLM`; the engine prefills
+(worker.engine.models.fused_layers) in a plain `LlamaForCausalLM`; the engine prefills
 separately for everything else (vision-language models, LoRA workers with
 transformers' layers, other architectures).
 """
@@ -29,7 +29,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama as llama
 
 from worker.engine.batch import Batch
-from worker.fused_layers import FusedLlamaLayer, Segment
+from worker.engine.models.fused_layers import FusedLlamaLayer, Segment
 
 
 class JointForward:

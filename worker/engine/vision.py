@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from shared import limits
+from shared import defaults
 
 # What the processor returns besides the pixels: the token ids and masks the
 # engine builds itself, and bookkeeping the model does not take.
@@ -110,7 +110,7 @@ class VisionPrompter:
         model: PreTrainedModel,
         processor: Any,
         tokenizer: PreTrainedTokenizerBase,
-        feature_cache_bytes: int = limits.IMAGE_FEATURE_CACHE_BYTES,
+        feature_cache_bytes: int = defaults.IMAGE_FEATURE_CACHE_BYTES,
     ) -> None:
         self.model = model
         self.feature_cache = FeatureCache(feature_cache_bytes)

@@ -10,7 +10,7 @@ from flask import Flask
 from api.app import create_app
 from api.state import state_of
 from shared.settings import ApiSettings
-from tests.unit.api.fakes import INFERENCE_URL, MANAGEMENT_URL, FakeWorker, PortClient
+from tests.support.api_fakes import INFERENCE_URL, MANAGEMENT_URL, FakeWorker, PortClient
 
 
 @pytest.fixture

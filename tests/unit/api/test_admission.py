@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from shared import keys, limits
-from tests.unit.api.fakes import add_reader, done
+from shared import defaults, keys
+from tests.support.api_fakes import add_reader, done
 
 ROUTES = ["/generate", "/generate_stream"]
 
@@ -91,4 +91,4 @@ def test_unreachable_redis_is_a_fast_503(client, server, route):
     response = client.post(route, json={"text": "hi"})
     assert response.status_code == 503
     assert response.get_json()["error_type"] == "redis_unavailable"
-    assert time.monotonic() - started < limits.REDIS_SOCKET_TIMEOUT_SECONDS
+    assert time.monotonic() - started < defaults.REDIS_SOCKET_TIMEOUT_SECONDS

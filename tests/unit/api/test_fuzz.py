@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from shared.payload import GenerateRequest
+from tests.support.api_fakes import INFERENCE_URL, add_reader
 from tests.unit.api.conftest import client_on
-from tests.unit.api.fakes import INFERENCE_URL, add_reader
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import limits
-from tests.unit.api.fakes import add_reader
+from shared import defaults
+from tests.support.api_fakes import add_reader
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +37,13 @@ def test_unreadable_bodies_are_4xx(client, body, status):
 
 
 def test_a_huge_prompt_list_is_422(client):
-    response = client.post("/generate", json={"text": ["x"] * (limits.MAX_BATCH_TEXTS + 1)})
+    response = client.post("/generate", json={"text": ["x"] * (defaults.MAX_BATCH_TEXTS + 1)})
     assert response.status_code == 422
-    assert str(limits.MAX_BATCH_TEXTS) in response.get_json()["error"]
+    assert str(defaults.MAX_BATCH_TEXTS) in response.get_json()["error"]
 
 
 def test_absurd_max_new_tokens_is_422(client):
-    for value in (10**12, limits.MAX_NEW_TOKENS_LIMIT + 1):
+    for value in (10**12, defaults.MAX_NEW_TOKENS_LIMIT + 1):
         response = client.post("/generate", json={"text": "x", "max_new_tokens": value})
         assert response.status_code == 422
 
@@ -57,8 +57,8 @@ def test_max_new_tokens_beyond_the_model_context_is_422(client):
 
 
 def test_a_body_over_the_limit_is_413(make_app):
+    from tests.support.api_fakes import INFERENCE_URL
     from tests.unit.api.conftest import client_on
-    from tests.unit.api.fakes import INFERENCE_URL
 
     client = client_on(make_app(body_size_limit_bytes=1000), INFERENCE_URL)
     response = client.post("/generate", json={"text": "x" * 5000})

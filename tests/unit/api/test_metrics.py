@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.unit.api.fakes import add_reader, done, token
+from tests.support.api_fakes import add_reader, done, token
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_an_error_inside_a_stream_is_counted(client, worker):
 
 
 def test_worker_counters_from_the_reader_registry_are_exported(client, connection):
-    from shared.readers import WorkerStats
+    from shared.registry import WorkerStats
 
     stats = WorkerStats(
         requests_finished=5,

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import gunicorn_config
-from shared.limits import METRICS_DIR_ENV
+from shared.defaults import METRICS_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[3]
 

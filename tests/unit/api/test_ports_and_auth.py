@@ -2,8 +2,8 @@
 
 import pytest
 
+from tests.support.api_fakes import INFERENCE_URL, MANAGEMENT_URL, add_reader
 from tests.unit.api.conftest import client_on
-from tests.unit.api.fakes import INFERENCE_URL, MANAGEMENT_URL, add_reader
 
 INFERENCE_ONLY = [
     ("POST", "/generate"),

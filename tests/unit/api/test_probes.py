@@ -2,8 +2,8 @@
 
 import time
 
-from shared import keys, limits
-from tests.unit.api.fakes import add_reader
+from shared import defaults, keys
+from tests.support.api_fakes import add_reader
 
 
 def test_healthz(client):
@@ -85,7 +85,7 @@ def test_each_app_has_its_own_registry(make_app):
 
 def test_a_group_without_workers_for_a_long_time_no_longer_fails_readiness(client, connection):
     add_reader(connection)  # primary: live and ready
-    connection.zadd(keys.GROUPS_KEY, {"retired": time.time() - limits.IDLE_GROUP_SECONDS - 60})
+    connection.zadd(keys.GROUPS_KEY, {"retired": time.time() - defaults.IDLE_GROUP_SECONDS - 60})
     assert client.get("/readyz").status_code == 200
     assert client.post("/generate", json={"text": "x", "consumer_group": "retired"}).status_code == 503
     connection.zadd(keys.GROUPS_KEY, {"restarting": time.time() - 5})

@@ -9,7 +9,7 @@ import redis
 from api import relay
 from api.relay import EventHub
 from shared import events, keys
-from tests.unit.api.fakes import add_reader, done, token, wait_for
+from tests.support.api_fakes import add_reader, done, token, wait_for
 
 
 @pytest.fixture

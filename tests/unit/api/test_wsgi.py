@@ -3,7 +3,7 @@
 import pytest
 
 from api import wsgi
-from shared import limits
+from shared import defaults
 
 
 def test_settings_from_env_reads_every_variable():
@@ -26,9 +26,9 @@ def test_settings_from_env_reads_every_variable():
 
 def test_unset_and_empty_variables_keep_the_defaults():
     settings = wsgi.settings_from_env({"MMSERVE_REDIS_URL": "redis://x", "MMSERVE_API_KEY": ""})
-    assert settings.port == limits.INFERENCE_PORT
-    assert settings.management_port == limits.MANAGEMENT_PORT
-    assert settings.body_size_limit_bytes == limits.DEFAULT_BODY_SIZE_LIMIT_BYTES
+    assert settings.port == defaults.INFERENCE_PORT
+    assert settings.management_port == defaults.MANAGEMENT_PORT
+    assert settings.body_size_limit_bytes == defaults.DEFAULT_BODY_SIZE_LIMIT_BYTES
     assert settings.max_queue_depth is None
     assert settings.api_key is None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from shared import events, limits
+from shared import defaults, events
 from shared.payload import GenerateRequest
 
 
@@ -11,9 +11,9 @@ def test_nulls_mean_defaults():
     request = GenerateRequest(
         **{key: None for key in GenerateRequest.model_fields if key != "text"}, text="hi"
     )
-    assert request.max_new_tokens == limits.DEFAULT_MAX_NEW_TOKENS
-    assert request.sampling_topk == limits.DEFAULT_TOPK
-    assert request.consumer_group == limits.DEFAULT_CONSUMER_GROUP
+    assert request.max_new_tokens == defaults.DEFAULT_MAX_NEW_TOKENS
+    assert request.sampling_topk == defaults.DEFAULT_TOPK
+    assert request.consumer_group == defaults.DEFAULT_CONSUMER_GROUP
 
 
 def test_unknown_keys_are_rejected_by_name():
@@ -53,7 +53,7 @@ def test_min_new_tokens_may_not_exceed_max_new_tokens():
 
 def test_too_many_prompts_are_rejected():
     with pytest.raises(ValidationError, match="at most"):
-        GenerateRequest(text=["x"] * (limits.MAX_BATCH_TEXTS + 1))
+        GenerateRequest(text=["x"] * (defaults.MAX_BATCH_TEXTS + 1))
 
 
 def test_json_schema_string_is_parsed():

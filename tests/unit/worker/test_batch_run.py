@@ -7,7 +7,7 @@ import pytest
 
 from shared import events, keys
 from shared.payload import GenerateRequest, GenerationJob
-from tests.unit.worker.fake_engine import FakeEngine
+from tests.support.fake_engine import FakeEngine
 from worker.batch_run import BatchRun
 from worker.engine.adapters import AdaptersBusy
 from worker.engine.engine import PromptError

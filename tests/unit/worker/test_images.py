@@ -11,14 +11,14 @@ import fakeredis
 import pytest
 from PIL import Image
 
-from shared import keys, limits
+from shared import defaults, keys
 from shared.payload import GenerateRequest, GenerationJob
-from tests.fixtures.tiny_vlms import counting_encoder, sample_image
-from tests.unit.worker.fake_engine import FakeEngine
+from tests.support.fake_engine import FakeEngine
+from tests.support.tiny_vlms import counting_encoder, sample_image
 from worker.batch_run import BatchRun
 from worker.engine.engine import Engine
+from worker.engine.models.loading import load_model
 from worker.images import ImageStore, ImageUnavailable
-from worker.model_loading import load_model
 from worker.publisher import EventPublisher
 
 
@@ -144,4 +144,4 @@ def test_a_failing_prompt_fails_only_its_request(connection):
 
 
 def test_the_image_ttl_covers_a_queued_job():
-    assert limits.IMAGE_TTL_SECONDS >= limits.JOB_TTL_SECONDS
+    assert defaults.IMAGE_TTL_SECONDS >= defaults.JOB_TTL_SECONDS

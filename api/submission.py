@@ -1,0 +1,261 @@
+"""One generation request after admission: build its job, register with the
+event hub, enqueue, then turn the raw events of its channel into an ordered,
+deduplicated relay with timeouts. Knows nothing of HTTP; the routes decide how
+the relay is answered (JSON or SSE)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from api.admission import job_queue
+from api.metrics import ApiMetrics
+from api.relay import EventHub, Subscription
+from api.schemas import RowMetadata
+from shared import defaults, events, jobs, keys
+from shared.payload import ChatMessage, GenerateRequest, GenerationJob
+from shared.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenRelayed:
+    """New text for a row (each (row, seq) is relayed once, in order)."""
+
+    row: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RowFinished:
+    row: int
+    done: events.DoneEvent
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """The request is over: a worker reported an error, or no event came in time."""
+
+    message: str
+    error_type: str
+    status: int
+
+
+@dataclass(frozen=True)
+class StillWaiting:
+    """A tick passed without an event (time for an SSE keep-alive)."""
+
+
+RelayItem = TokenRelayed | RowFinished | RequestFailed | StillWaiting
+
+
+@dataclass
+class RowProgress:
+    next_seq: int = 0
+    parts: list[str] = field(default_factory=list)
+    done: events.DoneEvent | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class Generation:
+    """A submitted request: its job, its inbox at the hub and the progress of its rows."""
+
+    def __init__(
+        self,
+        *,
+        job: GenerationJob,
+        subscription: Subscription,
+        connection: redis.Redis,
+        settings: ApiSettings,
+        metrics: ApiMetrics,
+        submitted_at: float,
+    ) -> None:
+        self.job = job
+        self.rows = [RowProgress() for _ in job.request.texts]
+        self._subscription = subscription
+        self._connection = connection
+        self._settings = settings
+        self._metrics = metrics
+        self._submitted_at = submitted_at  # time.monotonic() right after enqueueing
+        self._first_event_at: float | None = None
+        self._last_event_at: float | None = None
+        self._first_token_at: float | None = None
+        self._worker_failed = False
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self.job.request_id
+
+    @property
+    def consumer_group(self) -> str:
+        return self.job.request.consumer_group
+
+    @property
+    def finished(self) -> bool:
+        return all(row.done is not None for row in self.rows)
+
+    def relay(self, *, tick: float | None = None) -> Iterator[RelayItem]:
+        """Yield what the client should see until every row is done or the request
+        fails. With `tick`, yield StillWaiting whenever `tick` seconds pass quietly."""
+        while not self.finished:
+            if self._last_event_at is None:
+                limit = self._settings.first_event_timeout_seconds
+                deadline = self._submitted_at + limit
+                timeout_message = f"no worker started the request within {limit:g} s"
+            else:
+                limit = self._settings.next_event_timeout_seconds
+                deadline = self._last_event_at + limit
+                timeout_message = f"the worker sent nothing for {limit:g} s"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                yield RequestFailed(timeout_message, "timeout", 504)
+                return
+            event = self._subscription.get(remaining if tick is None else min(remaining, tick))
+            if event is None:
+                if tick is not None and time.monotonic() < deadline:
+                    yield StillWaiting()
+                continue
+            item = self._apply(event)
+            if item is not None:
+                yield item
+                if isinstance(item, RequestFailed):
+                    return
+
+    def _apply(self, event: events.TokenEvent | events.DoneEvent | events.ErrorEvent) -> RelayItem | None:
+        now = time.monotonic()
+        self._last_event_at = now
+        if self._first_event_at is None:
+            self._first_event_at = now
+            self._metrics.queue_time.labels(self.consumer_group).observe(now - self._submitted_at)
+        if isinstance(event, events.ErrorEvent):
+            self._worker_failed = True
+            status = event.status if 400 <= event.status <= 599 else 500
+            return RequestFailed(event.error, event.error_type, status)
+        if not 0 <= event.row < len(self.rows):
+            log.warning("request %s: event for unknown row %d dropped", self.request_id, event.row)
+            return None
+        row = self.rows[event.row]
+        if row.done is not None:
+            return None  # a re-run repeating a finished row
+        if isinstance(event, events.DoneEvent):
+            row.done = event
+            row.finished_at = now
+            return RowFinished(event.row, event)
+        if event.seq < row.next_seq:
+            return None  # already relayed (a re-run after a worker crash)
+        if event.seq > row.next_seq:
+            log.warning(
+                "request %s row %d: expected token seq %d, got %d",
+                self.request_id,
+                event.row,
+                row.next_seq,
+                event.seq,
+            )
+        row.next_seq = event.seq + 1
+        row.parts.append(event.text)
+        if row.first_token_at is None:
+            row.first_token_at = now
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self._metrics.time_to_first_token.labels(self.consumer_group).observe(now - self._submitted_at)
+        self._metrics.tokens_relayed.labels(self.consumer_group).inc()
+        return TokenRelayed(event.row, event.text)
+
+    def count_error(self, error_type: str) -> None:
+        """Count an error told to the client inside a stream (JSON errors are counted by the app)."""
+        self._metrics.errors.labels(error_type).inc()
+
+    def texts(self) -> list[str]:
+        return [row.text for row in self.rows]
+
+    def row_metadata(self) -> list[RowMetadata]:
+        """Token counts and finish reason from the worker, timings measured here."""
+
+        def since_submit(moment: float | None) -> float | None:
+            return None if moment is None else round((moment - self._submitted_at) * 1000, 3)
+
+        return [
+            RowMetadata(
+                prompt_tokens=row.done.usage.prompt_tokens if row.done else None,
+                completion_tokens=row.done.usage.completion_tokens if row.done else None,
+                finish_reason=row.done.finish_reason if row.done else None,
+                queue_time_ms=since_submit(self._first_event_at),
+                time_to_first_token_ms=since_submit(row.first_token_at),
+                total_time_ms=since_submit(row.finished_at),
+            )
+            for row in self.rows
+        ]
+
+    def cancel(self) -> None:
+        """Take the job off its queue if no worker has it yet, and ask the worker
+        that has it to drop the request's rows (best effort)."""
+        try:
+            with self._connection.pipeline(transaction=False) as pipe:
+                pipe.set(keys.cancel_key(self.request_id), b"1", ex=defaults.CANCEL_TTL_SECONDS)
+                pipe.lrem(job_queue(self._connection, self.consumer_group).key, 0, self.request_id)
+                pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning("request %s: could not set its cancel key: %s", self.request_id, exc)
+
+    def close(self) -> None:
+        """Leave the hub; cancel the job unless every row is done or the worker failed it."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished and not self._worker_failed:
+            self.cancel()
+        self._subscription.close()
+
+
+def submit(
+    connection: redis.Redis,
+    hub: EventHub,
+    payload: GenerateRequest,
+    settings: ApiSettings,
+    metrics: ApiMetrics,
+    *,
+    image_ids: Sequence[str] = (),
+    messages: Sequence[ChatMessage] | None = None,
+) -> Generation:
+    """Register the request's inbox (subscription confirmed), then enqueue its job.
+    `image_ids` name images already stored in Redis (api.takeoff.images), asked about by every row;
+    `messages` (the OpenAI chat route) is the conversation every row's prompt is built from."""
+    request_id = uuid.uuid4().hex
+    seed = payload.seed if payload.seed is not None else secrets.randbits(63)
+    job = GenerationJob(
+        request_id=request_id,
+        request=payload,
+        seed=seed,
+        enqueued_at=time.time(),
+        image_ids=list(image_ids),
+        messages=list(messages) if messages is not None else None,
+    )
+    subscription = hub.subscribe(request_id)
+    try:
+        jobs.enqueue(job_queue(connection, payload.consumer_group), job)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            subscription.close()
+        raise
+    return Generation(
+        job=job,
+        subscription=subscription,
+        connection=connection,
+        settings=settings,
+        metrics=metrics,
+        submitted_at=time.monotonic(),
+    )

@@ -1,0 +1,117 @@
+"""The reader registry: every worker process ("reader", in Takeoff's words)
+describes itself in Redis under a key that expires unless refreshed. The API
+reads it to route, to tell an unknown group (404) from a dead one (503), and to
+answer the management routes."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from shared import defaults, keys
+
+ModelType = Literal["CAUSAL", "VISION"]
+
+
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class WorkerStats(BaseModel):
+    """What a worker has done since it started; carried in its registry entry so
+    the API's /metrics can report every worker (see api/metrics.py)."""
+
+    requests_finished: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    rows_per_step: dict[str, int] = Field(
+        default_factory=dict,
+        description="Decode steps by batch rows: cumulative counts per bucket, '+Inf' last.",
+    )
+    rows_sum: int = 0
+
+
+class LoraStatus(BaseModel):
+    """The LoRA adapters a reader serves (see worker/engine/adapters.py)."""
+
+    available: list[str] = Field(default_factory=list, description="Adapter ids a request may name.")
+    loaded: list[str] = Field(default_factory=list, description="In memory now, least recently used first.")
+    max_loaded: int = Field(0, description="Adapters kept in memory at once (0: the reader serves none).")
+
+
+class ReaderInfo(BaseModel):
+    reader_id: str
+    consumer_group: str
+    model_name: str
+    model_type: ModelType = "CAUSAL"
+    pids: list[int]
+    ready: bool = False
+    hostname: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    quantization: str = Field("none", description="Weight quantization: none, int8 or int4 (--quantize).")
+    fused_layers: int = Field(0, description="Decoder layers running fused (--fuse-layers).")
+    joint_prefill: bool = Field(
+        False, description="Whether newcomers are prefilled inside the running batch's decode steps."
+    )
+    threads: int | None = None
+    max_batch_size: int = defaults.DEFAULT_MAX_BATCH_SIZE
+    batch_duration_millis: int = defaults.DEFAULT_BATCH_DURATION_MILLIS
+    context_length: int | None = Field(None, description="Longest prompt + output the model takes.")
+    has_chat_template: bool = False
+    loras: LoraStatus = Field(default_factory=LoraStatus)
+    stats: WorkerStats = Field(default_factory=WorkerStats)
+    started_at: float = Field(default_factory=time.time)
+
+
+def register(connection: redis.Redis, info: ReaderInfo) -> None:
+    """Publish (or refresh) a reader's description; call every READER_HEARTBEAT_SECONDS."""
+    with connection.pipeline() as pipe:
+        pipe.set(keys.reader_key(info.reader_id), info.model_dump_json(), ex=defaults.READER_TTL_SECONDS)
+        pipe.sadd(keys.group_readers_key(info.consumer_group), info.reader_id)
+        pipe.zadd(keys.GROUPS_KEY, {info.consumer_group: time.time()})
+        pipe.execute()
+
+
+def deregister(connection: redis.Redis, info: ReaderInfo) -> None:
+    with connection.pipeline() as pipe:
+        pipe.delete(keys.reader_key(info.reader_id))
+        pipe.srem(keys.group_readers_key(info.consumer_group), info.reader_id)
+        pipe.execute()
+
+
+def known_groups(connection: redis.Redis) -> set[str]:
+    return {name.decode() for name in connection.zrange(keys.GROUPS_KEY, 0, -1)}
+
+
+def groups_seen_since(connection: redis.Redis, seconds: float) -> set[str]:
+    """Groups one of whose readers sent a heartbeat in the last `seconds`."""
+    since = time.time() - seconds
+    return {name.decode() for name in connection.zrangebyscore(keys.GROUPS_KEY, since, "+inf")}
+
+
+def live_readers(connection: redis.Redis, consumer_group: str) -> list[ReaderInfo]:
+    """Readers of a group whose heartbeat has not expired; prunes the dead ones."""
+    group_key = keys.group_readers_key(consumer_group)
+    reader_ids = sorted(member.decode() for member in connection.smembers(group_key))
+    if not reader_ids:
+        return []
+    blobs = connection.mget([keys.reader_key(reader_id) for reader_id in reader_ids])
+    dead = [reader_id for reader_id, blob in zip(reader_ids, blobs, strict=True) if blob is None]
+    if dead:
+        connection.srem(group_key, *dead)
+    return [ReaderInfo.model_validate_json(blob) for blob in blobs if blob is not None]
+
+
+def all_live_readers(connection: redis.Redis) -> dict[str, list[ReaderInfo]]:
+    """Live readers by group, for every known group (a group with none maps to [])."""
+    return {group: live_readers(connection, group) for group in sorted(known_groups(connection))}
+
+
+def find_reader(connection: redis.Redis, reader_id: str) -> ReaderInfo | None:
+    blob = connection.get(keys.reader_key(reader_id))
+    return ReaderInfo.model_validate_json(blob) if blob is not None else None

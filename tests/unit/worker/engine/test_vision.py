@@ -1,0 +1,252 @@
+"""The engine with vision-language models (tiny random LLaVA and Idefics3),
+checked against `model.generate(**processor(...), do_sample=False)`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tests.support.tiny_vlms import counting_encoder, sample_image
+from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
+from worker.engine.rows import GenerationParams, RowRequest
+from worker.engine.vision import FeatureCache, VisionPrompt
+
+GREEDY = GenerationParams(max_new_tokens=10, min_new_tokens=10)
+RED = sample_image((220, 30, 30))
+BLUE = sample_image((20, 40, 210))
+TALL = sample_image((30, 160, 60), size=(20, 90))  # Idefics3 splits it into fewer tiles
+
+
+@dataclass
+class Vlm:
+    name: str
+    model: Any
+    processor: Any
+
+    def engine(self) -> Engine:
+        return Engine(self.model, self.processor.tokenizer, processor=self.processor)
+
+    def chat_prompt(self, text: str, images: int) -> str:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+        content.append({"type": "text", "text": text})
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+
+    def generate(self, prompt: str, images: list[Image.Image], max_new_tokens: int = 10) -> list[int]:
+        """HF greedy generation of one prompt, as a user of transformers would run it."""
+        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
+            )
+        return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def load(directory) -> Vlm:
+    return Vlm(
+        directory.name,
+        AutoModelForImageTextToText.from_pretrained(directory).eval(),
+        AutoProcessor.from_pretrained(directory),
+    )
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_dir) -> Vlm:
+    return load(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def idefics3(tiny_idefics3_dir) -> Vlm:
+    return load(tiny_idefics3_dir)
+
+
+@pytest.fixture(params=["llava", "idefics3"])
+def vlm(request) -> Vlm:
+    return request.getfixturevalue(request.param)
+
+
+def row(key: Hashable, prompt: VisionPrompt, params: GenerationParams = GREEDY) -> RowRequest:
+    return RowRequest(
+        key=key, prompt_ids=prompt.prompt_ids, params=params, image_features=prompt.image_features
+    )
+
+
+def run(engine: Engine, rows: list[RowRequest]) -> dict[Hashable, list[int]]:
+    engine.add(rows)
+    tokens: dict[Hashable, list[int]] = {r.key: [] for r in rows}
+    while engine.has_work:
+        for output in engine.step():
+            if output.token_id is not None:
+                tokens[output.key].append(output.token_id)
+        if engine._batch is not None:  # the host's row lengths (attention groups) match the mask
+            assert engine._batch.lengths == engine._batch.attention_mask.sum(dim=1).tolist()
+    return tokens
+
+
+def test_greedy_output_equals_hf_generate_on_the_same_image(vlm):
+    engine = vlm.engine()
+    (prompt,) = engine.encode_image_prompts(["What is in the picture?"], [RED], use_chat_template=True)
+    expected_prompt = vlm.chat_prompt("What is in the picture?", 1)
+    assert prompt.prompt_ids == vlm.processor(text=expected_prompt, images=RED)["input_ids"][0]
+    assert run(engine, [row("a", prompt)])["a"] == vlm.generate(expected_prompt, [RED])
+
+
+def test_rows_with_different_images_and_without_images_share_one_batch(vlm):
+    engine = vlm.engine()
+    question = "Describe it."
+    rows, expected = [], {}
+    for name, image in (("red", RED), ("blue", BLUE), ("tall", TALL)):
+        (prompt,) = engine.encode_image_prompts([question], [image], use_chat_template=True)
+        rows.append(row(name, prompt))
+        expected[name] = vlm.generate(vlm.chat_prompt(question, 1), [image])
+    text_ids = engine.encode_prompt("Hello there", use_chat_template=True)
+    rows.append(RowRequest(key="text", prompt_ids=text_ids, params=GREEDY))
+    expected["text"] = vlm.generate(vlm.chat_prompt("Hello there", 0), [])
+    assert run(engine, rows) == expected
+    assert len({tuple(tokens) for tokens in expected.values()}) == len(expected), "images should matter"
+
+
+def test_changing_one_image_changes_only_its_row(vlm):
+    def answers(images: list[Image.Image]) -> dict[Hashable, list[int]]:
+        engine = vlm.engine()
+        prompts = [engine.encode_image_prompts(["What?"], [image])[0] for image in images]
+        return run(engine, [row(index, prompt) for index, prompt in enumerate(prompts)])
+
+    before = answers([RED, BLUE, RED])
+    after = answers([RED, TALL, RED])
+    assert before[0] == after[0] and before[2] == after[2]
+    assert before[1] != after[1]
+
+
+def test_prompts_of_one_request_share_one_encoding_of_the_image(vlm):
+    engine = vlm.engine()
+    calls = counting_encoder(engine)
+    texts = ["What is it?", "Which colour is it?", "Is it big?"]
+    prompts = engine.encode_image_prompts(texts, [BLUE], use_chat_template=True)
+    assert len(calls) == 1
+    assert len({id(prompt.image_features) for prompt in prompts}) == 1
+    tokens = run(engine, [row(index, prompt) for index, prompt in enumerate(prompts)])
+    for index, text in enumerate(texts):
+        assert tokens[index] == vlm.generate(vlm.chat_prompt(text, 1), [BLUE])
+
+
+def test_requests_sending_the_same_images_again_reuse_their_encoding(vlm):
+    engine = vlm.engine()
+    calls = counting_encoder(engine)
+    first = engine.encode_image_prompts(["What is it?"], [RED, BLUE], images_key=("red", "blue"))
+    again = engine.encode_image_prompts(
+        ["Which colour?", "Is it big?"], [RED, BLUE], use_chat_template=True, images_key=("red", "blue")
+    )
+    assert len(calls) == 1 and again[0].image_features is first[0].image_features
+    engine.encode_image_prompts(["What is it?"], [BLUE, RED], images_key=("blue", "red"))  # other order
+    engine.encode_image_prompts(["What is it?"], [RED, BLUE])  # no key: not looked up
+    assert len(calls) == 3
+    tokens = run(engine, [row(index, prompt) for index, prompt in enumerate(again)])
+    for index, text in enumerate(["Which colour?", "Is it big?"]):
+        assert tokens[index] == vlm.generate(vlm.chat_prompt(text, 2), [RED, BLUE])
+
+
+def test_the_feature_cache_keeps_the_most_recent_encodings_within_its_bytes(llava):
+    engine = llava.engine()
+    (red,) = engine.encode_image_prompts(["What?"], [RED])
+    size = red.image_features.nbytes
+    cache = FeatureCache(max_bytes=2 * size)
+    cache.put("a", red.image_features)
+    cache.put("b", red.image_features)
+    assert cache.get("a") is red.image_features  # now "b" is the least recently used
+    cache.put("c", red.image_features)
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert len(cache) == 2 and cache.bytes == 2 * size
+    tiny = FeatureCache(max_bytes=size - 1)
+    tiny.put("a", red.image_features)  # larger than the whole budget: not kept
+    assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_several_images_in_one_prompt_equal_hf_generate(vlm):
+    engine = vlm.engine()
+    (prompt,) = engine.encode_image_prompts(["Compare them."], [RED, TALL], use_chat_template=True)
+    expected = vlm.generate(vlm.chat_prompt("Compare them.", 2), [RED, TALL])
+    assert run(engine, [row("pair", prompt)])["pair"] == expected
+
+
+def test_without_chat_template_images_go_before_the_text_unless_placed(llava):
+    engine = llava.engine()
+    (leading,) = engine.encode_image_prompts(["Caption:"], [RED])
+    assert leading.prompt_ids == llava.processor(text="<image>Caption:", images=RED)["input_ids"][0]
+    (placed,) = engine.encode_image_prompts(["USER: <image>\nCaption: ASSISTANT:"], [RED])
+    expected = llava.processor(text="USER: <image>\nCaption: ASSISTANT:", images=RED)["input_ids"][0]
+    assert placed.prompt_ids == expected
+    with pytest.raises(PromptError, match="placeholder"):
+        engine.encode_image_prompts(["<image> and <image>"], [RED])
+
+
+def test_prompt_max_tokens_cuts_text_before_the_image_never_the_image(vlm):
+    engine = vlm.engine()
+    (whole,) = engine.encode_image_prompts(["Tell me."], [RED], use_chat_template=True)
+    image_tokens = whole.image_features.tokens
+    first_image = next(i for i, t in enumerate(whole.prompt_ids) if t == engine.vision.image_token_id)
+    keep = len(whole.prompt_ids) - 2  # drops two tokens of the chat prefix
+    assert keep > len(whole.prompt_ids) - first_image
+    (cut,) = engine.encode_image_prompts(["Tell me."], [RED], use_chat_template=True, prompt_max_tokens=keep)
+    assert cut.prompt_ids == whole.prompt_ids[-keep:]
+    assert engine.vision.count_image_tokens(cut.prompt_ids) == image_tokens
+    run(engine, [row("cut", cut)])  # still runs: every image token kept
+    with pytest.raises(PromptError, match="cut into the image"):
+        engine.encode_image_prompts(["Tell me."], [RED], use_chat_template=True, prompt_max_tokens=5)
+
+
+def test_sampled_image_rows_repeat_with_a_seed_whatever_shares_the_batch(llava):
+    sampled = GenerationParams(max_new_tokens=8, temperature=1.0, top_k=0, seed=11)
+    engine = llava.engine()
+    (alone,) = engine.encode_image_prompts(["Go"], [RED])
+    solo = run(engine, [row("x", alone, sampled)])["x"]
+    (again,) = engine.encode_image_prompts(["Go"], [RED])
+    (other,) = engine.encode_image_prompts(["Something else entirely"], [BLUE])
+    mixed = run(engine, [row("y", other, GREEDY), row("x", again, sampled)])
+    assert mixed["x"] == solo
+
+
+def test_image_rows_join_a_running_batch(llava):
+    engine = llava.engine()
+    text_ids = engine.encode_prompt("Once upon a time")
+    engine.add([RowRequest(key="text", prompt_ids=text_ids, params=GREEDY)])
+    tokens: dict[Hashable, list[int]] = {"text": [], "image": []}
+    for output in engine.step() + engine.step():
+        tokens[output.key].append(output.token_id)
+    (prompt,) = engine.encode_image_prompts(["What?"], [BLUE], use_chat_template=True)
+    engine.add([row("image", prompt)])
+    while engine.has_work:
+        for output in engine.step():
+            tokens[output.key].append(output.token_id)
+    assert tokens["image"] == llava.generate(llava.chat_prompt("What?", 1), [BLUE])
+
+
+def test_a_text_prompt_holding_the_image_token_is_refused(llava):
+    engine = llava.engine()
+    ids = engine.encode_prompt("look: <image>")
+    with pytest.raises(PromptError, match="image token"):
+        engine.add([RowRequest(key="sneaky", prompt_ids=ids, params=GREEDY)])
+    assert not engine.has_work
+
+
+def test_a_text_only_model_refuses_images(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    assert not engine.accepts_images
+    with pytest.raises(ImagesNotAccepted):
+        engine.encode_image_prompts(["What?"], [RED])
+
+
+def test_a_vision_model_reports_its_chat_template(llava):
+    engine = llava.engine()
+    assert engine.accepts_images and engine.has_chat_template
+    assert (
+        engine.encode_prompt("Hi", use_chat_template=True)
+        == llava.processor(text=llava.chat_prompt("Hi", 0))["input_ids"][0]
+    )

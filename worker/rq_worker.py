@@ -1,0 +1,381 @@
+"""An RQ worker that runs jobs in batches.
+
+It extends RQ's SimpleWorker (the model stays loaded in this process; no fork
+per job): after RQ hands it one job, it keeps popping jobs from its queue for
+up to `batch_duration_millis` or until `max_batch_size` rows are collected, then
+runs them together. Every job still goes through RQ's own bookkeeping
+(executions, StartedJobRegistry, heartbeats, FinishedJobRegistry /
+FailedJobRegistry, retries), so `rq info` and rq-dashboard show the truth.
+
+Two modes (`batching`):
+
+- "continuous" (default): the batch keeps running while jobs join and leave.
+  Between decode steps, when a row slot is free, the worker pops more jobs
+  with the same non-blocking dequeue (one Redis round-trip, only when there
+  is room), prepares their rows and lets them join (worker.batch_run decides
+  which waiting rows are prefilled, within `max_prefill_tokens_per_step`).
+  A job finishes in RQ as soon as its last row is done. Admission is FIFO by
+  queue order: a job is popped when a row slot is free that no admitted row
+  waits for (a slot counts as free in the step its row surely ends, by
+  max_new_tokens, when newcomers join inside that step's forward); besides,
+  while a batch request's rows are still entering, one more job may be
+  popped so that single requests take turns with it. On
+  SIGTERM the worker stops admitting, finishes the rows in flight and exits.
+- "micro": the jobs collected at the start run to the end together; newcomers
+  wait for the next batch.
+
+Crashes: while a batch runs, a thread refreshes every job's RQ heartbeat. If
+the process dies, the heartbeats stop, and within seconds another worker's
+registry sweep (RQ's StartedJobRegistry.cleanup) finds the jobs abandoned and
+re-queues them (RQ retries). The re-run repeats the same tokens (same seed);
+the API relays each token sequence number once. After the last attempt the
+sweep publishes an error event so no client waits forever."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+from pydantic import ValidationError
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from shared import defaults
+from shared.events import ErrorEvent
+from shared.payload import GenerationJob
+from worker.batch_run import BatchRun, RequestOutcome
+from worker.engine.engine import Engine
+from worker.publisher import EventPublisher
+from worker.stats import StatsRecorder
+
+log = logging.getLogger(__name__)
+
+WORKER_TTL_SECONDS = 20  # RQ blocks up to WORKER_TTL - 15 s waiting for a job, then sweeps
+POLL_INTERVAL_SECONDS = 0.002
+
+
+class BatchWorker(SimpleWorker):
+    def __init__(
+        self,
+        queues,
+        *,
+        engine: Engine,
+        max_batch_size: int,
+        batch_duration_millis: int,
+        batching: str = defaults.DEFAULT_BATCHING,
+        max_prefill_tokens_per_step: int = defaults.DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
+        **kwargs,
+    ):
+        kwargs.setdefault("worker_ttl", WORKER_TTL_SECONDS)
+        kwargs.setdefault("job_monitoring_interval", int(defaults.JOB_HEARTBEAT_SECONDS))
+        kwargs.setdefault("maintenance_interval", defaults.ABANDONED_JOB_SWEEP_SECONDS)
+        super().__init__(queues, serializer=JSONSerializer, **kwargs)
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.batch_duration = batch_duration_millis / 1000.0
+        if batching not in defaults.BATCHING_MODES:
+            raise ValueError(f"batching must be one of {defaults.BATCHING_MODES}, not {batching!r}")
+        self.batching = batching
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self._in_flight: dict[str, tuple[Job, Queue]] = {}  # continuous batching: jobs started, by id
+        self.publisher = EventPublisher(self.connection)
+        self.stats = StatsRecorder()
+        self._executions: dict[str, Execution] = {}
+        self.batches_run = 0
+        self.push_exc_handler(self._report_abandoned)
+
+    # -- warm shutdown ---------------------------------------------------------
+    #
+    # RQ answers SIGTERM in an idle worker by raising StopRequested from the
+    # signal handler, wherever the worker is: also just after its dequeue has
+    # popped a job (or while we collect a batch), which then runs nowhere until
+    # RQ's intermediate-queue cleanup fails it a minute or more later. Instead,
+    # SIGTERM only sets the stop flag, and the wait for a job is cut into
+    # one-second slices that look at the flag.
+
+    def _shutdown(self) -> None:
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        if timeout is None:  # burst mode: one non-blocking look
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        waited = 0
+        while not self._stop_requested:
+            if max_idle_time is not None and waited >= max_idle_time:
+                return None
+            result = super().dequeue_job_and_maintain_ttl(1, max_idle_time=1)
+            if result is not None:
+                return result
+            waited += 1
+        return None
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        """Short, so a dead worker's jobs are found abandoned within seconds."""
+        return defaults.JOB_HEARTBEAT_TTL_SECONDS
+
+    # RQ calls this with the first job it dequeued.
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        claimed = [(job, queue), *self._collect_more(self._rows_of(job))]
+        try:
+            if self.batching == "micro":
+                self._run_batch(claimed)
+            else:
+                self._run_continuous(claimed)
+        finally:
+            self._executions.clear()
+            self._in_flight.clear()
+            self.set_state(WorkerStatus.IDLE)
+
+    def _rows_of(self, job: Job) -> int:
+        payload = job.kwargs.get("job", {}) if isinstance(job.kwargs, dict) else {}
+        text = payload.get("request", {}).get("text") if isinstance(payload, dict) else None
+        return len(text) if isinstance(text, list) else 1
+
+    def _collect_more(self, rows: int) -> list[tuple[Job, Queue]]:
+        """Pop more jobs, without blocking, until the batch is full or the window closes.
+        A job that would overflow the batch goes back to the front of its queue."""
+        claimed: list[tuple[Job, Queue]] = []
+        deadline = time.monotonic() + self.batch_duration
+        while rows < self.max_batch_size:
+            result = self._pop_job()
+            if result is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                time.sleep(min(POLL_INTERVAL_SECONDS, remaining))
+                continue
+            job, queue = result
+            job_rows = self._rows_of(job)
+            if rows + job_rows > self.max_batch_size:
+                self._hand_back(job, queue)
+                break
+            rows += job_rows
+            claimed.append(result)
+        return claimed
+
+    def _pop_job(self) -> tuple[Job, Queue] | None:
+        """The next job of this worker's queues, without blocking (RQ's own dequeue)."""
+        return self.queue_class.dequeue_any(
+            self._ordered_queues,
+            None,
+            connection=self.connection,
+            job_class=self.job_class,
+            serializer=self.serializer,
+        )
+
+    def _hand_back(self, job: Job, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.lpush(queue.key, job.id)
+            pipe.execute()
+
+    def _run_batch(self, claimed: list[tuple[Job, Queue]]) -> None:
+        runnable = self._start(claimed)
+        if not runnable:
+            return
+        rows = sum(len(generation.request.texts) for _, _, generation in runnable)
+        log.info("running a batch of %d request(s), %d row(s)", len(runnable), rows)
+        run = BatchRun(
+            self.engine, self.publisher, [generation for _, _, generation in runnable], stats=self.stats
+        )
+        with _Heartbeat(self, lambda: [job for job, _, _ in runnable]):
+            outcomes = run.run()
+        self.batches_run += 1
+        for job, queue, generation in runnable:
+            self._end_job(job, queue, outcomes[generation.request_id])
+
+    def _run_continuous(self, claimed: list[tuple[Job, Queue]]) -> None:
+        """One running batch, until no row is left: admit, step, finish jobs as they end."""
+        run = BatchRun(
+            self.engine,
+            self.publisher,
+            max_rows=self.max_batch_size,
+            max_prefill_tokens=self.max_prefill_tokens_per_step,
+            stats=self.stats,
+        )
+        admitted = self._admit(run, claimed)
+        if not admitted and not run.has_work:
+            return
+        log.info(
+            "running a batch of %d request(s), %d row(s) (continuous batching)",
+            admitted,
+            run.running_rows + run.waiting_rows,
+        )
+        with _Heartbeat(self, self._jobs_in_flight):
+            while run.has_work:
+                if not self._stop_requested and self._has_room(run):
+                    try:
+                        self._admit_newcomers(run)
+                    except redis.RedisError as exc:  # the rows in flight go on; retry next step
+                        log.warning("could not look for new jobs: %s", exc)
+                for outcome in run.step():
+                    self._end_job(*self._in_flight.pop(outcome.request_id), outcome)
+        self.batches_run += 1
+
+    def _jobs_in_flight(self) -> list[Job]:
+        """The jobs a continuous run holds now (called from the heartbeat thread)."""
+        return [job for job, _ in list(self._in_flight.values())]
+
+    def _has_room(self, run: BatchRun) -> bool:
+        """Whether to pop another job (see the module docstring for the policy)."""
+        running = run.running_rows - run.rows_leaving
+        if running + run.waiting_rows < self.max_batch_size:
+            return True
+        return running < self.max_batch_size and run.waiting_requests == 1 and run.entering_request_waits
+
+    def _admit_newcomers(self, run: BatchRun) -> None:
+        joined = 0
+        while self._has_room(run):
+            result = self._pop_job()
+            if result is None:
+                break
+            joined += self._admit(run, [result])
+        if joined:
+            log.info(
+                "%d request(s) joined the running batch (%d row(s) running, %d waiting)",
+                joined,
+                run.running_rows,
+                run.waiting_rows,
+            )
+
+    def _admit(self, run: BatchRun, claimed: list[tuple[Job, Queue]]) -> int:
+        """Start `claimed` in RQ and hand them to `run`; how many were runnable."""
+        runnable = self._start(claimed)
+        for job, queue, generation in runnable:
+            self._in_flight[generation.request_id] = (job, queue)
+        for outcome in run.admit([generation for _, _, generation in runnable]):
+            self._end_job(*self._in_flight.pop(outcome.request_id), outcome)
+        return len(runnable)
+
+    def _end_job(self, job: Job, queue: Queue, outcome: RequestOutcome) -> None:
+        self.stats.record_request(failed=outcome.error is not None)
+        if outcome.error is not None:
+            log.info("job %s failed: %s (%s)", job.id, outcome.error.error_type, outcome.error.error)
+        else:
+            tokens = sum(usage.completion_tokens for usage in outcome.usage if usage is not None)
+            log.info(
+                "job %s done: %d row(s), %d token(s), %s",
+                job.id,
+                len(outcome.finish_reasons),
+                tokens,
+                ",".join(str(reason) for reason in outcome.finish_reasons),
+            )
+        try:
+            self._finish(job, queue, outcome)
+        except redis.RedisError as exc:
+            # Redis went away at the end of the job: RQ's sweep will find it
+            # abandoned once Redis is back, and retry it.
+            log.warning("could not record the end of job %s: %s", job.id, exc)
+        finally:
+            self._executions.pop(job.id, None)
+
+    def _start(self, claimed: list[tuple[Job, Queue]]) -> list[tuple[Job, Queue, GenerationJob]]:
+        """Start `claimed` jobs in RQ; the runnable ones with their payloads
+        (a malformed job fails at once)."""
+        started = []
+        for job, queue in claimed:
+            self._executions[job.id] = self.prepare_execution(job)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+            job.started_at = now()
+            started.append((job, queue))
+
+        runnable: list[tuple[Job, Queue, GenerationJob]] = []
+        for job, queue in started:
+            try:
+                runnable.append((job, queue, GenerationJob.model_validate(job.kwargs["job"])))
+                log.info("job %s started", job.id)
+            except (ValidationError, KeyError, TypeError) as exc:
+                error = ErrorEvent(error=f"malformed job: {exc}", error_type="bad_job", status=500)
+                self.publisher.publish([(job.id, error)])
+                self._finish_failed(job, queue, f"malformed job: {exc}")
+        return runnable
+
+    def beat(self, jobs: list[Job]) -> None:
+        """Refresh the RQ heartbeats of a running batch (worker, executions, jobs)."""
+        ttl = defaults.JOB_HEARTBEAT_TTL_SECONDS
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.worker_ttl + 60, pipeline=pipe)
+            for job in jobs:
+                execution = self._executions.get(job.id)
+                if execution is not None:
+                    execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+                job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+
+    def _finish(self, job: Job, queue: Queue, outcome: RequestOutcome) -> None:
+        if outcome.error is not None:
+            self._finish_failed(job, queue, f"{outcome.error.error_type}: {outcome.error.error}")
+            return
+        self.execution = self._executions.get(job.id)
+        self.handle_execution_ended(job, queue, job.success_callback_timeout)
+        job._result = outcome.result()
+        job._status = JobStatus.FINISHED
+        self.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
+
+    def _finish_failed(self, job: Job, queue: Queue, reason: str) -> None:
+        """A failure the client has already been told about: never retried."""
+        self.execution = self._executions.get(job.id)
+        self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+        job._status = JobStatus.FAILED
+        job.retries_left = 0
+        self.handle_job_failure(
+            job=job, queue=queue, started_job_registry=queue.started_job_registry, exc_string=reason
+        )
+
+    def _report_abandoned(self, job: Job, exc_type, exc_value, traceback) -> bool:
+        """RQ calls this when its sweep finds a job whose worker died. On the last
+        attempt, tell the waiting client instead of leaving it hanging."""
+        if not job.retries_left:
+            attempts = defaults.JOB_MAX_ATTEMPTS
+            log.warning("job %s abandoned by its worker on the last attempt; failing it", job.id)
+            error = ErrorEvent(
+                error=f"the worker running this request died {attempts} time(s); giving up",
+                error_type="worker_lost",
+                status=503,
+            )
+            try:
+                self.publisher.publish([(job.id, error)])
+            except redis.RedisError as publish_error:
+                log.warning("could not report job %s as failed: %s", job.id, publish_error)
+        else:
+            log.warning(
+                "job %s abandoned by its worker; re-queueing (%d attempt(s) left)", job.id, job.retries_left
+            )
+        return True
+
+
+class _Heartbeat:
+    """Keeps a batch's jobs alive in RQ while the decode loop runs, and runs
+    RQ's registry sweep (abandoned jobs of dead workers) when it is due."""
+
+    def __init__(self, worker: BatchWorker, jobs: Callable[[], list[Job]]):
+        """`jobs` tells which jobs are in flight now (continuous batching changes them)."""
+        self._worker = worker
+        self._jobs = jobs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batch-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(defaults.JOB_HEARTBEAT_SECONDS):
+            try:
+                self._worker.beat(self._jobs())
+                if self._worker.should_run_maintenance_tasks:
+                    self._worker.clean_registries()
+            except redis.RedisError as exc:
+                log.warning("batch heartbeat failed (will retry): %s", exc)
