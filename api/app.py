@@ -1,9 +1,6 @@
-"""The Flask app factory. One app serves the three ports (gunicorn binds all
-of them to it): a route of the inference port answers only requests that
-arrived on `settings.port`, a management route only those on
-`settings.management_port`, an OpenAI route (/v1/...) only those on
-`settings.openai_port`, and the probes (/healthz, /readyz, /metrics) answer on
-all. A route asked on the wrong port is a 404.
+"""The Flask app factory. One app serves the three ports (gunicorn binds all of
+them to it); each blueprint answers on one port only (PORT_OF_BLUEPRINT), the
+probes on every port, and a route asked on the wrong port is a 404.
 
 Every request gets an id (the client's X-Request-ID when it is sane, else a
 fresh one), echoed in the response and in the one log line written when the
@@ -18,17 +15,18 @@ import time
 import uuid
 
 import redis
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import NotFound
 
 from api import openapi, probes
 from api.errors import Unauthorized, register_error_handlers
-from api.management import routes as management
+from api.management import local_workers, loras, readers, tokenizer
 from api.metrics import ApiMetrics
+from api.openai import models as openai_models
 from api.openai import routes as openai_routes
 from api.relay import EventHub
 from api.state import AppState, app_state, install
-from api.takeoff import routes as inference
+from api.takeoff import routes as takeoff_routes
 from shared import connection as shared_connection
 from shared.settings import ApiSettings
 
@@ -38,13 +36,20 @@ INFERENCE = "inference"
 MANAGEMENT = "management"
 OPENAI = "OpenAI"
 
-PORT_OF_BLUEPRINT = {
-    inference.blueprint.name: INFERENCE,
-    openapi.blueprint.name: INFERENCE,
-    management.blueprint.name: MANAGEMENT,
-    openai_routes.blueprint.name: OPENAI,
-}
-"""Which port each blueprint answers on; blueprints not listed (probes) answer on every port."""
+BLUEPRINTS: tuple[tuple[Blueprint, str | None], ...] = (
+    (takeoff_routes.blueprint, INFERENCE),
+    (tokenizer.blueprint, INFERENCE),  # Takeoff answers its tokenizer routes on the inference port
+    (openapi.blueprint, INFERENCE),
+    (readers.blueprint, MANAGEMENT),
+    (loras.blueprint, MANAGEMENT),
+    (local_workers.blueprint, MANAGEMENT),
+    (openai_routes.blueprint, OPENAI),
+    (openai_models.blueprint, OPENAI),
+    (probes.blueprint, None),
+)
+"""Every blueprint of the app and the port it answers on (None: every port)."""
+
+PORT_OF_BLUEPRINT = {blueprint.name: port for blueprint, port in BLUEPRINTS if port is not None}
 
 OPEN_ENDPOINTS = {"probes.healthz"}
 """Endpoints that never ask for the API key."""
@@ -55,7 +60,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) -> Flask:
     app = Flask("mmserve.api")
     # One byte above the limit: werkzeug truncates a chunked body at this size
-    # without an error, and api.takeoff.payloads answers 413 for anything longer than the limit.
+    # without an error, and api.payloads answers 413 for anything longer than the limit.
     app.config["MAX_CONTENT_LENGTH"] = settings.body_size_limit_bytes + 1
     # Flask caps a multipart text field at 500 kB by default; json_data may be
     # as large as the body itself.
@@ -68,13 +73,7 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
         app, AppState(settings=settings, connection=connection, hub=hub, metrics=ApiMetrics(connection, hub))
     )
 
-    for blueprint in (
-        inference.blueprint,
-        management.blueprint,
-        probes.blueprint,
-        openapi.blueprint,
-        openai_routes.blueprint,
-    ):
+    for blueprint, _ in BLUEPRINTS:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     app.before_request(_start_request)

@@ -1,13 +1,10 @@
 """gunicorn server hooks (`gunicorn --config python:api.gunicorn_config`).
 
-With several worker processes (`--api-processes N`), each process counts the
-requests it answers; a scrape of /metrics is answered by one of them. So that
-every scrape reports the whole API, the processes keep their counters and
-histograms in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR)
-and /metrics sums them (api.metrics). The master sets the directory up before
-it forks the workers: a fresh temporary one, removed at exit, unless the
-operator names one (made if missing, its old files cleared: they would count
-twice; with one process too, since prometheus-client then uses it as well)."""
+With several API processes a scrape of /metrics reaches only one of them, so the processes keep their
+counters in prometheus-client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR) and /metrics sums it
+(api.metrics). The master sets the folder up before it forks: a temporary one, removed at exit, unless the
+operator names one. A named folder is used even with one process, and its old files are cleared first:
+they would be counted again."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """The API's Prometheus metrics, in a registry of its own per app (tests build
 many apps in one process). Request counters and histograms are updated as
 requests end; queue depth, live readers and the event hub's state are read
-when /metrics is scraped.
-
-With several gunicorn worker processes (--api-processes), api.gunicorn_config
-gives them a prometheus-client multiprocess directory: each process writes its
-counters and histograms there and a scrape sums every process's files, so any
-process answers for the whole API. The Redis gauges are read by the process
-that answers; the event hub's two gauges are that process's own."""
+when /metrics is scraped. With several gunicorn worker processes, counters and
+histograms are summed over every process (a multiprocess directory set up by
+api.gunicorn_config), but the event hub's two gauges are the answering process's own."""
 
 from __future__ import annotations
 

@@ -338,7 +338,7 @@ def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI chat completions (text and image_url parts)",
-                "description": port + shape + "See the README for the supported parameters.",
+                "description": port + shape + "The supported parameters are listed in docs/api/openai.md.",
                 "requestBody": body,
                 "responses": {"200": answer, **errors},
             }

@@ -1,22 +1,12 @@
-"""The per-process event hub: one Redis pub/sub connection for every request
-this process is waiting on, instead of one connection per open request.
+"""The per-process event hub: one Redis pub/sub connection (a pattern
+subscription to every request's events channel) for all the requests this
+process waits on, each given its own inbox. It starts lazily in each process
+(gunicorn forks after import) and reconnects by itself.
 
-The hub pattern-subscribes to `shared.keys.EVENTS_PATTERN`. A background
-thread (a greenlet under gunicorn's gevent worker, which patches threading)
-reads the messages and drops each one into the inbox of the request whose
-channel it names; messages for channels nobody here registered are discarded
-(they belong to another API process, or to a request that has already ended).
-
-A request registers with `EventHub.subscribe` before its job is enqueued, and
-the call returns only while the hub's subscription is confirmed, so no early
-event can be missed. The hub starts lazily, once per process (gunicorn forks
-after import), and reconnects by itself, with backoff, if its connection
-breaks. Events published while it was disconnected are lost for good, so
-every request registered when the connection broke receives a
-`redis_unavailable` error event instead of waiting for events that will never
-come. redis-py may also reconnect and re-subscribe silently inside a read; the
-hub notices the fresh subscription confirmation and treats it the same way.
-"""
+`subscribe` returns only once the hub's subscription is confirmed, so a request
+registered before its job is enqueued misses no event. Events published while
+the hub is disconnected are lost for good: every request waiting then gets a
+`redis_unavailable` error event instead of waiting for events that never come."""
 
 from __future__ import annotations
 
@@ -38,16 +28,16 @@ log = logging.getLogger(__name__)
 Event = events.TokenEvent | events.DoneEvent | events.ErrorEvent
 
 _WAKE_CHANNEL = keys.events_channel("event-hub-wake-up")
-"""Published to by `EventHub.stop` so the reader thread notices at once; nobody registers it."""
+"""Published to by `EventHub.stop` so the listener thread notices at once; nobody registers it."""
 
 
 class Subscription:
     """One request's inbox: the hub puts decoded events in, the request takes them out."""
 
-    def __init__(self, request_id: str, registry: _Registry) -> None:
+    def __init__(self, request_id: str, inboxes: _Inboxes) -> None:
         self.request_id = request_id
         self.channel = keys.events_channel(request_id)
-        self._registry = registry
+        self._inboxes = inboxes
         self._inbox: queue.Queue[Event] = queue.Queue()
         self.broken = False
 
@@ -62,7 +52,7 @@ class Subscription:
 
     def close(self) -> None:
         """Stop receiving this request's events. Safe to call more than once."""
-        self._registry.remove(self)
+        self._inboxes.remove(self)
 
     def deliver(self, event: Event) -> None:
         self._inbox.put(event)
@@ -75,7 +65,7 @@ class Subscription:
 
 
 @dataclass
-class _Registry:
+class _Inboxes:
     """The subscriptions of one running hub, by channel. Its lock is never held
     across I/O, so it cannot make greenlets wait on one another."""
 
@@ -112,7 +102,7 @@ class _Runtime:
     use inside that process, after gevent has patched threading."""
 
     pid: int
-    registry: _Registry
+    inboxes: _Inboxes
     connected: threading.Event
     stopping: threading.Event
     thread: threading.Thread | None = None
@@ -135,7 +125,7 @@ class EventHub:
         self._poll_seconds = poll_seconds
         self._reconnect_delay = reconnect_delay_seconds
         self._max_reconnect_delay = max_reconnect_delay_seconds
-        self._start_lock = threading.Lock()  # never held across I/O (see _Registry)
+        self._start_lock = threading.Lock()  # never held across I/O (see _Inboxes)
         self._runtime: _Runtime | None = None
 
     # -- used by requests -------------------------------------------------
@@ -146,8 +136,8 @@ class EventHub:
         Raises redis.exceptions.ConnectionError when the hub cannot confirm
         its subscription within the subscribe timeout."""
         runtime = self._ensure_running()
-        subscription = Subscription(request_id, runtime.registry)
-        runtime.registry.add(subscription)
+        subscription = Subscription(request_id, runtime.inboxes)
+        runtime.inboxes.add(subscription)
         if not runtime.connected.wait(self._subscribe_timeout) or subscription.broken:
             subscription.close()
             raise redis.exceptions.ConnectionError("the event relay is not subscribed to Redis")
@@ -164,10 +154,10 @@ class EventHub:
 
     @property
     def open_subscriptions(self) -> int:
-        return len(self._runtime.registry) if self.started else 0
+        return len(self._runtime.inboxes) if self.started else 0
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the reader thread and end every waiting request (tests, shutdown)."""
+        """Stop the listener thread and end every waiting request (tests, shutdown)."""
         if not self.started:
             return
         runtime = self._runtime
@@ -176,9 +166,9 @@ class EventHub:
             self._connection.publish(_WAKE_CHANNEL, b"")
         if runtime.thread is not None:
             runtime.thread.join(timeout)
-        runtime.registry.break_all("the API is shutting down")
+        runtime.inboxes.break_all("the API is shutting down")
 
-    # -- the reader thread --------------------------------------------------
+    # -- the listener thread --------------------------------------------------
 
     def _ensure_running(self) -> _Runtime:
         with self._start_lock:
@@ -188,7 +178,7 @@ class EventHub:
                 # parent's thread did not survive the fork).
                 runtime = _Runtime(
                     pid=os.getpid(),
-                    registry=_Registry(),
+                    inboxes=_Inboxes(),
                     connected=threading.Event(),
                     stopping=threading.Event(),
                 )
@@ -224,7 +214,7 @@ class EventHub:
                     pubsub.close()
             if runtime.stopping.is_set():
                 break
-            runtime.registry.break_all(reason)
+            runtime.inboxes.break_all(reason)
             runtime.stopping.wait(delay)
             delay = min(delay * 2, self._max_reconnect_delay)
 
@@ -242,17 +232,17 @@ class EventHub:
             if message is None:
                 continue
             if message["type"] == "pmessage":
-                self._route(message["channel"], message["data"], runtime.registry)
+                self._route(message["channel"], message["data"], runtime.inboxes)
             elif message["type"] == "psubscribe":
                 # redis-py reconnected inside the read and subscribed again:
                 # whatever was published in between is gone.
                 log.warning("event hub re-subscribed after a silent reconnect")
-                runtime.registry.break_all("lost events while reconnecting to Redis")
+                runtime.inboxes.break_all("lost events while reconnecting to Redis")
 
     @staticmethod
-    def _route(channel: bytes | str, data: bytes | str, registry: _Registry) -> None:
+    def _route(channel: bytes | str, data: bytes | str, inboxes: _Inboxes) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel
-        subscription = registry.find(name)
+        subscription = inboxes.find(name)
         if subscription is None:
             return
         try:

@@ -12,6 +12,9 @@ import json
 import re
 from typing import Any
 
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""Sent with every event stream: no caching, and no buffering by a proxy such as nginx."""
+
 KEEPALIVE = ": keep-alive\n\n"
 """A comment line: ignored by SSE clients, keeps proxies and the socket busy."""
 

@@ -1,7 +1,9 @@
-"""One generation request after admission: build its job, register with the
-event hub, enqueue, then turn the raw events of its channel into an ordered,
-deduplicated relay with timeouts. Knows nothing of HTTP; the routes decide how
-the relay is answered (JSON or SSE)."""
+"""One path from a validated request to a queued job and its event stream,
+used by the Takeoff and the OpenAI routes alike: `start_generation` checks the
+request, stores its images, enqueues its job and returns a `Generation`, whose
+`relay` turns the raw events of the job's channel into an ordered, deduplicated
+stream with timeouts. How the relay is answered (JSON or SSE, in which shape)
+is the routes' business."""
 
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
+from flask import g
 
-from api.admission import job_queue
+from api.admission import admit, job_queue
+from api.constraints import check_constraint
+from api.images import CanonicalImage, ImageLease, check_image_count
 from api.metrics import ApiMetrics
 from api.relay import EventHub, Subscription
 from api.schemas import RowMetadata
+from api.state import app_state
 from shared import defaults, events, jobs, keys
 from shared.payload import ChatMessage, GenerateRequest, GenerationJob
 from shared.settings import ApiSettings
@@ -71,13 +77,15 @@ class RowProgress:
 
 
 class Generation:
-    """A submitted request: its job, its inbox at the hub and the progress of its rows."""
+    """A submitted request: its job, its inbox at the hub, the images it holds
+    and the progress of its rows. `close` it when the request ends, however it ends."""
 
     def __init__(
         self,
         *,
         job: GenerationJob,
         subscription: Subscription,
+        lease: ImageLease,
         connection: redis.Redis,
         settings: ApiSettings,
         metrics: ApiMetrics,
@@ -86,6 +94,7 @@ class Generation:
         self.job = job
         self.rows = [RowProgress() for _ in job.request.texts]
         self._subscription = subscription
+        self._lease = lease
         self._connection = connection
         self._settings = settings
         self._metrics = metrics
@@ -212,28 +221,64 @@ class Generation:
             log.warning("request %s: could not set its cancel key: %s", self.request_id, exc)
 
     def close(self) -> None:
-        """Leave the hub; cancel the job unless every row is done or the worker failed it."""
+        """Leave the hub, cancel the job unless every row is done or the worker
+        failed it, and release the request's images. Safe to call more than once."""
         if self._closed:
             return
         self._closed = True
         if not self.finished and not self._worker_failed:
             self.cancel()
         self._subscription.close()
+        self._lease.release()
 
 
-def submit(
+def start_generation(
+    payload: GenerateRequest,
+    *,
+    image_count: int = 0,
+    load_images: Callable[[], Sequence[CanonicalImage]] = list,
+    messages: Sequence[ChatMessage] | None = None,
+) -> Generation:
+    """Check `payload` (constraint, image count, admission), load its images with
+    `load_images` (only once admitted: fetching and decoding them is the costly
+    part), store them and queue the job; `messages` is an OpenAI chat's conversation.
+    An InvalidConstraint can only come from the constraint check, so a route family
+    may answer it its own way."""
+    state = app_state()
+    check_constraint(payload)
+    check_image_count(image_count)
+    admit(state.connection, payload, state.settings, with_images=image_count > 0)
+    lease = ImageLease.take(state.connection, load_images())
+    try:
+        generation = _submit(
+            state.connection,
+            state.hub,
+            payload,
+            state.settings,
+            state.metrics,
+            lease=lease,
+            messages=messages,
+        )
+    except BaseException:
+        lease.release()
+        raise
+    g.job_id = generation.request_id  # for the request's log line
+    return generation
+
+
+def _submit(
     connection: redis.Redis,
     hub: EventHub,
     payload: GenerateRequest,
     settings: ApiSettings,
     metrics: ApiMetrics,
     *,
-    image_ids: Sequence[str] = (),
+    lease: ImageLease,
     messages: Sequence[ChatMessage] | None = None,
 ) -> Generation:
     """Register the request's inbox (subscription confirmed), then enqueue its job.
-    `image_ids` name images already stored in Redis (api.takeoff.images), asked about by every row;
-    `messages` (the OpenAI chat route) is the conversation every row's prompt is built from."""
+    The images `lease` holds in Redis are asked about by every row; the caller
+    releases the lease if this raises, the Generation's `close` once it returns."""
     request_id = uuid.uuid4().hex
     seed = payload.seed if payload.seed is not None else secrets.randbits(63)
     job = GenerationJob(
@@ -241,7 +286,7 @@ def submit(
         request=payload,
         seed=seed,
         enqueued_at=time.time(),
-        image_ids=list(image_ids),
+        image_ids=list(lease.image_ids),
         messages=list(messages) if messages is not None else None,
     )
     subscription = hub.subscribe(request_id)
@@ -254,6 +299,7 @@ def submit(
     return Generation(
         job=job,
         subscription=subscription,
+        lease=lease,
         connection=connection,
         settings=settings,
         metrics=metrics,

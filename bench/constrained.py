@@ -1,27 +1,29 @@
-"""Constrained decoding: compile time per backend (cold and cached) and decode
-tokens/s constrained vs unconstrained, with the default model in-process.
+"""Constrained decoding with the bundled model in-process: compile time per grammar backend
+(cold and cached) and decode tokens/s constrained vs unconstrained.
 
-    .venv/bin/python bench/constrained.py [--new-tokens 64] [--batch 1 8]
+    .venv/bin/python -m bench.constrained --help
 
-Decoding is greedy. The constrained rows use a schema (a list of at least 8
-products) that cannot be complete within --new-tokens, so every row, with or
-without a grammar, generates exactly --new-tokens tokens (unconstrained rows
-get min_new_tokens) and tokens/s compare like for like. The grammar is
-compiled before timing starts (the cached case). Prints one JSON document."""
+The constrained rows' schema (a list of at least 8 products) cannot be complete within
+--new-tokens, so every row, with or without a grammar, makes exactly --new-tokens tokens
+(unconstrained rows get min_new_tokens). Greedy; grammars are compiled before timing starts.
+Prints one JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import (
+    BUNDLED_MODEL,
+    add_model_flags,
+    bench_parser,
+    dtype_name,
+    engine_for,
+    machine,
+    served_model,
+    threads_or_default,
+)
 from shared import constraints
 
 PROMPTS = [
@@ -160,31 +162,25 @@ def bench_decode(engine, backend: str | None, batch: int, new_tokens: int, repea
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=list(constraints.BACKENDS))
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: as `mmserve serve`)"
-    )
+    add_model_flags(parser, pack_weights=False)
     args = parser.parse_args()
 
-    from shared.settings import WorkerSettings
-    from worker.engine.engine import Engine
     from worker.engine.grammar import GrammarCompiler
-    from worker.main import configure_threads, default_threads, load_for_serving
+    from worker.main import configure_threads
 
-    threads = configure_threads(args.threads or default_threads(1))
-    loaded = load_for_serving(WorkerSettings(redis_url="", dtype=args.dtype))  # as a worker serves it
-    engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+    threads = configure_threads(threads_or_default(args.threads))
+    loaded = served_model(dtype=args.dtype)
+    engine = engine_for(loaded)
     report: dict = {
-        "model": "SmolLM2-135M-Instruct (bundled)",
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "model": BUNDLED_MODEL,
+        "dtype": dtype_name(loaded.dtype),
         "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        **machine(),
         "new_tokens": args.new_tokens,
     }
 

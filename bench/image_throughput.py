@@ -1,25 +1,19 @@
-"""Image requests through `mmserve serve` with a vision-language model, and
-what the API spends on one image upload.
+"""Image requests through `mmserve serve` with a vision-language model (by default a tiny
+random LLaVA, so the figures are the server's own overhead), and what the API spends on one
+image upload.
 
-    .venv/bin/python bench/image_throughput.py [--model DIR] [--concurrency 1 4 8] [--new-tokens 16]
+    .venv/bin/python -m bench.image_throughput --help
 
-Without --model a tiny random LLaVA is built (as the tests build it), so the
-numbers show the server's own overhead rather than a model's speed. Every
-request streams /image_generate_stream with its own image, greedy, exactly
---new-tokens tokens. Then a ~1 MB JPEG: the API's in-process cost to check,
-re-encode and store it (ms, bytes written to Redis), and the HTTP latency of
-a one-token request carrying it vs a small PNG. Prints one JSON document."""
+Every request streams /image_generate_stream with its own image, greedy, exactly --new-tokens
+tokens. Then a ~1 MB JPEG: the API's in-process cost to check, re-encode and store it, and the
+HTTP latency of a one-token request carrying it vs a small PNG. Prints one JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import io
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +22,10 @@ import numpy as np
 import requests
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import add_model_flags, bench_parser, machine, percentile, threads_or_default
+from bench.serving import ServeProcess, read_answer
 from mmserve.redis_server import RedisServer
 from shared import keys
-from tests.support.serving import ServeProcess, percentile
-from tests.support.sse import iter_lines, parse_sse
 
 QUESTION = "What is in this picture?"
 
@@ -85,15 +77,9 @@ def stream_one(url: str, image: bytes, new_tokens: int) -> tuple[float, float]:
         "use_chat_template": True,
     }
     started = time.perf_counter()
-    first = None
     with post(url, image, payload, stream=True) as response:
-        response.raise_for_status()
-        for event in parse_sse(iter_lines(response)):
-            if event.event == "error":
-                raise RuntimeError(event.data)
-            if first is None:
-                first = time.perf_counter() - started
-    return first or float("nan"), time.perf_counter() - started
+        first, _ = read_answer(response, started)
+    return first, time.perf_counter() - started
 
 
 def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int, offset: int) -> dict:
@@ -126,9 +112,9 @@ def upload_latency(url: str, image: bytes, repeats: int = 5) -> float:
 
 
 def api_upload_cost(jpeg: bytes, repeats: int = 5) -> dict:
-    """What api.takeoff.images spends on one upload, in this process, against a real Redis."""
-    from api.takeoff import images
-    from shared import limits
+    """What api.images spends on one upload, in this process, against a real Redis."""
+    from api import images
+    from shared import defaults
 
     def timed(function) -> tuple[float, object]:
         best, result = float("inf"), None
@@ -139,7 +125,7 @@ def api_upload_cost(jpeg: bytes, repeats: int = 5) -> dict:
         return best * 1000, result
 
     check_ms, canonical = timed(
-        lambda: images.canonical_image(jpeg, max_pixels=limits.DEFAULT_MAX_IMAGE_PIXELS, source="bench")
+        lambda: images.canonical_image(jpeg, max_pixels=defaults.DEFAULT_MAX_IMAGE_PIXELS, source="bench")
     )
     with RedisServer() as server:
         from shared.connection import connect
@@ -179,31 +165,27 @@ def start_server(model: Path, args) -> ServeProcess:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", type=Path, default=None, help="VLM folder (default: a tiny random LLaVA)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=5, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="worker torch threads")
+    add_model_flags(parser, dtype="float32", pack_weights=False)
     args = parser.parse_args()
 
-    from worker.main import default_threads
-
-    args.threads = args.threads or default_threads(1)
+    args.threads = threads_or_default(args.threads)
     with tempfile.TemporaryDirectory(prefix="mmserve-bench-") as scratch:
         model = args.model
         if model is None:
-            from tests.support.tiny_vlms import build_tiny_llava
+            from bench.tiny_vlms import build_tiny_llava
 
             model = build_tiny_llava(Path(scratch) / "tiny-llava")
         report: dict = {
-            "model": str(args.model) if args.model else "tiny random LLaVA (tests/support/tiny_vlms.py)",
+            "model": str(args.model) if args.model else "tiny random LLaVA (bench/tiny_vlms.py)",
             "new_tokens": args.new_tokens,
             "dtype": args.dtype,
             "threads": args.threads,
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
+            **machine(),
         }
         jpeg = photo_jpeg()
         server = start_server(model, args)

@@ -1,46 +1,36 @@
-"""LoRA adapters: decode tokens/s with 0, 1 and 3 distinct adapters in a batch,
-against the base model with no adapters configured, and adapter load time,
-with the default model in-process.
+"""LoRA adapters with the bundled model in-process: decode tokens/s with 0, 1 and 3 distinct
+adapters in a batch against the base model with no adapters configured, and adapter load time.
 
-    .venv/bin/python bench/lora.py [--batch 8] [--max-new-tokens 64] [--rank 16] [--quick]
+    .venv/bin/python -m bench.lora --help        (--quick: a smoke run)
 
-Three random LoRA adapters (a0, a1, a2: rank --rank over --targets, weights
-drawn with a small std so that they change the output but keep it sane) are
-made for the model with PEFT in a temporary folder. Decoding is greedy, every
-row forced to exactly --max-new-tokens tokens (min_new_tokens), the same
-prompts in every case; tokens/s is generated tokens over the wall time of
-`add` plus the step loop. The cases:
-
-- base: an Engine without adapters (the plain model);
-- peft_0_adapters: an Engine whose model PEFT wraps (every adapter loaded),
-  every row on the base model: the cost of the wrapper itself;
-- 1_adapter: every row on a0;
-- 3_adapters: rows spread over a0, a1, a2;
-- 3_adapters_and_base: rows spread over a0, a1, a2 and the base model.
-
-Each case runs once to warm up, then the cases run --repeats times in turn
-(round-robin, so background load spreads over all of them). Load time: each
-adapter read cold by a fresh engine over a freshly loaded model (the first
-wraps the model in PEFT, the others add to it), and reads after an eviction
+Three random adapters (a0, a1, a2) are made with PEFT in a temporary folder; the cases are in
+CASES. Greedy, every row forced to exactly --max-new-tokens tokens, the same prompts in every
+case; each case warms up once, then the cases take turns --repeats times. Load time: each
+adapter read cold by a fresh engine over a fresh model, and reads after an eviction
 (max_loaded=1). Prints one JSON document; progress goes to stderr."""
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.throughput import PROMPTS
+from bench.common import (
+    BUNDLED_MODEL,
+    PROMPTS,
+    add_model_flags,
+    bench_parser,
+    dtype_name,
+    engine_for,
+    machine,
+    served_model,
+    threads_or_default,
+)
 
 log = logging.getLogger("bench.lora")
 
@@ -107,13 +97,13 @@ def build_adapters(args, directory: Path) -> dict:
 
 
 def lora_engine(args, directory: Path, max_loaded: int):
+    """An engine serving the adapters in `directory`, over a freshly loaded model (PEFT wraps
+    the model in place)."""
     from worker.engine.adapters import AdapterCatalog, LoraAdapters
-    from worker.engine.engine import Engine
 
     catalog = AdapterCatalog(directory=directory)
-    loaded = served_model(args, catalog)  # PEFT wraps the model in place: a fresh one
-    adapters = LoraAdapters(loaded.model, catalog, max_loaded=max_loaded)
-    return Engine(loaded.model, loaded.tokenizer, device=loaded.device, adapters=adapters)
+    loaded = served(args, catalog)
+    return engine_for(loaded, LoraAdapters(loaded.model, catalog, max_loaded=max_loaded))
 
 
 def timed_load(engine, name: str) -> dict:
@@ -194,31 +184,24 @@ def run_batch(engine, prompts, params, adapters: list[str | None], tag) -> tuple
     return time.perf_counter() - started, tokens, outputs
 
 
-def served_model(args, catalog=None):
-    """The model as a worker serves it (weights packed unless --pack-weights off),
-    one serving the adapters of `catalog` if given (its layers not fused)."""
-    from shared.settings import WorkerSettings
-    from worker.main import load_for_serving
-
-    settings = WorkerSettings(
-        redis_url="", model=args.model, dtype=args.dtype, pack_weights=args.pack_weights
-    )
-    return load_for_serving(settings, catalog)
+def served(args, catalog=None):
+    """The model as a worker serves it with these flags, serving the adapters of `catalog` if
+    given (its layers then not fused)."""
+    return served_model(catalog, model=args.model, dtype=args.dtype, pack_weights=args.pack_weights)
 
 
 def bench_decode(args, directory: Path) -> tuple[list[dict], dict]:
-    from worker.engine.engine import Engine
     from worker.engine.rows import GenerationParams
 
-    loaded = served_model(args)
-    base_engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+    loaded = served(args)
+    base_engine = engine_for(loaded)
     lora = lora_engine(args, directory, max_loaded=len(ADAPTERS))
     for name in ADAPTERS:  # in memory before anything is timed
         lora.load_adapter(name)
     lora_weight = next(p for n, p in lora.adapters.peft_model.named_parameters() if "lora_A" in n)
     info = {
-        "model_dtype": str(loaded.dtype).removeprefix("torch."),
-        "lora_weight_dtype": str(lora_weight.dtype).removeprefix("torch."),
+        "model_dtype": dtype_name(loaded.dtype),
+        "lora_weight_dtype": dtype_name(lora_weight.dtype),
     }
 
     params = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
@@ -279,7 +262,7 @@ def bench_decode(args, directory: Path) -> tuple[list[dict], dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default=None, help="a local model folder (default: the bundled model)")
     parser.add_argument("--batch", type=int, default=None, help="rows per batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 64)")
@@ -287,13 +270,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (lora_alpha = 2r)")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random LoRA weights")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: as `mmserve serve`)"
-    )
+    add_model_flags(parser)
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 8 tokens, 1 repeat")
     args = parser.parse_args()
     quick = {"batch": 4, "max_new_tokens": 8, "repeats": 1}
@@ -307,15 +284,14 @@ def main() -> None:
     import peft
     import torch
 
-    from worker.main import configure_threads, default_threads
+    from worker.main import configure_threads
 
-    threads = configure_threads(args.threads or default_threads(1))
+    threads = configure_threads(threads_or_default(args.threads))
     report: dict = {
-        "model": args.model or "SmolLM2-135M-Instruct (bundled)",
+        "model": args.model or BUNDLED_MODEL,
         "dtype": args.dtype,
         "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        **machine(),
         "torch": torch.__version__,
         "peft": peft.__version__,
         "batch": args.batch,

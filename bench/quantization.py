@@ -1,40 +1,25 @@
 """What `--quantize`, `--dtype` and `--fuse-layers` do to the bundled model's answers and speed.
 
-    .venv/bin/python bench/quantization.py [--settings none:bfloat16 int8 int4 int4::off] [--steps 100]
+    .venv/bin/python -m bench.quantization --help
 
-A setting is `quantize[:dtype[:fuse_layers]]` (empty parts: the defaults, `auto`). Every
-setting is loaded as a worker loads it (`load_for_serving`: layers fused unless `off`,
-quantized, weights packed) and runs the engine in-process, 1 torch thread:
-
-- quality: greedy completions (48 tokens, forced) of the chat-templated prompts, one
-  prompt at a time, compared with the unquantized model in float32: per prompt, how
-  many leading tokens equal float32's (48 = all);
-- speed: decode steps at batch 1 and batch 8 (--steps of them after 3 warm-up steps),
-  the settings taking turns step by step (so a slow moment of a noisy machine hits them
-  alike): each setting's median step and its fastest.
-
-Prints one JSON document."""
+A setting is `quantize[:dtype[:fuse_layers]]` (empty parts: the defaults). Each is loaded as a
+worker loads it and runs the engine in-process on 1 torch thread. Quality: per prompt, how many
+leading tokens of a greedy, forced-length completion equal the unquantized float32 model's.
+Speed: decode steps at batch 1 and 8, the settings taking turns step by step so that a slow
+moment of the machine hits them alike; each setting's median step and its fastest. Prints one
+JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.throughput import PROMPTS
-from shared.settings import WorkerSettings
+from bench.common import PROMPTS, bench_parser, engine_for, machine, served_model
 from worker.engine.engine import Engine
 from worker.engine.rows import GenerationParams, RowRequest
-from worker.main import load_for_serving
 
 QUALITY_PROMPTS = [
     "What is the capital of France?",
@@ -48,12 +33,9 @@ REFERENCE = "none:float32"
 
 def load(setting: str) -> Engine:
     quantize, dtype, fuse_layers = [*setting.split(":"), "", ""][:3]
-    loaded = load_for_serving(
-        WorkerSettings(
-            redis_url="unused", quantize=quantize, dtype=dtype or "auto", fuse_layers=fuse_layers or "auto"
-        )
+    return engine_for(
+        served_model(quantize=quantize, dtype=dtype or "auto", fuse_layers=fuse_layers or "auto")
     )
-    return Engine(loaded.model, loaded.tokenizer, device=loaded.device)
 
 
 def greedy(engine: Engine, new_tokens: int) -> list[list[int]]:
@@ -108,7 +90,7 @@ def step_times(engines: dict[str, Engine], rows: int, steps: int) -> dict[str, l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -151,8 +133,7 @@ def main() -> None:
                 "model": "bundled SmolLM2-135M-Instruct",
                 "threads": 1,
                 "torch": torch.__version__,
-                "cpu_count": os.cpu_count(),
-                "machine": platform.machine(),
+                **machine(),
                 "prompts": len(QUALITY_PROMPTS),
                 "new_tokens": args.new_tokens,
                 "quality": quality,

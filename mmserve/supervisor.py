@@ -1,7 +1,6 @@
-"""`mmserve serve`: Redis (private, unless a URL is given), the API and N
-workers as child processes of one supervisor. Ctrl-C or SIGTERM stops them
-all; a worker that dies is restarted; if the API or Redis dies, everything
-stops and the command fails."""
+"""`mmserve serve`: Redis (private, unless a URL is given), the API and N workers as child processes of
+one supervisor. Ctrl-C or SIGTERM stops them all; a worker that dies is restarted; if the API or Redis
+dies, everything stops and the command fails."""
 
 from __future__ import annotations
 
@@ -98,15 +97,24 @@ class LocalWorkerCommands:
 
 
 class Supervisor:
+    """Starts the children, restarts workers that exit, and stops everything on a signal or when a child
+    that cannot be restarted (the API, Redis) exits. `run` returns the command's exit status."""
+
     def __init__(self, children: list[Child], ready_url: str, commands: LocalWorkerCommands | None = None):
         self.children = children
         self.ready_url = ready_url
         self.commands = commands
         self._stopping = False
+        self._status = 0
 
     def _request_stop(self, signum, frame) -> None:
         if not self._stopping:
             log.info("stopping (signal %d)", signum)
+        self._stopping = True
+
+    def _fail(self, message: str, *args) -> None:
+        log.error(message, *args)
+        self._status = 1
         self._stopping = True
 
     def run(self) -> int:
@@ -116,64 +124,70 @@ class Supervisor:
             if child.process is None:
                 child.start()
         announced = False
-        status = 0
         try:
             while not self._stopping:
                 if self.commands is not None:
                     self.commands.poll(self)
                 for child in list(self.children):
-                    if child.running:
-                        continue
-                    if child.retired:
-                        log.info("%s stopped", child.name)
-                        self.children.remove(child)
-                        continue
-                    code = child.process.returncode
-                    if not child.restart:
-                        log.error("%s exited with code %s; stopping everything", child.name, code)
-                        status = 1
-                        self._stopping = True
+                    if not child.running:
+                        self._tend(child)
+                    if self._stopping:
                         break
-                    if child.exited_at is None:
-                        child.exited_at = time.monotonic()
-                        lived = child.exited_at - child.started_at
-                        child.quick_failures = (
-                            child.quick_failures + 1 if lived < QUICK_FAILURE_SECONDS else 0
-                        )
-                        if child.quick_failures >= MAX_QUICK_FAILURES and child.added_later:
-                            log.error(
-                                "%s (started through POST /reader) failed %d times in a row; giving up on it",
-                                child.name,
-                                child.quick_failures,
-                            )
-                            self.children.remove(child)
-                            continue
-                        if child.quick_failures >= MAX_QUICK_FAILURES:
-                            log.error(
-                                "%s failed %d times in a row within %d s of starting (exit code %s); "
-                                "stopping everything — see its log above",
-                                child.name,
-                                child.quick_failures,
-                                QUICK_FAILURE_SECONDS,
-                                code,
-                            )
-                            status = 1
-                            self._stopping = True
-                            break
-                    if time.monotonic() - child.exited_at < RESTART_BACKOFF_SECONDS:
-                        continue
-                    child.restarts += 1
-                    log.warning(
-                        "%s exited with code %s; restarting (restart %d)", child.name, code, child.restarts
-                    )
-                    child.start()
                 if not announced and self._ready():
                     log.info("mmserve is ready: %s", self.ready_url.rsplit("/", 1)[0])
                     announced = True
                 time.sleep(0.5)
         finally:
             self.stop()
-        return status
+        return self._status
+
+    def _tend(self, child: Child) -> None:
+        """A child that is not running: forget it, restart it (after a back-off), or stop everything."""
+        if child.retired:
+            log.info("%s stopped", child.name)
+            self.children.remove(child)
+            return
+        if not child.restart:
+            self._fail("%s exited with code %s; stopping everything", child.name, child.process.returncode)
+            return
+        if child.exited_at is None and not self._note_exit(child):
+            return
+        if time.monotonic() - child.exited_at < RESTART_BACKOFF_SECONDS:
+            return
+        child.restarts += 1
+        log.warning(
+            "%s exited with code %s; restarting (restart %d)",
+            child.name,
+            child.process.returncode,
+            child.restarts,
+        )
+        child.start()
+
+    def _note_exit(self, child: Child) -> bool:
+        """Count a worker's exit; False when it failed too quickly too often to be restarted.
+        A worker started through POST /reader is then dropped; one `serve` started stops everything."""
+        child.exited_at = time.monotonic()
+        lived = child.exited_at - child.started_at
+        child.quick_failures = child.quick_failures + 1 if lived < QUICK_FAILURE_SECONDS else 0
+        if child.quick_failures < MAX_QUICK_FAILURES:
+            return True
+        if child.added_later:
+            log.error(
+                "%s (started through POST /reader) failed %d times in a row; giving up on it",
+                child.name,
+                child.quick_failures,
+            )
+            self.children.remove(child)
+        else:
+            self._fail(
+                "%s failed %d times in a row within %d s of starting (exit code %s); "
+                "stopping everything — see its log above",
+                child.name,
+                child.quick_failures,
+                QUICK_FAILURE_SECONDS,
+                child.process.returncode,
+            )
+        return False
 
     def _ready(self) -> bool:
         try:

@@ -1,11 +1,33 @@
-"""Defaults and limits, in one place. Every other module imports these."""
+"""Defaults and fixed limits. The defaults of settings an operator can change are used by their
+declarations in shared/settings.py; everything else here is fixed, not configurable."""
 
-DEFAULT_CONSUMER_GROUP = "primary"
+# -- Settings' defaults (flags in shared/settings.py) ----------------------------------------------------
+
 INFERENCE_PORT = 3000
 MANAGEMENT_PORT = 3001
 OPENAI_PORT = 3003
+DEFAULT_CONSUMER_GROUP = "primary"
+DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
 
-# Payload defaults (the Takeoff defaults where Takeoff has one).
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_DURATION_MILLIS = 20
+BATCHING_MODES = ("continuous", "micro")
+DEFAULT_BATCHING = "continuous"
+# Prompt tokens (padding included where prompts share a prefill) prefilled per decode step when requests
+# join a running batch; a longer prompt still runs, alone in its step.
+DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
+DEFAULT_MAX_LORAS = 4  # LoRA adapters a worker keeps in memory (least recently used evicted)
+
+# The API waits this long for a request's first event (--queue-timeout-seconds), this long between events
+# once generation runs (--next-event-timeout-seconds), and sends an SSE comment after this long without
+# one (--sse-keepalive-seconds).
+FIRST_EVENT_TIMEOUT_SECONDS = 600.0
+NEXT_EVENT_TIMEOUT_SECONDS = 120.0
+SSE_KEEPALIVE_SECONDS = 10.0
+
+# -- Requests: payload defaults (Takeoff's where Takeoff has one) ----------------------------------------
+
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_MIN_NEW_TOKENS = 0
 DEFAULT_TEMPERATURE = 1.0
@@ -13,8 +35,13 @@ DEFAULT_TOPK = 1  # 1 = greedy
 DEFAULT_TOPP = 1.0
 DEFAULT_REPETITION_PENALTY = 1.0
 DEFAULT_NO_REPEAT_NGRAM_SIZE = 0
+# OpenAI-compatible API: max_tokens when a request gives none. Chat: at most half the model's context
+# (the prompt needs room too); text completions: OpenAI's own default.
+OPENAI_CHAT_DEFAULT_MAX_TOKENS = 512
+OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
 
-# Payload limits: beyond these a request is answered 422 at once.
+# -- Requests: limits (beyond these a request is answered 422 at once) -----------------------------------
+
 MAX_BATCH_TEXTS = 256
 MAX_TEXT_CHARS = 200_000
 MAX_NEW_TOKENS_LIMIT = 32_768
@@ -24,84 +51,60 @@ MAX_SEED = 2**63 - 1
 CONSUMER_GROUP_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 LORA_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"  # an adapter's folder name under --lora-dir
 
-# Retry-After hints (seconds): a worker loading its model is usually ready
-# within a few seconds; a full queue drains quickly.
-RETRY_AFTER_NO_READER_SECONDS = 5
-RETRY_AFTER_QUEUE_FULL_SECONDS = 1
+# -- Images ------------------------------------------------------------------------------------------------
+# An upload, a file under --image-dir and a remote image may each hold at most --body-size-limit-bytes;
+# decoded, at most --max-image-pixels pixels (read from the header, before any pixel is decoded).
 
-# OpenAI-compatible API: max_tokens when the request gives none. Chat: at most
-# half the model's context (the prompt needs room too); text completions:
-# OpenAI's own default.
-OPENAI_CHAT_DEFAULT_MAX_TOKENS = 512
-OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
-
-# HTTP limits.
-DEFAULT_BODY_SIZE_LIMIT_BYTES = 2 * 1024 * 1024
-
-# Images. An upload, a file under --image-dir and a remote image may each hold
-# at most --body-size-limit-bytes; decoded, at most --max-image-pixels pixels
-# (checked from the header, before any pixel is decoded).
-DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
 MAX_IMAGES_PER_REQUEST = 8  # the multipart image counts as the first
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what the API decodes; others are 400
 REMOTE_IMAGE_TIMEOUT_SECONDS = 10.0  # whole download, with --allow-remote-images
-# A vision worker keeps the encodings of recently seen images (by content) up to this size.
-IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20
+IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20  # a vision worker's cache of recent images' encodings
 
-# Worker batching.
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_BATCH_DURATION_MILLIS = 20
-BATCHING_MODES = ("continuous", "micro")
-DEFAULT_BATCHING = "continuous"
-# Prompt tokens (padding included where prompts share a prefill) prefilled per decode step when requests join
-# a running batch; a longer prompt still runs, alone in its step.
-DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 512
-# LoRA adapters a worker keeps in memory at once (least recently used evicted).
-DEFAULT_MAX_LORAS = 4
+# -- Retry-After hints (seconds) ---------------------------------------------------------------------------
+# A worker loading its model is usually ready within a few seconds; a full queue drains quickly.
 
-# Lifetimes (seconds). Nothing in Redis lives without a TTL, except the set of
-# group names (a handful of short strings) that lets the API tell 404 from 503.
+RETRY_AFTER_NO_READER_SECONDS = 5
+RETRY_AFTER_QUEUE_FULL_SECONDS = 1
+
+# -- Lifetimes in Redis (seconds) --------------------------------------------------------------------------
+# Nothing in Redis lives without a TTL, except the set of group names (a handful of short strings) that
+# lets the API tell 404 from 503.
+
 READER_TTL_SECONDS = 10
 READER_HEARTBEAT_SECONDS = 2.0
-# /readyz fails while a group has no live worker, for this long after its last
-# worker's last heartbeat (a restart, a crash); after that the group is idle and
-# only its own requests get 503.
+# /readyz fails while a group has no live worker, for this long after its last worker's last heartbeat
+# (a restart, a crash); after that the group is idle and only its own requests get 503.
 IDLE_GROUP_SECONDS = 300
 JOB_TTL_SECONDS = 600  # how long a job may wait in its queue before RQ drops it
 JOB_RESULT_TTL_SECONDS = 300
 JOB_FAILURE_TTL_SECONDS = 3600
 JOB_TIMEOUT_SECONDS = 3600  # RQ's hard limit for one batch
 CANCEL_TTL_SECONDS = 600
-# An image lives while a request holds it (the API deletes it when the last
-# request using it ends); this TTL only bounds what a crashed API leaves behind.
-# It covers a job's wait in its queue, and every read by a worker renews it.
+# An image lives while a request holds it (the API deletes it when the last request using it ends); this
+# TTL only bounds what a crashed API leaves behind. It covers a job's wait in its queue, and every read by
+# a worker renews it.
 IMAGE_TTL_SECONDS = JOB_TTL_SECONDS
 
-# Worker crashes. A running job's RQ heartbeat is refreshed every
-# JOB_HEARTBEAT_SECONDS from a thread; a job whose heartbeat is older than
-# JOB_HEARTBEAT_TTL_SECONDS is abandoned and RQ re-queues it (another worker
-# runs it again, from the start, with the same seed) up to JOB_MAX_ATTEMPTS.
+# -- Worker crashes ----------------------------------------------------------------------------------------
+# A running job's RQ heartbeat is refreshed every JOB_HEARTBEAT_SECONDS from a thread; a job whose heartbeat
+# is older than JOB_HEARTBEAT_TTL_SECONDS is abandoned and RQ queues it again (another worker runs it from
+# the start, with the same seed), up to JOB_MAX_ATTEMPTS times.
+
 JOB_HEARTBEAT_SECONDS = 2.0
 JOB_HEARTBEAT_TTL_SECONDS = 10
 ABANDONED_JOB_SWEEP_SECONDS = 2
 JOB_MAX_ATTEMPTS = 3
 
-# The API waits this long for a request's first event before giving up, and
-# this long between events once generation runs.
-FIRST_EVENT_TIMEOUT_SECONDS = 600.0
-NEXT_EVENT_TIMEOUT_SECONDS = 120.0
-SSE_KEEPALIVE_SECONDS = 10.0
-SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+# -- Connections -------------------------------------------------------------------------------------------
 
-# redis-py
-REDIS_MAX_CONNECTIONS = 256
+SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+REDIS_MAX_CONNECTIONS = 256  # redis-py's pool
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
-
-# How long the management port waits for a reader to load a LoRA adapter (it
-# waits for the running decode step, then reads the adapter); below the socket timeout.
+# How long the management port waits for a worker to load a LoRA adapter (it waits for the running decode
+# step, then reads the adapter); below the socket timeout.
 LORA_LOAD_TIMEOUT_SECONDS = 8.0
 
-# prometheus-client's multiprocess directory (its own variable name): set by
-# api.gunicorn_config when the API runs several processes, read by api.metrics
+# prometheus-client's multiprocess folder (its own variable name): set by api.gunicorn_config when the API
+# runs several processes, read by api.metrics. Documented with the settings (shared/settings.py).
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

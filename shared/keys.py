@@ -30,6 +30,21 @@ def reader_key(reader_id: str) -> str:
     return f"{PREFIX}:reader:{reader_id}"
 
 
+def reader_calls_inbox(reader_id: str) -> str:
+    """List where one reader takes the calls the API addresses to it (tokenize, load LoRA...)."""
+    return f"{PREFIX}:reader:{reader_id}:tools"
+
+
+def supervisor_inbox(supervisor_id: str) -> str:
+    """List where `mmserve serve` takes its start/stop-worker commands."""
+    return f"{PREFIX}:supervisor:{supervisor_id}:commands"
+
+
+def rpc_reply_key(call_id: str) -> str:
+    """List on which the caller of one request/reply call waits for its answer."""
+    return f"{PREFIX}:reply:{call_id}"
+
+
 def group_readers_key(consumer_group: str) -> str:
     """Set of reader ids that have served a group (dead ones are pruned on read)."""
     return f"{PREFIX}:group:{consumer_group}:readers"

@@ -1,7 +1,7 @@
-"""Requests the API carries to one reader over shared.rpc: Takeoff's
-tokenizer routes — POST /tokenize/{reader_id}, /detokenize/{reader_id},
-/chat_template/{reader_id} — answered by that reader's own tokenizer, and
-the management port's LoRA load (POST /loras/{reader_id})."""
+"""Reader calls: requests the API addresses to one reader (not to its group's
+queue) over shared.rpc. Takeoff's tokenizer routes (/tokenize, /detokenize,
+/chat_template/{reader_id}) are answered by that reader's own tokenizer; the
+management port's POST /loras/{reader_id} loads an adapter into it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared import defaults, keys
 
 Tool = Literal["tokenize", "detokenize", "chat_template", "load_lora"]
-MAX_TEXT_CHARS = 200_000
+MAX_TEXT_CHARS = defaults.MAX_TEXT_CHARS
 MAX_TOKENS = 100_000
 
 
@@ -59,5 +59,5 @@ REQUESTS: dict[str, type[BaseModel]] = {
 
 
 def inbox(reader_id: str) -> str:
-    """Where a reader takes its tokenizer requests."""
-    return f"{keys.PREFIX}:reader:{reader_id}:tools"
+    """Where a reader takes the calls addressed to it."""
+    return keys.reader_calls_inbox(reader_id)

@@ -27,7 +27,7 @@ class Call:
 
 def call(connection: redis.Redis, inbox: str, body: dict[str, Any], timeout: float = CALL_TIMEOUT_SECONDS):
     """Send `body` to the service reading `inbox`; its reply, or None if none came in time."""
-    reply_key = f"{keys.PREFIX}:reply:{uuid.uuid4().hex}"
+    reply_key = keys.rpc_reply_key(uuid.uuid4().hex)
     with connection.pipeline() as pipe:
         pipe.rpush(inbox, json.dumps({"reply_key": reply_key, "body": body}))
         pipe.expire(inbox, TTL_SECONDS)

@@ -3,12 +3,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import defaults, keys, rpc
+from shared.settings import DEVICES, DTYPES, WorkerSettings, declared
+
+_WORKER_SETTINGS = {one.attribute: one for one in declared(WorkerSettings)}
+
+
+def _worker_setting(attribute: str, *, own_default: bool = False, **constraints: Any) -> Any:
+    """A ReaderSpec field mirroring a worker setting: its range and help. Unset, it is what `serve` was
+    started with, or with `own_default` the setting's declared default."""
+    one = _WORKER_SETTINGS[attribute]
+    if one.minimum is not None:
+        constraints["gt" if one.above_minimum else "ge"] = one.minimum
+    if own_default:
+        return Field(one.default, description=f"As {one.flag}. {one.help}", **constraints)
+    unset = "unset = what `serve` was started with"
+    return Field(None, description=f"As {one.flag}; {unset}. {one.help}", **constraints)
 
 
 class ReaderSpec(BaseModel):
@@ -17,12 +32,14 @@ class ReaderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str | None = Field(None, description="HF model id or path; unset = the model `serve` runs.")
-    consumer_group: str = Field(defaults.DEFAULT_CONSUMER_GROUP, pattern=defaults.CONSUMER_GROUP_PATTERN)
-    max_batch_size: int | None = Field(None, ge=1)
-    batch_duration_millis: int | None = Field(None, ge=0)
-    device: Literal["auto", "cpu", "cuda"] | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    threads: int | None = Field(None, ge=1)
+    consumer_group: str = _worker_setting(
+        "consumer_group", own_default=True, pattern=defaults.CONSUMER_GROUP_PATTERN
+    )
+    max_batch_size: int | None = _worker_setting("max_batch_size")
+    batch_duration_millis: int | None = _worker_setting("batch_duration_millis")
+    device: Literal[DEVICES] | None = _worker_setting("device")
+    dtype: Literal[DTYPES] | None = _worker_setting("dtype")
+    threads: int | None = _worker_setting("threads")
 
 
 class Command(BaseModel):

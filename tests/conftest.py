@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from tests.support.tiny_models import build_tiny_llama, smollm2_tokenizer
+from bench.tiny_models import build_tiny_llama, smollm2_tokenizer
 
 # On a 2-core machine torch's default thread pool makes tiny models erratically
 # slow on a small machine; tests never need more than one.
@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A tiny random LLaVA (CLIP tower + Llama + SmolLM2 tokenizer with <image>) and
     its processor, loadable by AutoModelForImageTextToText / AutoProcessor."""
-    from tests.support.tiny_vlms import build_tiny_llava
+    from bench.tiny_vlms import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer_cache_dir=smollm2_tokenizer_dir)
 
@@ -45,7 +45,7 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 @pytest.fixture(scope="session")
 def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     """A tiny random Idefics3 (the SmolVLM family, with image splitting) and its processor."""
-    from tests.support.tiny_vlms import build_tiny_idefics3
+    from bench.tiny_vlms import build_tiny_idefics3
 
     return build_tiny_idefics3(
         tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_cache_dir=smollm2_tokenizer_dir

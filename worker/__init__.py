@@ -1,2 +1,2 @@
-"""Model workers: an RQ worker that collects jobs into micro-batches and runs
-them through the engine, publishing token events on Redis pub/sub."""
+"""Model workers: an RQ worker (rq_worker) that runs generation jobs in batches
+through the engine (engine/), as the scheduler decides, publishing token events on Redis pub/sub."""

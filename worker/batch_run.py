@@ -1,27 +1,15 @@
-"""A running batch, start to end: turns GenerationJobs into engine rows,
-admits them into the engine as row slots and the prefill budget allow, runs
-the decode loop one step at a time, publishes every step's events (as soon
-as the step has chosen its tokens, before the model runs on them), drops
-cancelled requests, and hands back each request's outcome as soon as its last
-row is done. Knows the event protocol, not RQ.
+"""A running batch, start to end: turns GenerationJobs into engine rows, prefills
+them as worker.scheduler decides, runs the decode loop one step at a time,
+publishes every step's events, drops cancelled requests and hands back each
+request's outcome as soon as its last row is done. Knows the event protocol, not RQ.
 
 Two ways to drive it: `run()` (micro-batching: every job prefilled at once,
 decoded to the end) or `admit()` + `step()` in a loop (continuous batching:
 newcomers join between decode steps; see worker.rq_worker).
 
-Which admitted rows are prefilled next (continuous batching): while a row
-slot is free, the waiting request with the fewest rows already running goes
-first, ties in admission (queue) order, and a step prefills at most
-`max_prefill_tokens` prompt tokens (always at least one row, so a prompt
-longer than the budget runs alone in its step): a row joining the step's own
-forward counts its prompt's length, rows prefilled together before the step
-their padded width. A batch
-request's rows thus take turns with single requests instead of holding every
-slot until its last row has run. A row whose LoRA adapter finds no free
-adapter slot (every slot held by running rows' adapters) is passed over; when it
-belongs to the oldest waiting request, no other row with an adapter joins
-until a slot frees (rows of the base model still do), so a stream of
-requests for the loaded adapters cannot starve it."""
+Easy to get wrong: a step's events are published as soon as its tokens are chosen,
+before the model runs on them; cancellations found by that publish apply after
+the forward."""
 
 from __future__ import annotations
 
@@ -36,12 +24,14 @@ from shared import constraints
 from shared.events import DoneEvent, ErrorEvent, FinishReason, TokenEvent, Usage
 from shared.payload import GenerationJob
 from worker.engine.adapters import AdapterError, AdaptersBusy, UnknownAdapter
-from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
+from worker.engine.engine import Engine
 from worker.engine.grammar import ConstraintError
+from worker.engine.prompts import ImagesNotAccepted, PromptError
 from worker.engine.rows import Constraint, GenerationParams, RowOutput, RowRequest
 from worker.engine.vision import ImageFeatures, VisionPrompt
 from worker.images import ImageStore, ImageUnavailable
 from worker.publisher import Event, EventPublisher
+from worker.scheduler import Load, Scheduler, WaitingRow
 from worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
@@ -65,6 +55,13 @@ class RequestOutcome:
     @property
     def finished(self) -> bool:
         return self.error is not None or all(reason is not None for reason in self.finish_reasons)
+
+    def expect_rows(self, count: int) -> None:
+        """Make room for `count` rows' texts, event counts, finish reasons and usage."""
+        self.texts = [[] for _ in range(count)]
+        self.token_events = [0] * count
+        self.finish_reasons = [None] * count
+        self.usage = [None] * count
 
     def result(self) -> dict:
         return {
@@ -126,13 +123,10 @@ class BatchRun:
         self._on_step = on_step
         self._images = images if images is not None else ImageStore(publisher.connection)
         self._jobs = list(jobs)
-        self._max_rows = max_rows
-        self._max_prefill_tokens = max_prefill_tokens
+        self._scheduler = Scheduler(max_rows=max_rows, max_prefill_tokens=max_prefill_tokens)
         self._stats = stats
         self.outcomes: dict[str, RequestOutcome] = {}  # requests not finished yet
-        self._waiting: OrderedDict[str, deque[RowRequest]] = (
-            OrderedDict()
-        )  # rows not prefilled yet, by request
+        self._waiting: OrderedDict[str, deque[RowRequest]] = OrderedDict()  # not prefilled yet, by request
         self._running: Counter[str] = Counter()  # rows in the engine, by request
         self._finished: list[RequestOutcome] = []
         self._cancelled: set[str] = set()  # found cancelled by a publish, not cancelled yet
@@ -187,6 +181,17 @@ class BatchRun:
             for request_id, rows in self._waiting.items()
         )
 
+    @property
+    def load(self) -> Load:
+        """What this batch holds, for the scheduler's admission decision."""
+        return Load(
+            running_rows=self.running_rows,
+            rows_leaving=self.rows_leaving,
+            waiting_rows=self.waiting_rows,
+            waiting_requests=self.waiting_requests,
+            entering_request_waits=self.entering_request_waits,
+        )
+
     def admit(self, jobs: Sequence[GenerationJob]) -> list[RequestOutcome]:
         """Prepare `jobs`' rows (prompts, images, constraints compiled) and
         queue them for prefill. Returns the requests that ended at once
@@ -235,63 +240,53 @@ class BatchRun:
             self._finished.append(outcome)
 
     def _prefill(self) -> list[RowRequest]:
-        """Prefill the rows chosen for this step, or return them when the
-        engine takes them in the step's own forward (Engine.can_join): those
-        may also take the slots of rows that surely end in this step (their
-        last token by max_new_tokens), since they join after those left."""
+        """Prefill the rows the scheduler picks for this step, or return them when
+        the engine takes them in the step's own forward (Engine.can_join)."""
         if not self._waiting:
             return []
         if self._engine.has_work and not self._engine.accepts_rows_mid_batch:
             return []  # e.g. sliding-window caches: newcomers wait for the batch to empty
-        joins = self._engine.can_join([])
-        free = (self._max_rows - self._engine.num_rows) if self._max_rows is not None else None
-        ending = self.rows_leaving if free is not None else 0
-        budget = self._max_prefill_tokens
+        picks = self._scheduler.plan_prefill(
+            self._waiting_rows(),
+            self._running,
+            running_rows=self._engine.num_rows,
+            rows_leaving=self.rows_leaving,
+            adapters_fit=self._engine.adapters_fit,
+        )
         joining: list[RowRequest] = []  # prefilled in the step's own forward, unpadded
         separate: list[RowRequest] = []  # prefilled together before it, padded to one width
-        adapters: set[str] = set()
-        blocked: set[str] = set()  # requests whose row cannot take a slot this step
-        oldest_waits = False
-        width = 0
-        while free is None or free > 0 or ending > 0:
-            order = [request_id for request_id in self._waiting if request_id not in blocked]
-            if not order:
-                break
-            request_id = min(order, key=lambda r: self._running[r])  # ties: admission order
-            row = self._waiting[request_id][0]
-            if free is not None and free <= 0 and not self._engine.can_join([row]):
-                blocked.add(request_id)  # only the slots of ending rows are left: for joining rows
-                continue
-            if row.adapter is not None and (
-                oldest_waits or not self._engine.adapters_fit(adapters | {row.adapter})
-            ):
-                # The oldest request waiting for an adapter slot: no other adapter
-                # row joins (it would keep a slot busy); base-model rows still do.
-                oldest_waits = oldest_waits or request_id == next(iter(self._waiting))
-                blocked.add(request_id)
-                continue
-            joins_step = joins and self._engine.can_join([row])
-            wider = width if joins_step else max(width, self._engine.prefill_width(len(row.prompt_ids)))
-            tokens = sum(len(r.prompt_ids) for r in joining) + wider * len(separate)
-            tokens += len(row.prompt_ids) if joins_step else wider
-            if (joining or separate) and budget is not None and tokens > budget:
-                break
-            if row.adapter is not None:
-                adapters.add(row.adapter)
-            self._waiting[request_id].popleft()
-            if not self._waiting[request_id]:
-                del self._waiting[request_id]
-            self._running[request_id] += 1
-            (joining if joins_step else separate).append(row)
-            width = wider
-            if free is not None and free > 0:
-                free -= 1
-            elif free is not None:
-                ending -= 1
-        if separate:  # only ever in free slots (see above), so never more rows than max_rows
+        for pick in picks:
+            (joining if pick.joins_step else separate).append(self._take_waiting(pick.request_id))
+        if separate:  # only ever in free slots (worker.scheduler), so never more rows than max_rows
             self._add(separate)
             self.peak_rows = max(self.peak_rows, self._engine.num_rows)
         return self._checked(joining)
+
+    def _waiting_rows(self) -> dict[str, list[WaitingRow]]:
+        """The waiting rows as the scheduler sees them, in admission order."""
+        joins = self._engine.can_join([])
+        return {
+            request_id: [
+                WaitingRow(
+                    request_id=request_id,
+                    prompt_tokens=len(row.prompt_ids),
+                    prefill_width=self._engine.prefill_width(len(row.prompt_ids)),
+                    joins_step=joins and self._engine.can_join([row]),
+                    adapter=row.adapter,
+                )
+                for row in rows
+            ]
+            for request_id, rows in self._waiting.items()
+        }
+
+    def _take_waiting(self, request_id: str) -> RowRequest:
+        """The next waiting row of a request, now counted as running."""
+        rows = self._waiting[request_id]
+        row = rows.popleft()
+        if not rows:
+            del self._waiting[request_id]
+        self._running[request_id] += 1
+        return row
 
     def _checked(self, rows: list[RowRequest]) -> list[RowRequest]:
         """The rows that pass the engine's checks (Engine.check); a request
@@ -338,61 +333,24 @@ class BatchRun:
         self._end(outcome)
 
     def _prepare_rows(self, jobs: Sequence[GenerationJob]) -> None:
-        pending: list[tuple[str, Event]] = []
-        context = self._engine.context_length
+        """Queue each job's rows for prefill. A job cancelled while it was queued, or
+        whose rows cannot be built, ends here; the refusals' events go out together."""
+        refused: list[tuple[str, Event]] = []
         # A client may have gone away while its job waited in the queue.
         gone = self._publisher.publish([], watch_cancelled=[job.request_id for job in jobs])
         for job in jobs:
             outcome = self.outcomes[job.request_id]
-            request = job.request
             if job.request_id in gone:
-                count = len(request.texts)
-                outcome.texts = [[] for _ in range(count)]
-                outcome.token_events = [0] * count
-                outcome.finish_reasons = ["cancelled"] * count
-                outcome.usage = [Usage(prompt_tokens=0, completion_tokens=0)] * count
-                self._end(outcome)
+                self._end_cancelled_in_queue(outcome)
                 continue
-            features: list[ImageFeatures | None] = [None] * len(request.texts)
             try:
-                if request.lora_id is not None and not self._engine.knows_adapter(request.lora_id):
-                    raise UnknownAdapter(
-                        f"unknown lora_id '{request.lora_id}': this worker has no such adapter"
-                    )
-                if job.image_ids:
-                    encoded = self._encode_image_prompts(job)
-                    prompts = [prompt.prompt_ids for prompt in encoded]
-                    features = [prompt.image_features for prompt in encoded]
-                else:
-                    prompts = [
-                        self._engine.encode_prompt(
-                            text,
-                            use_chat_template=request.use_chat_template,
-                            prompt_max_tokens=request.prompt_max_tokens,
-                            messages=job.template_messages(),
-                        )
-                        for text in request.texts
-                    ]
-                for prompt in prompts:
-                    if context is not None and len(prompt) + request.max_new_tokens > context:
-                        raise PromptError(
-                            f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                            f"exceeds the model's context of {context} tokens; "
-                            "shorten the prompt, lower max_new_tokens or set prompt_max_tokens"
-                        )
-                constraint = row_constraint(job)
-                if constraint is not None:  # compiled now, before the rows join the batch
-                    self._engine.prepare_constraint(constraint)
+                prompts, features, constraint = self._encode(job)
             except Exception as exc:
                 outcome.error = _refusal(job.request_id, exc)
-                pending.append((job.request_id, outcome.error))
+                refused.append((job.request_id, outcome.error))
                 self._end(outcome)
                 continue
-            count = len(prompts)
-            outcome.texts = [[] for _ in range(count)]
-            outcome.token_events = [0] * count
-            outcome.finish_reasons = [None] * count
-            outcome.usage = [None] * count
+            outcome.expect_rows(len(prompts))
             self._waiting[job.request_id] = deque(
                 RowRequest(
                     key=(job.request_id, row),
@@ -400,11 +358,57 @@ class BatchRun:
                     params=row_params(job, row),
                     constraint=constraint,
                     image_features=features[row],
-                    adapter=request.lora_id,
+                    adapter=job.request.lora_id,
                 )
                 for row, prompt in enumerate(prompts)
             )
-        self._publisher.publish(pending)
+        self._publisher.publish(refused)
+
+    def _end_cancelled_in_queue(self, outcome: RequestOutcome) -> None:
+        count = len(outcome.job.request.texts)
+        outcome.expect_rows(count)
+        outcome.finish_reasons = ["cancelled"] * count
+        outcome.usage = [Usage(prompt_tokens=0, completion_tokens=0)] * count
+        self._end(outcome)
+
+    def _encode(
+        self, job: GenerationJob
+    ) -> tuple[list[list[int]], list[ImageFeatures | None], Constraint | None]:
+        """A job's prompts (token ids), their images' features and its constraint,
+        compiled now, before the rows join the batch. Raises what `_refusal` explains."""
+        request = job.request
+        if request.lora_id is not None and not self._engine.knows_adapter(request.lora_id):
+            raise UnknownAdapter(f"unknown lora_id '{request.lora_id}': this worker has no such adapter")
+        features: list[ImageFeatures | None] = [None] * len(request.texts)
+        if job.image_ids:
+            encoded = self._encode_image_prompts(job)
+            prompts = [prompt.prompt_ids for prompt in encoded]
+            features = [prompt.image_features for prompt in encoded]
+        else:
+            prompts = [
+                self._engine.encode_prompt(
+                    text,
+                    use_chat_template=request.use_chat_template,
+                    prompt_max_tokens=request.prompt_max_tokens,
+                    messages=job.template_messages(),
+                )
+                for text in request.texts
+            ]
+        self._check_context(prompts, request.max_new_tokens)
+        constraint = row_constraint(job)
+        if constraint is not None:
+            self._engine.prepare_constraint(constraint)
+        return prompts, features, constraint
+
+    def _check_context(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        context = self._engine.context_length
+        for prompt in prompts:
+            if context is not None and len(prompt) + max_new_tokens > context:
+                raise PromptError(
+                    f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                    f"exceeds the model's context of {context} tokens; "
+                    "shorten the prompt, lower max_new_tokens or set prompt_max_tokens"
+                )
 
     def _encode_image_prompts(self, job: GenerationJob) -> list[VisionPrompt]:
         """The rows of a job with images: its images read once, encoded once for all its prompts."""

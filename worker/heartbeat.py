@@ -1,5 +1,5 @@
-"""Keeps this worker's entry in the reader registry alive from a background
-thread, so a long decode step never makes a live worker look dead."""
+"""Keeps this worker's entry in the reader registry (shared.registry) alive from a
+background thread, so that a long decode step never makes a live worker look dead."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from shared.registry import ReaderInfo
 log = logging.getLogger(__name__)
 
 
-class ReaderHeartbeat:
+class Heartbeat:
+    """Registers this worker as a reader every few seconds until stopped, then deregisters it."""
+
     def __init__(
         self, connection: redis.Redis, info: ReaderInfo, interval: float = defaults.READER_HEARTBEAT_SECONDS
     ):
@@ -35,7 +37,7 @@ class ReaderHeartbeat:
 
     def start(self) -> None:
         self._beat()
-        self._thread = threading.Thread(target=self._run, name="reader-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="registry-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -57,4 +59,4 @@ class ReaderHeartbeat:
         try:
             registry.register(self._connection, self.info)
         except redis.RedisError as exc:
-            log.warning("reader heartbeat failed (will retry): %s", exc)
+            log.warning("registry heartbeat failed (will retry): %s", exc)

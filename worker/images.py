@@ -1,4 +1,4 @@
-"""Reading a job's images from Redis (stored by api.takeoff.images: PNG bytes under
+"""Reading a job's images from Redis (stored by api.images: PNG bytes under
 shared.keys.image_key(sha256), so each is checked against its own id)."""
 
 from __future__ import annotations

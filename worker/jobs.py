@@ -2,7 +2,11 @@
 
 mmserve's BatchWorker never calls it: it reads the job's arguments and runs
 many jobs together through the engine. A plain `rq worker` that picks up a
-generation job by mistake fails it with this explanation instead of hanging."""
+generation job by mistake fails it with this explanation instead of hanging.
+
+Easy to get wrong: RQ stores this function's dotted path with every queued job,
+so it must stay importable as `worker.jobs.generate` for jobs queued before an
+upgrade."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Starting one worker process: threads, model, engine, reader registration,
-then RQ's work loop until SIGTERM/SIGINT (a running batch finishes first)."""
+"""Starting one worker process: threads, model, engine, its registry entry, then
+RQ's work loop until SIGTERM/SIGINT (a running batch finishes first).
+
+Easy to get wrong: the worker registers as a reader (not ready) before the model
+loads, so that a slow load shows in the registry rather than as a missing worker."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,8 +26,8 @@ from worker.engine.models.fused_layers import FusedLlamaLayer, fuse_layers
 from worker.engine.models.loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.engine.models.quantization import quantize
 from worker.engine.models.weight_packing import pack_weights
-from worker.heartbeat import ReaderHeartbeat
-from worker.reader_calls import ReaderTools
+from worker.heartbeat import Heartbeat
+from worker.reader_calls import ReaderCallServer
 from worker.rq_worker import BatchWorker
 
 log = logging.getLogger(__name__)
@@ -31,8 +35,8 @@ log = logging.getLogger(__name__)
 
 def default_threads(workers_on_host: int = 1, cores: int | None = None) -> int:
     """Torch threads per worker: share the cores between the workers of this
-    host and leave one core for Redis and the API when they run beside them.
-    On 2 cores this gives 1 thread, which measured far faster under contention."""
+    host and leave one core for Redis and the API when they run beside them
+    (on 2 cores: 1 thread)."""
     cores = cores or os.cpu_count() or 1
     spare = cores - 1 if cores > 1 else cores
     return max(1, spare // max(1, workers_on_host))
@@ -104,42 +108,17 @@ def lora_status(engine: Engine) -> LoraStatus:
 
 
 def run_worker(settings: WorkerSettings) -> None:
+    """Serve the consumer group's queue until SIGTERM/SIGINT; deregisters on the way out."""
     threads = configure_threads(settings.threads)
     catalog = lora_catalog(settings)
     compute_dtype(settings, catalog)  # refuse bad flag combinations before anything starts
     connection = connect(settings.redis_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
-    heartbeat = ReaderHeartbeat(
-        connection,
-        ReaderInfo(
-            reader_id=reader_id,
-            consumer_group=settings.consumer_group,
-            model_name=settings.model or DEFAULT_MODEL_NAME,
-            pids=[os.getpid()],
-            ready=False,
-            hostname=socket.gethostname(),
-            threads=threads,
-            max_batch_size=settings.max_batch_size,
-            batch_duration_millis=settings.batch_duration_millis,
-        ),
-    )
+    heartbeat = Heartbeat(connection, registry_entry(settings, reader_id, threads))
     heartbeat.start()
     try:
         loaded = load_for_serving(settings, catalog)
-        adapters = (
-            LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
-        )
-        if adapters is not None:
-            log.info("LoRA adapters: %s (at most %d in memory)", adapters.available(), settings.max_loras)
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            device=loaded.device,
-            processor=loaded.processor,
-            adapters=adapters,
-            prefill_width_multiple=settings.prefill_width_multiple,
-            joint_prefill=settings.joint_prefill == "auto",
-        )
+        engine = build_engine(settings, loaded, catalog)
         worker = BatchWorker(
             [keys.queue_name(settings.consumer_group)],
             engine=engine,
@@ -151,18 +130,7 @@ def run_worker(settings: WorkerSettings) -> None:
             name=reader_id,
         )
         heartbeat.refresh = lambda: {"stats": worker.stats.snapshot(), "loras": lora_status(engine)}
-        heartbeat.update(
-            model_name=loaded.name,
-            model_type=loaded.model_type,
-            ready=True,
-            device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),  # float32 under --quantize (compute_dtype)
-            quantization=settings.quantize,
-            fused_layers=sum(isinstance(module, FusedLlamaLayer) for module in loaded.model.modules()),
-            joint_prefill=engine.joint_prefill,
-            context_length=engine.context_length,
-            has_chat_template=engine.has_chat_template,
-        )
+        heartbeat.update(**serving_facts(settings, loaded, engine))
         log.info(
             "reader %s serving %s for group %r (%d thread(s), batch <= %d rows, window %d ms)",
             reader_id,
@@ -172,10 +140,59 @@ def run_worker(settings: WorkerSettings) -> None:
             settings.max_batch_size,
             settings.batch_duration_millis,
         )
-        tools = ReaderTools(connection, reader_id, loaded.tokenizer, engine=engine).start()
+        calls = ReaderCallServer(connection, reader_id, loaded.tokenizer, engine=engine).start()
         try:
             worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
         finally:
-            tools.stop()
+            calls.stop()
     finally:
         heartbeat.stop()
+
+
+def registry_entry(settings: WorkerSettings, reader_id: str, threads: int) -> ReaderInfo:
+    """What the registry says of this worker before its model has loaded (not ready)."""
+    return ReaderInfo(
+        reader_id=reader_id,
+        consumer_group=settings.consumer_group,
+        model_name=settings.model or DEFAULT_MODEL_NAME,
+        pids=[os.getpid()],
+        ready=False,
+        hostname=socket.gethostname(),
+        threads=threads,
+        max_batch_size=settings.max_batch_size,
+        batch_duration_millis=settings.batch_duration_millis,
+    )
+
+
+def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: AdapterCatalog) -> Engine:
+    """The engine over the loaded model, with the LoRA adapters of `catalog` if it has any."""
+    adapters = (
+        LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
+    )
+    if adapters is not None:
+        log.info("LoRA adapters: %s (at most %d in memory)", adapters.available(), settings.max_loras)
+    return Engine(
+        loaded.model,
+        loaded.tokenizer,
+        device=loaded.device,
+        processor=loaded.processor,
+        adapters=adapters,
+        prefill_width_multiple=settings.prefill_width_multiple,
+        joint_prefill=settings.joint_prefill == "auto",
+    )
+
+
+def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine) -> dict[str, Any]:
+    """The ReaderInfo fields that become known once the model has loaded; ready=True."""
+    return {
+        "model_name": loaded.name,
+        "model_type": loaded.model_type,
+        "ready": True,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),  # float32 under --quantize (compute_dtype)
+        "quantization": settings.quantize,
+        "fused_layers": sum(isinstance(module, FusedLlamaLayer) for module in loaded.model.modules()),
+        "joint_prefill": engine.joint_prefill,
+        "context_length": engine.context_length,
+        "has_chat_template": engine.has_chat_template,
+    }

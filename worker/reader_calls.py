@@ -1,7 +1,6 @@
-"""Answers the requests the API sends this reader (shared.reader_calls over
-shared.rpc), from a background thread: Takeoff's tokenizer routes with the
-reader's own tokenizer, and LoRA loads through the engine (which waits for
-the running decode step)."""
+"""Answers the calls the API sends this reader (shared.reader_calls over shared.rpc),
+from a background thread: Takeoff's tokenizer routes with the reader's own tokenizer,
+and LoRA loads through the engine (which waits for the running decode step)."""
 
 from __future__ import annotations
 
@@ -85,8 +84,8 @@ def _load_lora(engine: Engine | None, lora_id: str) -> dict[str, Any]:
     }
 
 
-class ReaderTools:
-    """The thread that serves this reader's inbox until stopped."""
+class ReaderCallServer:
+    """The thread that answers the calls in this reader's inbox until stopped."""
 
     def __init__(
         self,
@@ -100,9 +99,9 @@ class ReaderTools:
         self._tokenizer = tokenizer
         self._engine = engine
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reader-tools", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="reader-calls", daemon=True)
 
-    def start(self) -> ReaderTools:
+    def start(self) -> ReaderCallServer:
         self._thread.start()
         return self
 
@@ -122,5 +121,5 @@ class ReaderTools:
                     )
                     rpc.reply(self._connection, call, body)
             except redis.RedisError as exc:
-                log.warning("reader tools: Redis unavailable (%s); retrying", exc)
+                log.warning("reader calls: Redis unavailable (%s); retrying", exc)
                 self._stop.wait(1)

@@ -1,35 +1,18 @@
-"""An RQ worker that runs jobs in batches.
+"""BatchWorker: the RQ worker that runs generation jobs in batches.
 
-It extends RQ's SimpleWorker (the model stays loaded in this process; no fork
-per job): after RQ hands it one job, it keeps popping jobs from its queue for
-up to `batch_duration_millis` or until `max_batch_size` rows are collected, then
-runs them together. Every job still goes through RQ's own bookkeeping
-(executions, StartedJobRegistry, heartbeats, FinishedJobRegistry /
-FailedJobRegistry, retries), so `rq info` and rq-dashboard show the truth.
+It extends RQ's SimpleWorker (the model stays loaded in this process; no fork per
+job): after RQ hands it one job, it pops more without blocking, for up to
+`batch_duration_millis` or until the batch is full, and runs them together; with
+continuous batching it pops more between decode steps whenever worker.scheduler
+finds room. Every job still goes through RQ's own bookkeeping (executions,
+registries, heartbeats, retries), so `rq info` and rq-dashboard show the truth. On
+SIGTERM the worker stops admitting, finishes the rows in flight and exits.
 
-Two modes (`batching`):
-
-- "continuous" (default): the batch keeps running while jobs join and leave.
-  Between decode steps, when a row slot is free, the worker pops more jobs
-  with the same non-blocking dequeue (one Redis round-trip, only when there
-  is room), prepares their rows and lets them join (worker.batch_run decides
-  which waiting rows are prefilled, within `max_prefill_tokens_per_step`).
-  A job finishes in RQ as soon as its last row is done. Admission is FIFO by
-  queue order: a job is popped when a row slot is free that no admitted row
-  waits for (a slot counts as free in the step its row surely ends, by
-  max_new_tokens, when newcomers join inside that step's forward); besides,
-  while a batch request's rows are still entering, one more job may be
-  popped so that single requests take turns with it. On
-  SIGTERM the worker stops admitting, finishes the rows in flight and exits.
-- "micro": the jobs collected at the start run to the end together; newcomers
-  wait for the next batch.
-
-Crashes: while a batch runs, a thread refreshes every job's RQ heartbeat. If
-the process dies, the heartbeats stop, and within seconds another worker's
-registry sweep (RQ's StartedJobRegistry.cleanup) finds the jobs abandoned and
-re-queues them (RQ retries). The re-run repeats the same tokens (same seed);
-the API relays each token sequence number once. After the last attempt the
-sweep publishes an error event so no client waits forever."""
+Easy to get wrong: a crashed worker's jobs are re-run, not lost. While a batch runs,
+a thread refreshes every job's RQ heartbeat; once they stop, another worker's
+registry sweep re-queues the jobs (RQ retries), the re-run repeats the same tokens
+(same seed) and the API relays each token sequence number once. After the last
+attempt the sweep publishes an error event so that no client waits forever."""
 
 from __future__ import annotations
 
@@ -53,6 +36,7 @@ from shared.payload import GenerationJob
 from worker.batch_run import BatchRun, RequestOutcome
 from worker.engine.engine import Engine
 from worker.publisher import EventPublisher
+from worker.scheduler import Scheduler
 from worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
@@ -78,12 +62,11 @@ class BatchWorker(SimpleWorker):
         kwargs.setdefault("maintenance_interval", defaults.ABANDONED_JOB_SWEEP_SECONDS)
         super().__init__(queues, serializer=JSONSerializer, **kwargs)
         self.engine = engine
-        self.max_batch_size = max_batch_size
+        # not `self.scheduler`: RQ's Worker keeps its job scheduler (RQScheduler) there
+        self.batch_scheduler = Scheduler(
+            max_rows=max_batch_size, max_prefill_tokens=max_prefill_tokens_per_step, batching=batching
+        )
         self.batch_duration = batch_duration_millis / 1000.0
-        if batching not in defaults.BATCHING_MODES:
-            raise ValueError(f"batching must be one of {defaults.BATCHING_MODES}, not {batching!r}")
-        self.batching = batching
-        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self._in_flight: dict[str, tuple[Job, Queue]] = {}  # continuous batching: jobs started, by id
         self.publisher = EventPublisher(self.connection)
         self.stats = StatsRecorder()
@@ -125,10 +108,10 @@ class BatchWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         claimed = [(job, queue), *self._collect_more(self._rows_of(job))]
         try:
-            if self.batching == "micro":
-                self._run_batch(claimed)
-            else:
+            if self.batch_scheduler.admits_mid_run:
                 self._run_continuous(claimed)
+            else:
+                self._run_batch(claimed)
         finally:
             self._executions.clear()
             self._in_flight.clear()
@@ -144,7 +127,7 @@ class BatchWorker(SimpleWorker):
         A job that would overflow the batch goes back to the front of its queue."""
         claimed: list[tuple[Job, Queue]] = []
         deadline = time.monotonic() + self.batch_duration
-        while rows < self.max_batch_size:
+        while not self.batch_scheduler.is_full(rows):
             result = self._pop_job()
             if result is None:
                 remaining = deadline - time.monotonic()
@@ -154,7 +137,7 @@ class BatchWorker(SimpleWorker):
                 continue
             job, queue = result
             job_rows = self._rows_of(job)
-            if rows + job_rows > self.max_batch_size:
+            if self.batch_scheduler.overflows(rows, job_rows):
                 self._hand_back(job, queue)
                 break
             rows += job_rows
@@ -186,7 +169,7 @@ class BatchWorker(SimpleWorker):
         run = BatchRun(
             self.engine, self.publisher, [generation for _, _, generation in runnable], stats=self.stats
         )
-        with _Heartbeat(self, lambda: [job for job, _, _ in runnable]):
+        with _JobHeartbeats(self, lambda: [job for job, _, _ in runnable]):
             outcomes = run.run()
         self.batches_run += 1
         for job, queue, generation in runnable:
@@ -197,8 +180,8 @@ class BatchWorker(SimpleWorker):
         run = BatchRun(
             self.engine,
             self.publisher,
-            max_rows=self.max_batch_size,
-            max_prefill_tokens=self.max_prefill_tokens_per_step,
+            max_rows=self.batch_scheduler.max_rows,
+            max_prefill_tokens=self.batch_scheduler.max_prefill_tokens,
             stats=self.stats,
         )
         admitted = self._admit(run, claimed)
@@ -209,9 +192,9 @@ class BatchWorker(SimpleWorker):
             admitted,
             run.running_rows + run.waiting_rows,
         )
-        with _Heartbeat(self, self._jobs_in_flight):
+        with _JobHeartbeats(self, self._jobs_in_flight):
             while run.has_work:
-                if not self._stop_requested and self._has_room(run):
+                if not self._stop_requested and self.batch_scheduler.room_for_another_job(run.load):
                     try:
                         self._admit_newcomers(run)
                     except redis.RedisError as exc:  # the rows in flight go on; retry next step
@@ -224,16 +207,9 @@ class BatchWorker(SimpleWorker):
         """The jobs a continuous run holds now (called from the heartbeat thread)."""
         return [job for job, _ in list(self._in_flight.values())]
 
-    def _has_room(self, run: BatchRun) -> bool:
-        """Whether to pop another job (see the module docstring for the policy)."""
-        running = run.running_rows - run.rows_leaving
-        if running + run.waiting_rows < self.max_batch_size:
-            return True
-        return running < self.max_batch_size and run.waiting_requests == 1 and run.entering_request_waits
-
     def _admit_newcomers(self, run: BatchRun) -> None:
         joined = 0
-        while self._has_room(run):
+        while self.batch_scheduler.room_for_another_job(run.load):
             result = self._pop_job()
             if result is None:
                 break
@@ -352,7 +328,7 @@ class BatchWorker(SimpleWorker):
         return True
 
 
-class _Heartbeat:
+class _JobHeartbeats:
     """Keeps a batch's jobs alive in RQ while the decode loop runs, and runs
     RQ's registry sweep (abandoned jobs of dead workers) when it is due."""
 
@@ -361,9 +337,9 @@ class _Heartbeat:
         self._worker = worker
         self._jobs = jobs
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="batch-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="job-heartbeats", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> _JobHeartbeats:
         self._thread.start()
         return self
 
@@ -378,4 +354,4 @@ class _Heartbeat:
                 if self._worker.should_run_maintenance_tasks:
                     self._worker.clean_registries()
             except redis.RedisError as exc:
-                log.warning("batch heartbeat failed (will retry): %s", exc)
+                log.warning("job heartbeats failed (will retry): %s", exc)

@@ -1,5 +1,5 @@
 """Counting what a worker does (tokens, decode steps, rows per step, requests),
-cheaply, on the decode thread; the reader heartbeat publishes a snapshot."""
+cheaply, on the decode thread; worker.heartbeat publishes a snapshot."""
 
 from __future__ import annotations
 

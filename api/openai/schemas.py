@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.openai.errors import OpenAIError, UnsupportedParameter
-from api.takeoff.payloads import describe_validation_error
+from api.payloads import describe_validation_error
 from shared import defaults
 from shared.payload import NullMeansDefault
 

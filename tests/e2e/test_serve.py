@@ -10,8 +10,8 @@ import psutil
 import pytest
 import requests
 
-from tests.support.serving import ServeProcess
-from tests.support.sse import read_stream
+from bench.serving import ServeProcess
+from bench.sse import read_stream
 from tests.support.tiny_loras import build_tiny_lora
 from worker.engine.models.loading import cache_dir, converted_default_model
 

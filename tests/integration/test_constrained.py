@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import requests
 
-from tests.support.sse import read_stream
+from bench.sse import read_stream
 
 pytestmark = pytest.mark.integration
 

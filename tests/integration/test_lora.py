@@ -16,10 +16,10 @@ from peft import PeftModel
 from takeoff_client import TakeoffClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.sse import read_stream
 from shared import defaults
 from tests.integration.conftest import Api, Launcher
-from tests.integration.test_images import IMAGES, Reference, payload, post_image
-from tests.support.sse import read_stream
+from tests.support.image_requests import IMAGES, Reference, payload, post_image
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ import requests
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from bench.sse import read_stream
 from mmserve.redis_server import RedisServer, free_port
 from shared import keys
-from tests.support.sse import read_stream
 
 pytestmark = pytest.mark.integration
 

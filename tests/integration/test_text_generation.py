@@ -12,7 +12,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.sse import iter_lines, parse_sse, read_stream
+from bench.sse import iter_lines, parse_sse, read_stream
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ then calls `on_forward` where the real engine would run the model."""
 from __future__ import annotations
 
 from worker.engine.adapters import AdaptersBusy, UnknownAdapter
-from worker.engine.engine import PromptError
+from worker.engine.prompts import PromptError
 from worker.engine.rows import RowOutput, RowRequest
 
 

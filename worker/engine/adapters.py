@@ -1,25 +1,16 @@
 """LoRA adapters over the engine's model: which exist, which are in memory.
 
-The catalogue is a folder (`--lora-dir`: every sub-folder holding a PEFT
-`adapter_config.json` is an adapter, its name the id) plus adapters named one
-by one (`--lora name=path`, which win over a folder of the same name); the
-folder is read again on every look, so an adapter copied in later is served
-without a restart.
+The catalogue is a folder (`--lora-dir`: each sub-folder holding a PEFT
+`adapter_config.json` is an adapter named after it; read again on every look, so an
+adapter copied in later is served without a restart) plus adapters named one by one
+(`--lora name=path`, which win). An adapter loads on first use into PEFT's LoRA
+layers and stays in an LRU of at most `max_loaded`; the least recently used one that
+no running row needs is evicted. Rows with different adapters, and rows with none,
+share one forward (PEFT's mixed-adapter inference). Knows PEFT and torch, not Redis.
 
-An adapter is loaded on first use into PEFT's LoRA layers over the base model
-and stays in memory in an LRU of at most `max_loaded` adapters; the least
-recently used one that no running row needs is evicted to make room (a log
-line for each load and eviction). Rows with different adapters, and rows with
-none, share one forward through PEFT's mixed-adapter inference: the forward
-takes one adapter name per row (`adapter_names`, "__base__" for none).
-
-Vision-language models: an adapter may change the language model only. A
-request's images are encoded once by the base vision tower, so an adapter with
-LoRA layers in the vision tower or the projector is refused when it loads
-rather than half-applied.
-
-Knows PEFT and torch, not Redis or HTTP.
-"""
+Easy to get wrong: an adapter may change a vision-language model's language model
+only; one with LoRA layers in the vision tower or the projector is refused when it
+loads rather than half-applied (a request's images are encoded by the base tower)."""
 
 from __future__ import annotations
 
@@ -137,8 +128,8 @@ class LoraAdapters:
         # PEFT freezes the base model's parameters (requires_grad=False). That costs
         # nothing in training, but in inference it sends torch's linear over a
         # non-contiguous input (the prefill's last-token slice that `logits_to_keep`
-        # takes) to a batched matmul that copies the weight once per row: ~1 s per
-        # prefill for the bundled model's vocabulary head. The flags are put back
+        # takes) to a batched matmul that copies the weight once per row (worst for
+        # the vocabulary head, at every prefill). The flags are put back
         # after every load (inference mode records no gradients either way).
         self._base_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
 
@@ -275,7 +266,7 @@ class LoraAdapters:
         none) runs it as PEFT's active adapter; a mixed batch goes through
         PEFT's mixed-adapter path, each LoRA layer told the rows' adapters by
         a hook of ours (PeftModel.forward would walk every module twice per
-        call to install and remove its own hooks: ~10 % of a step)."""
+        call to install and remove its own hooks)."""
         if self.peft_model is None:
             if any(name is not None for name in adapter_names):
                 raise AdapterError("a row asks for a LoRA adapter that is not loaded")

@@ -1,21 +1,15 @@
 """Decode-step attention that reads each row's own tokens, not its padding.
 
-A running batch is left-padded to its longest row: with a ~330-token document
-and short questions in one batch, most of what a decode step's attention
-reads is padding (56 % of it, over the arrivals benchmark's workload), and
-on a CPU attention reads at memory speed whatever the mask says. So the
-engine keeps its rows sorted by length (longest first, see
-worker.engine.batch) and, for each decode step, splits them into a few
-contiguous groups (`plan_windows`); the attention runs once per group over
-the last `tokens` columns of the cache, which hold every real token of the
-group's rows. Masked columns add nothing to a softmax, so a row's result is
-what it would be over the whole padded width, up to float rounding; a row
-alone in its group attends over exactly its own tokens, as it would alone.
+A running batch is left-padded to its longest row, and on a CPU attention reads every
+column at memory speed whatever the mask says. So the engine keeps its rows sorted
+longest first (worker.engine.batch) and splits each decode step's rows into a few
+contiguous groups (`plan_windows`); attention runs once per group over the last
+columns of the cache, which hold every real token of the group's rows. It is torch's
+sdpa as transformers calls it, registered under its own name with transformers'
+AttentionInterface; every call without windows (prefill, vision towers) is plain sdpa.
 
-It is torch's scaled_dot_product_attention as transformers calls it ("sdpa"),
-registered under its own name with transformers' AttentionInterface; every
-call without windows (prefill, vision towers, other models) is plain sdpa.
-"""
+Easy to get wrong: a row's result equals attention over the whole padded width only
+up to float rounding (masked columns add nothing to a softmax)."""
 
 from __future__ import annotations
 

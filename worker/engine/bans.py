@@ -1,12 +1,9 @@
 """The tokens rows may not pick on a step, as (row, token) pairs.
 
 Most bans are a few tokens per row (min_new_tokens' end-of-sequence ids,
-no_repeat_ngram's completions), so the sampler sets just those scores to
--inf instead of filling a [B, V] mask: on the development machine (bundled
-model, batch 8, vocabulary 49 152) a dense mask's fill and checks cost
-~2 ms a step, the pairs a few tens of microseconds. Grammars ban most of the
-vocabulary and stay dense masks (worker.engine.grammar); `mask` gives the
-pairs' dense form where the two meet."""
+no_repeat_ngram's completions), so the sampler sets just those scores to -inf instead
+of filling a [B, V] mask. Grammars ban most of the vocabulary and stay dense masks
+(worker.engine.grammar); `mask` gives the pairs' dense form where the two meet."""
 
 from __future__ import annotations
 

@@ -1,22 +1,15 @@
-"""The running batch: the rows being generated together and the tensors the
-model needs for them.
+"""The running batch: the rows generated together and the tensors the model needs.
 
-A `Batch` lives in one of two states:
+A `Batch` is either ready to run (`input_ids` / `position_ids` are the tokens the
+next forward consumes, `attention_mask` covers the cache plus those tokens) or ready
+to sample (the forward ran, `logits` holds each row's next-token logits,
+`attention_mask` covers exactly the cache). `filter` drops finished rows;
+`concatenate` merges batches that are ready to sample, rows sorted longest first
+(see worker.engine.attention).
 
-- ready to run: `input_ids` / `position_ids` are the tokens the next forward
-  consumes and `attention_mask` covers the cache plus those tokens;
-- ready to sample: the forward ran, `logits` holds each row's next-token
-  logits and `attention_mask` covers exactly the cache.
-
-Rows are left-padded: every row's last token sits in the last column, padding
-columns are 0 in `attention_mask`, and each row's position ids count only its
-real tokens (cumsum of the mask - 1), which makes a padded row compute what it
-would compute alone. `filter` drops finished rows (moving as little of the
-KV cache as it can and trimming padding no row needs any more);
-`concatenate` merges batches that are ready to sample, left-padding the
-shorter KV caches and sorting the rows longest first (see
-worker.engine.attention), which is all that continuous batching needs.
-"""
+Easy to get wrong: rows are left-padded (every row's last token in the last column)
+and each row's position ids count only its real tokens (cumsum of the mask - 1),
+which is what makes a padded row compute what it would compute alone."""
 
 from __future__ import annotations
 
@@ -39,10 +32,9 @@ def padded_width(length: int, multiple: int = 1) -> int:
     prompt padded to a multiple of `multiple` tokens (`--prefill-width-multiple`).
 
     Why pad: on a CPU, torch's bfloat16 products go to oneDNN, which builds and
-    caches a primitive, with scratch memory of its own, per shape. With every
-    prompt length its own shape, a worker serving the bundled model grew by
-    ~1.6 MB per distinct prompt length seen and paid 5-15 ms to build each new
-    shape; with a multiple of 16 its memory levelled off. Why not by default:
+    caches a primitive, with scratch memory of its own, per shape: with every
+    prompt length its own shape, a worker's memory grows with each new prompt
+    length and each new shape takes time to build. Why not by default:
     the padding changes bfloat16 rounding, so a request's greedy tokens no
     longer equal unpadded `generate` token for token."""
     return -(-length // multiple) * multiple

@@ -1,26 +1,15 @@
 """Incremental detokenisation: one row's completion as a stream of text deltas.
 
-Decoding token by token goes wrong two ways: SentencePiece and byte-level
-BPE tokenizers render a token's leading space differently at the start of a
-decode than in the middle, and a multi-byte character may be split across
-byte tokens, so a lone token decodes to U+FFFD. The detokenizer therefore
-decodes a small window: the tokens already emitted since the last "clean"
-point (the prefix) plus the new ones, and emits what the new tokens added.
-While the window's text ends in U+FFFD it holds the text back; `flush` emits
-whatever is left when the row ends (still as U+FFFD if it never became
-valid). The concatenation of all deltas equals
-`tokenizer.decode(token_ids, skip_special_tokens=True,
+Token-by-token decoding renders leading spaces differently at the start of a decode
+and splits multi-byte characters, so each step decodes a small window (the tokens
+since the last clean point plus the new ones) and emits what the new tokens added.
+The deltas concatenate to `tokenizer.decode(token_ids, skip_special_tokens=True,
 clean_up_tokenization_spaces=False)`, so streamed and non-streamed text agree.
-Work per token is bounded by the window, not the length of the completion.
 
-SentencePiece byte-fallback tokens (<0xE6>...) need one more rule: the
-tokenizer decodes a run of them as a whole, and if the run is not valid UTF-8
-every byte becomes U+FFFD, so a later byte token can turn an already valid
-"é" into "\ufffd\ufffd\ufffd". Text is therefore never emitted while the
-last token is a byte token (the run may go on), nor a skipped special token
-(byte runs continue across it, since special tokens are removed before the
-tokenizer's decoder runs).
-"""
+Easy to get wrong: text is held back while the window ends in U+FFFD, while the last
+token is a SentencePiece byte-fallback token (a later byte can turn a valid "é" into
+U+FFFDs, since a run of byte tokens is decoded as a whole) and across skipped special
+tokens (byte runs continue across them); `flush` emits what is left when the row ends."""
 
 from __future__ import annotations
 

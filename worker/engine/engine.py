@@ -1,39 +1,16 @@
-"""The decode loop: prefill rows, then one token per row per `step`.
+"""The decode loop over one causal language model.
 
-`Engine` drives a transformers causal LM over a `Batch`: `add` left-pads and
-prefills new rows (merging them into a running batch if there is one),
-`step` samples one token for every row, reports it, drops finished rows and
-runs the model on the new tokens of the rows still running (handing the
-step's outputs to a `before_forward` callback first, if given, so they can be
-published while the model runs), and `cancel` drops rows at once. Rows
-are kept longest first, so that each decode step's attention reads each
-group of rows' own tokens rather than the batch's padding
-(worker.engine.attention). Greedy rows produce what
-`model.generate(do_sample=False)` produces for the same prompt alone: the
-same token ids in float32; in bfloat16 the padding of a batch (or of
-`prefill_width_multiple`) changes rounding enough that a row can drift from
-its solo run after a while (it still equals `generate` on the same padded
-batch).
+`Engine.add` prefills rows (merging them into the running batch), `step` samples
+one token for every row, reports it, drops finished rows and runs the model on the
+new tokens of the others, `cancel` drops rows at once. Rows may join inside a step's
+own forward (worker.engine.joint) and carry images (worker.engine.vision), a LoRA
+adapter (worker.engine.adapters) or a constraint (worker.engine.grammar). The engine
+knows nothing of Redis, RQ or HTTP; worker.batch_run drives it.
 
-Rows may also join a running batch inside a step (`step(joining=...)`, where
-`can_join` allows): their prompts are prefilled in the same forward as the
-running rows' next tokens (worker.engine.joint), one pass over the weights
-instead of two.
-
-A vision-language model comes with its processor: `encode_image_prompts`
-builds rows that carry their encoded images (worker.engine.vision), which
-`add` hands to the model at prefill; rows with and without images share a
-batch.
-
-A row may name a LoRA adapter (worker.engine.adapters): `add` loads it if
-needed, and every forward runs each row with its own adapter (or none).
-
-A row may carry a `Constraint` (regex or JSON Schema, see worker.engine.grammar):
-its grammar's allowed tokens join the step's bans in the sampler's one pass,
-and the row stops with finish_reason "stop" once its grammar is complete.
-
-The engine knows nothing of Redis, RQ or HTTP; worker/batch_run.py drives it.
-"""
+Easy to get wrong: greedy rows equal `model.generate(do_sample=False)` on the same
+prompt alone token for token in float32 only; in bfloat16 the padding of a batch (or
+of `prefill_width_multiple`) changes rounding enough that a row can drift from its
+solo run after a while (it still equals `generate` on the same padded batch)."""
 
 from __future__ import annotations
 
@@ -54,18 +31,10 @@ from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.joint import JointForward
 from worker.engine.kv_cache import growing_cache
+from worker.engine.prompts import ImagesNotAccepted, PromptError, image_prompts, text_prompt_ids
 from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_tokens
-from worker.engine.vision import VisionPrompt, VisionPrompter, VisionPromptError
-
-
-class PromptError(ValueError):
-    """A prompt the engine cannot run (empty, too long for the model, no chat
-    template...). The message is meant for the API's client."""
-
-
-class ImagesNotAccepted(PromptError):
-    """Images sent to a text-only model."""
+from worker.engine.vision import VisionPrompt, VisionPrompter
 
 
 class Engine:
@@ -93,8 +62,7 @@ class Engine:
         lets rows join a running batch in its decode step's forward where the
         model allows (see `can_join`)."""
         self.device = torch.device(device)
-        if getattr(model, "hf_device_map", None) is None and model.device != self.device:
-            model = model.to(self.device)
+        model = _on_device(model, self.device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vision = VisionPrompter(self.model, processor, tokenizer) if processor is not None else None
@@ -104,17 +72,8 @@ class Engine:
             else _eos_token_ids(model, tokenizer)
         )
         self.vocab_size = _vocab_size(model)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = next(iter(sorted(self.eos_token_ids)), 0)
-        self.pad_token_id: int = pad
-        accepted = inspect.signature(model.forward).parameters
-        # transformers 5 names the KV cache argument `cache`; older (remote
-        # code) models still call it `past_key_values`.
-        self._cache_argument = "cache" if "cache" in accepted else "past_key_values"
-        self._forward_kwargs: dict[str, object] = {}
-        if "logits_to_keep" in accepted:
-            self._forward_kwargs["logits_to_keep"] = 1
+        self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
+        self._cache_argument, self._forward_kwargs = _forward_arguments(model)
         self.adapters = adapters
         if adapters is not None and adapters.base is not model:
             raise ValueError("the LoRA adapters must be built over the engine's model")
@@ -232,46 +191,15 @@ class Engine:
         prompt_max_tokens: int | None = None,
         messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids for `text`: plain tokenisation (with the tokenizer's usual
-        special tokens, e.g. BOS), or the chat template with `text` as one user
-        turn and the assistant's turn opened. `messages` (a whole conversation,
-        as apply_chat_template takes it) replaces `text` and implies the chat
-        template. `prompt_max_tokens` keeps the last n tokens.
-
-        An empty result raises PromptError rather than falling back to a lone
-        BOS: for chat models BOS is often a turn marker (SmolLM2's is
-        <|im_start|>), so the fallback would generate noise the client did not
-        ask for; a clear error is more useful.
-        """
-        if (use_chat_template or messages is not None) and self.vision is not None:
-            try:
-                ids = self.vision.text_prompt_ids(text, messages=messages)
-            except VisionPromptError as exc:
-                raise PromptError(str(exc)) from exc
-        elif use_chat_template or messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise PromptError("use_chat_template is set but this model's tokenizer has no chat template")
-            try:
-                encoded = self.tokenizer.apply_chat_template(
-                    list(messages) if messages is not None else [{"role": "user", "content": text}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-            except Exception as exc:  # jinja2 errors, templates that raise on purpose
-                raise PromptError(f"the chat template could not be applied: {exc}") from exc
-            if isinstance(encoded, Mapping):
-                encoded = encoded["input_ids"]
-            ids = [int(token) for token in encoded]
-        else:
-            ids = [int(token) for token in self.tokenizer(text)["input_ids"]]
-        if prompt_max_tokens is not None:
-            if prompt_max_tokens < 1:
-                raise PromptError("prompt_max_tokens must be at least 1")
-            ids = ids[-prompt_max_tokens:]
-        if not ids:
-            raise PromptError("the prompt is empty after tokenisation")
-        return ids
+        """Token ids for `text` (see worker.engine.prompts.text_prompt_ids)."""
+        return text_prompt_ids(
+            self.tokenizer,
+            text,
+            vision=self.vision,
+            use_chat_template=use_chat_template,
+            prompt_max_tokens=prompt_max_tokens,
+            messages=messages,
+        )
 
     def encode_image_prompts(
         self,
@@ -283,24 +211,17 @@ class Engine:
         messages: Sequence[Mapping[str, Any]] | None = None,
         images_key: Hashable | None = None,
     ) -> list[VisionPrompt]:
-        """Rows asking about `images` (RGB PIL images), one per text: their
-        token ids with the image tokens in place, and the images encoded once
-        for all of them (see worker.engine.vision.VisionPrompter.prompts).
-        `messages` replaces every text with that conversation; `images_key`
-        (the images' content ids) lets a recent encoding of them be reused."""
-        if self.vision is None:
-            raise ImagesNotAccepted("this worker's model is text-only: it does not accept images")
-        try:
-            return self.vision.prompts(
-                texts,
-                images,
-                use_chat_template=use_chat_template,
-                prompt_max_tokens=prompt_max_tokens,
-                messages=messages,
-                images_key=images_key,
-            )
-        except VisionPromptError as exc:
-            raise PromptError(str(exc)) from exc
+        """Rows asking about `images`, their images encoded once (see
+        worker.engine.prompts.image_prompts); ImagesNotAccepted for a text-only model."""
+        return image_prompts(
+            self.vision,
+            texts,
+            images,
+            use_chat_template=use_chat_template,
+            prompt_max_tokens=prompt_max_tokens,
+            messages=messages,
+            images_key=images_key,
+        )
 
     def _check(self, request: RowRequest) -> None:
         prompt = request.prompt_ids
@@ -333,8 +254,6 @@ class Engine:
                 f"context of {context} tokens"
             )
 
-    # -- the loop -------------------------------------------------------------
-
     # -- constraints ----------------------------------------------------------
 
     @property
@@ -347,6 +266,8 @@ class Engine:
         so that compiling never holds up the rows already decoding. Raises
         grammar.ConstraintError (its message is meant for the client)."""
         return self.grammars.compile(constraint)
+
+    # -- the loop -------------------------------------------------------------
 
     @torch.inference_mode()
     def add(self, rows: list[RowRequest]) -> None:
@@ -565,6 +486,32 @@ def _follow_grammar(row: Row, token: int, finish_reason: FinishReason | None) ->
     if row.grammar.complete:
         return row.stopping.stop()
     return finish_reason
+
+
+def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """The model on `device`, unless accelerate placed it already (`hf_device_map`)."""
+    if getattr(model, "hf_device_map", None) is None and model.device != device:
+        return model.to(device)
+    return model
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_ids: frozenset[int]) -> int:
+    """The tokenizer's pad id, else the smallest end-of-sequence id (left padding is masked anyway)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = next(iter(sorted(eos_token_ids)), 0)
+    return pad
+
+
+def _forward_arguments(model: PreTrainedModel) -> tuple[str, dict[str, object]]:
+    """The name the model's forward gives its KV cache, and the extra arguments it
+    takes: transformers 5 names the cache `cache`, older (remote code) models
+    `past_key_values`; `logits_to_keep=1` where accepted (only the last position's
+    logits are sampled)."""
+    accepted = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in accepted else "past_key_values"
+    extra: dict[str, object] = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    return cache_argument, extra
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

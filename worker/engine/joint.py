@@ -1,23 +1,16 @@
 """One forward for a decode step and the prefill of rows joining it.
 
-In continuous batching a newcomer used to be prefilled in a forward of its
-own, and the running rows' next tokens in another: two passes over every
-weight matrix, and on a CPU most of a decode step is reading those weights
-(plus the dispatch of each layer's small operations), whatever the number of
-tokens. `JointForward` runs both in one pass: the running rows' new tokens and
-each newcomer's prompt are packed into one sequence, every matrix product runs
-once over all of them, and attention runs per part
-(`FusedLlamaLayer.forward_segments`): the running rows over their own cache
-and mask, exactly as a decode step (windowed, see worker.engine.attention),
-and each newcomer causally over its own prompt, exactly as a prefill of that
-prompt alone. So each row computes what it would in its own forward, up to
-the rounding of products over more rows.
+On a CPU most of a decode step is reading the weights, whatever the number of
+tokens, so `JointForward` packs the running rows' new tokens and each newcomer's
+prompt into one sequence: every matrix product runs once over all of them, and
+attention runs per part (`FusedLlamaLayer.forward_segments`), the running rows over
+their own cache as in a decode step, each newcomer causally over its own prompt as in
+a prefill of it alone. Each row computes what it would in its own forward, up to the
+rounding of products over more rows.
 
-Only for models whose decoder layers are all fused Llama layers
-(worker.engine.models.fused_layers) in a plain `LlamaForCausalLM`; the engine prefills
-separately for everything else (vision-language models, LoRA workers with
-transformers' layers, other architectures).
-"""
+Easy to get wrong: only models whose decoder layers are all fused Llama layers
+(worker.engine.models.fused_layers) in a plain `LlamaForCausalLM` have one; for
+everything else the engine prefills newcomers in a forward of their own."""
 
 from __future__ import annotations
 

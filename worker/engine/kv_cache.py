@@ -1,29 +1,15 @@
-"""A KV cache that grows, shrinks and merges with as few copies as possible.
+"""A KV cache layer that grows, shrinks and merges with as few copies as possible.
 
-transformers' `DynamicLayer` appends each step's keys and values with
-`torch.cat`, which copies the whole layer's cache every decode step: at
-batch 8 with ~330-token contexts that copying was a sixth of the step on the
-development machine, and it grows with the context. `GrowingLayer` keeps its
-keys and values in a buffer with room for more tokens (and, after rows
-leave, for more rows than it holds) and writes each step's into the room;
-`keys` / `values` are views of the filled part, so everything that reads a
-`DynamicLayer` (masks, attention) reads it unchanged.
+transformers' `DynamicLayer` appends each step's keys and values with `torch.cat`,
+copying the whole layer's cache every decode step. `GrowingLayer` keeps them in a
+buffer with room for more tokens (and, after rows leave, for more rows) and writes
+each step's into the room; `select_rows` (rows leave) moves only the rows behind the
+first one that left, and `merge_caches` (rows join) copies every batch once, into a
+buffer with room to grow, in the row order asked for.
 
-Continuous batching changes the rows between steps, and each change used to
-copy the whole cache twice (once to select or merge rows, once more when the
-next step found no room). Here:
-
-- `select_rows` (finished rows leave, padding no row needs is trimmed) moves
-  only the rows behind the first one that left, within the same buffer, and
-  trims by moving the view's start: no allocation, nothing copied for the
-  rows in front;
-- `merge_caches` (newcomers join) copies every batch once, into one new buffer
-  that already has room to grow, its rows in the order asked for (the engine
-  keeps them sorted by length, see worker.engine.attention).
-
-Whoever assigns other tensors to `keys` / `values` simply hands the layer a
-new starting point: the next update copies it into a fresh buffer with room.
-"""
+Easy to get wrong: `keys` / `values` are views of the buffer's filled part, so what
+reads a `DynamicLayer` reads them unchanged; assigning other tensors to them hands the
+layer a new starting point, which the next update copies into a fresh buffer."""
 
 from __future__ import annotations
 

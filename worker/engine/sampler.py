@@ -1,23 +1,17 @@
 """Next-token choice for a whole batch at once.
 
-A `Sampler` holds one row's decoding parameters per entry of its vectors
-(temperature, top-k, top-p, repetition penalty, greedy flag) and turns a
-batch of logits into one token per row with tensor operations over the whole
-batch (no Python loop over rows for the maths):
+A `Sampler` holds one row's decoding parameters per entry of its vectors and turns a
+batch of logits into one token per row with tensor operations over the whole batch
+(rows grouped by how many candidates they need, one vectorised pass per group):
 
     repetition penalty -> banned tokens (-inf) -> greedy argmax
                        -> temperature -> top-k -> top-p -> inverse-CDF draw
 
-Sampled rows are split into at most three groups by how many candidates
-they need (whole vocabulary in order, their top few, or the whole sorted
-vocabulary), each group handled in one vectorised pass; sorting the whole
-vocabulary every step would cost more than the rest of the step.
+The order and the meaning of each knob follow Hugging Face `generate`.
 
-The order and the meaning of each knob follow Hugging Face `generate`. Each
-row owns a `torch.Generator` and draws exactly one uniform number per
-sampled step, so a seeded row picks the same tokens whatever rows share its
-batch and in whatever order.
-"""
+Easy to get wrong: each row owns a `torch.Generator` and draws exactly one uniform
+number per sampled step, so a seeded row picks the same tokens whatever rows share
+its batch and in whatever order."""
 
 from __future__ import annotations
 
@@ -275,9 +269,8 @@ class _Candidates:
 
 def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
     """`scores.argmax(dim=-1)` ([B, V] -> [B], the first of equal maxima),
-    found through each row's block maxima: torch's CPU argmax does not
-    vectorise and took ~0.8 ms over a batch of 8 rows of 49 152 scores on
-    the development machine, its `amax` ~40 µs. The best block's argmax (first
+    found through each row's block maxima, because torch's CPU argmax does
+    not vectorise and its `amax` does. The best block's argmax (first
     best block, first best column in it) is the row's. Rows with NaN scores
     go to argmax itself (NaN counts as the largest there)."""
     batch, vocab = scores.shape

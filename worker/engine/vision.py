@@ -1,21 +1,17 @@
 """Prompts with images, for vision-language models.
 
-`VisionPrompter` turns a request's prompts and images into what the engine
-runs: each row's token ids, built with the processor's chat template (or the
-prompt as given) and with every image placeholder expanded into the image
-tokens the model expects, plus the images encoded by the model's vision
-tower (`ImageFeatures`). The images of a request are processed and encoded
-once, however many prompts ask about them, and the encodings of recent images
-are kept (`FeatureCache`, keyed by the images' content ids): a conversation
-that sends the same image with every turn runs the vision tower once.
+`VisionPrompter` turns a request's prompts and images into each row's token ids (the
+processor's chat template or the prompt as given, every image placeholder expanded
+into the image tokens the model expects) and the images encoded by the vision tower
+(`ImageFeatures`), once per request however many prompts ask about them; recent
+encodings are kept (`FeatureCache`, by the images' content ids). At prefill every
+row's features go to the model together (`prefill_inputs`, as transformers'
+`generate` passes them); decode steps are text only, so rows with and without images
+share a batch.
 
-At prefill, the features of every row of a batch are handed to the model
-together (`prefill_inputs`), in the form transformers' own `generate` uses
-(`mm_encoder_outputs={"image": ...}`); the model scatters them, in order,
-into the image-token positions of its input. Decode steps are text only.
-Rows with images, with other images and without images therefore share one
-prefill and one batch.
-"""
+Easy to get wrong: the model scatters the features, in order, into the image-token
+positions of the whole batch, so one row whose image tokens do not match its features
+would fail every row (Engine.check refuses it first)."""
 
 from __future__ import annotations
 
@@ -40,7 +36,7 @@ _TEXT_OUTPUTS = frozenset(
 
 
 class VisionPromptError(ValueError):
-    """A prompt with images that cannot be built; worker.engine.engine re-raises it as PromptError."""
+    """A prompt with images that cannot be built; worker.engine.prompts re-raises it as PromptError."""
 
 
 @dataclass(frozen=True, eq=False)

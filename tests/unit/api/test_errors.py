@@ -1,13 +1,13 @@
 """Every error is the JSON body {"error", "error_type"}; the unexpected ones are logged 500s."""
 
-import api.management.routes
+import api.management.readers
 
 
 def test_an_unexpected_exception_is_a_logged_json_500(management, monkeypatch, caplog):
     def broken(connection):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(api.management.routes.registry, "all_live_readers", broken)
+    monkeypatch.setattr(api.management.readers.registry, "all_live_readers", broken)
     caplog.set_level("ERROR")
     response = management.get("/status")
     assert response.status_code == 500

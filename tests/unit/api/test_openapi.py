@@ -2,12 +2,34 @@
 
 import json
 import re
+from pathlib import Path
+from typing import Any
 
 from openapi_spec_validator import validate
 
 from api.openapi import build_openapi
 from shared.payload import GenerateRequest
 from shared.settings import ApiSettings
+
+SHAPE = Path(__file__).with_name("openapi_shape.json")
+"""The document without its descriptions: routes, parameters, bodies, statuses and schemas."""
+
+
+def without_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: without_descriptions(value)
+            for key, value in node.items()
+            if not (key == "description" and isinstance(value, str))
+        }
+    if isinstance(node, list):
+        return [without_descriptions(value) for value in node]
+    return node
+
+
+def document_shape() -> Any:
+    document = build_openapi(ApiSettings(redis_url="redis://unused"))
+    return json.loads(json.dumps(without_descriptions(document)))
 
 
 def test_openapi_is_a_json_document_with_the_payload_schema(client):
@@ -76,3 +98,13 @@ def test_docs_page_is_self_contained_html(client):
 
 def test_openapi_document_validates_as_openapi_3(client):
     validate(client.get("/openapi.json").get_json())  # raises on any schema violation
+
+
+def test_the_document_changes_only_in_descriptions():
+    """Clients are generated from this document: anything but a description changing is an API
+    change. Regenerate the pinned shape only for a deliberate one: python -m tests.unit.api.test_openapi"""
+    assert document_shape() == json.loads(SHAPE.read_text())
+
+
+if __name__ == "__main__":
+    SHAPE.write_text(json.dumps(document_shape(), indent=1, sort_keys=True) + "\n")

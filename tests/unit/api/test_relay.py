@@ -110,7 +110,7 @@ def test_a_forked_process_starts_its_own_hub(hub, monkeypatch):
     child = hub._runtime
     assert child is not parent
     assert child.thread is not parent.thread
-    assert child.registry.by_channel.keys() == {keys.events_channel("r2")}
+    assert child.inboxes.by_channel.keys() == {keys.events_channel("r2")}
     hub.stop()  # the child's hub
     parent.stopping.set()  # the parent's thread, which a real fork would not have copied
     parent.thread.join(1.0)

@@ -185,3 +185,31 @@ def test_pack_weights_reaches_the_worker_and_decides_how_its_model_loads(monkeyp
     assert packed_layers(pack_weights="off") == 0
     if packing_applies(nn.Linear(2, 2)):
         assert packed_layers() > 0
+
+
+def test_the_event_timeout_and_keepalive_are_flags_that_reach_the_api_process(monkeypatch):
+    from api import wsgi
+
+    seen = {}
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: seen.setdefault("env", env))
+    result = CliRunner().invoke(
+        cli.main,
+        ["api", "--redis-url", "redis://x", "--next-event-timeout-seconds", "7.5"],
+        env={"MMSERVE_SSE_KEEPALIVE_SECONDS": "3"},
+    )
+    assert result.exit_code == 0, result.output
+    settings = wsgi.settings_from_env(seen["env"])
+    assert (settings.next_event_timeout_seconds, settings.keepalive_seconds) == (7.5, 3.0)
+    result = CliRunner().invoke(cli.main, ["api", "--redis-url", "redis://x", "--sse-keepalive-seconds", "0"])
+    assert result.exit_code == 2
+
+
+def test_an_unset_api_setting_is_taken_out_of_the_api_process_environment(monkeypatch):
+    monkeypatch.setenv("MMSERVE_API_KEY", "from-the-shell")
+    env = cli._api_env("redis://x", {"api_key": None, "port": 4000}, "DEBUG", "json")
+    assert "MMSERVE_API_KEY" not in env
+    assert (env["MMSERVE_PORT"], env["MMSERVE_LOG_LEVEL"], env["MMSERVE_LOG_FORMAT"]) == (
+        "4000",
+        "DEBUG",
+        "json",
+    )

@@ -1,38 +1,14 @@
-"""Llama decoder layers run as one module each (`--fuse-layers auto`).
+"""Llama decoder layers run as one module each (`--fuse-layers auto`): fewer calls per decode step.
 
-transformers builds a Llama decoder layer from a dozen modules (two norms,
-seven linear layers, the activation, attention and MLP blocks), each called
-through `nn.Module.__call__` and transformers' argument-renaming decorators,
-and its norms and rotary embedding from ~25 small element-wise operations. At
-decode sizes (one or a few rows) each of those costs more in dispatch than in
-arithmetic: on the development machine (bundled SmolLM2-135M, 1 thread) the
-element-wise work and the Python around it were about a third of a batch-1
-decode step.
+`FusedLlamaLayer` stacks the query, key and value projections into one linear layer and the MLP's gate
+and up projections into another, turns queries and keys in one rotary pass and calls torch's `rms_norm`
+inline. Attention still goes through transformers' attention interface (whatever the model's
+`_attn_implementation` names, e.g. worker.engine.attention's), over the model's own cache and mask.
+`forward_segments` runs several batches packed into one sequence (worker.engine.joint).
 
-`FusedLlamaLayer` computes the same thing with fewer calls:
-
-- the query, key and value projections are one linear layer (their weights
-  stacked), as are the MLP's gate and up projections: 4 matrix products per
-  layer instead of 7, each output column the same dot product as before;
-- the rotary embedding turns queries and keys in one pass, with the half-swap
-  done as a flip of the head's two halves against a sine whose first half is
-  negated once per forward (`-x2 * sin` and `x2 * -sin` are the same number);
-- the norms call torch's `rms_norm` (transformers' `x * rsqrt(mean(x^2) + eps)`
-  in one call, bit for bit) inline instead of through a module.
-
-So in one dtype each layer computes what transformers' layer computes, up to
-the rounding of the stacked products (the same per output column where the
-kernel blocks columns the same way). Attention still goes through
-transformers' attention interface (whatever the model's
-`_attn_implementation` names, e.g. worker.engine.attention's windowed sdpa)
-and the model's own cache, mask and rotary-embedding code are untouched.
-`forward_segments` runs the same layer over several batches packed into one
-sequence, each attending through its own cache (worker.engine.joint).
-
-Only layers that are exactly transformers' `LlamaDecoderLayer` with its own
-attention, MLP (SiLU) and RMSNorm modules are replaced. LoRA adapters target
-the separate projections, so a worker serving adapters keeps transformers'
-layers (worker.main).
+Outputs match transformers' up to the rounding of the stacked products. Only plain `LlamaDecoderLayer`s
+(their own attention, SiLU MLP and RMSNorm modules, no hooks) are replaced; LoRA adapters target the
+separate projections, so a worker serving adapters keeps transformers' layers (worker.main).
 """
 
 from __future__ import annotations
@@ -67,7 +43,8 @@ def _stacked(*linears: nn.Linear) -> nn.Linear:
 
 class _RotaryAngles:
     """A forward's rotary cosine and sine as every fused layer of it multiplies
-    them: split into the head's two halves, the sine's first half negated.
+    them: split into the head's two halves, the sine's first half negated, so
+    the half-swap is a flip (`-x2 * sin` and `x2 * -sin` are the same number).
     Computed once per forward (its layers all get the same `position_embeddings`)."""
 
     def __init__(self) -> None:

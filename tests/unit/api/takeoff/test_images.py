@@ -23,9 +23,8 @@ import requests
 from PIL import Image
 from werkzeug.test import EnvironBuilder
 
-from api import wsgi
+from api import images, wsgi
 from api.state import state_of
-from api.takeoff import images
 from shared import defaults, keys
 from tests.support.api_fakes import INFERENCE_URL, add_reader, done, token, wait_for
 from tests.support.tiny_vlms import sample_image

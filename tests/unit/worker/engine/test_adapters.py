@@ -13,9 +13,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from tests.support.engine_runs import hf_greedy, run
 from tests.support.tiny_loras import build_tiny_lora
 from tests.support.tiny_vlms import sample_image
-from tests.unit.worker.engine.test_engine import hf_greedy, run
 from worker.engine.adapters import (
     AdapterCatalog,
     AdapterLoadFailed,
@@ -105,7 +105,7 @@ def test_rows_join_a_running_batch_with_other_adapters(
     engine = lora_engine(tiny_model_dir, tokenizer, tiny_lora_dir)
     engine.add(rows(engine, [None]))
     completions: dict = {}
-    from tests.unit.worker.engine.test_engine import collect
+    from tests.support.engine_runs import collect
 
     collect(engine.step(), completions)
     engine.add([RowRequest(("alpha", 9), engine.encode_prompt(PROMPTS[1]), GREEDY, adapter="alpha")])
@@ -236,7 +236,7 @@ def test_loading_from_another_thread_waits_for_the_step(
     engine.add(rows(engine, ["alpha", None]))
     loader = threading.Thread(target=engine.load_adapter, args=("beta",))
     completions: dict = {}
-    from tests.unit.worker.engine.test_engine import collect
+    from tests.support.engine_runs import collect
 
     collect(engine.step(), completions)
     loader.start()

@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tests.support.tiny_models import tiny_llama_settings
-from tests.unit.worker.engine.test_engine import hf_greedy, run
+from bench.tiny_models import tiny_llama_settings
+from tests.support.engine_runs import hf_greedy, run
 from worker.engine import attention
 from worker.engine.attention import ATTENTION_NAME, MAX_GROUPS, plan_windows, windowed_sdpa
 from worker.engine.engine import Engine

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,69 +12,20 @@ from transformers import (
     AutoTokenizer,
     MistralConfig,
     MistralForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from tests.support.engine_runs import PROMPTS, Completion, collect, hf_greedy, run
 from worker.engine.engine import Engine, PromptError
 from worker.engine.rows import GenerationParams, RowOutput, RowRequest
 
-PROMPTS = [
-    "Hello",
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a very curious little robot",
-    "a b c",
-    "def fibonacci(n):\n    return",
-]
 SAMPLED = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=16)
-
-
-@dataclass
-class Completion:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    outputs: list[RowOutput] = field(default_factory=list)
-
-
-def collect(outputs: list[RowOutput], into: dict[Hashable, Completion]) -> None:
-    for output in outputs:
-        completion = into.setdefault(output.key, Completion())
-        assert completion.finish_reason is None, "a finished row reported again"
-        if output.token_id is not None:
-            completion.tokens.append(output.token_id)
-        completion.text += output.text
-        completion.finish_reason = output.finish_reason
-        completion.outputs.append(output)
-
-
-def run(engine: Engine, rows: list[RowRequest]) -> dict[Hashable, Completion]:
-    engine.add(rows)
-    completions: dict[Hashable, Completion] = {}
-    while engine.has_work:
-        collect(engine.step(), completions)
-        if engine._batch is not None:  # the host's row lengths (attention groups) match the mask
-            assert engine._batch.lengths == engine._batch.attention_mask.sum(dim=1).tolist()
-    return completions
 
 
 def rows_for(engine: Engine, prompts: list[str], params: GenerationParams) -> list[RowRequest]:
     return [
         RowRequest(key=i, prompt_ids=engine.encode_prompt(p), params=params) for i, p in enumerate(prompts)
     ]
-
-
-def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
-    """`generate` on the prompt alone, no padding."""
-    input_ids = torch.tensor([prompt_ids])
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        **kwargs,
-    )
-    return output[0, len(prompt_ids) :].tolist()
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:

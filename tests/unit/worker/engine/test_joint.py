@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.unit.worker.engine.models.test_fused_layers import llama
-from tests.unit.worker.engine.test_engine import PROMPTS, collect, hf_greedy
+from tests.support.engine_runs import PROMPTS, collect, hf_greedy, llama
 from worker.engine.engine import Engine
 from worker.engine.joint import JointForward
 from worker.engine.models.fused_layers import fuse_layers

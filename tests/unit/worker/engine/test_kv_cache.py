@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from tests.unit.worker.engine.test_engine import hf_greedy, run
+from tests.support.engine_runs import hf_greedy, run
 from worker.engine.engine import Engine
 from worker.engine.kv_cache import (
     MIN_HEADROOM_TOKENS,

@@ -5,17 +5,14 @@ quantization on top), and layers the fusing does not know are left alone."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from shared.settings import WorkerSettings
-from tests.unit.worker.engine import test_vision as vision
-from tests.unit.worker.engine.test_engine import PROMPTS, hf_greedy, run
+from tests.support import vlm_runs as vision
+from tests.support.engine_runs import PROMPTS, hf_greedy, llama, run
 from worker.engine.adapters import AdapterCatalog
 from worker.engine.engine import Engine
 from worker.engine.models.fused_layers import FusedLlamaLayer, fuse_layers
@@ -24,10 +21,6 @@ from worker.engine.rows import GenerationParams, RowRequest
 from worker.main import load_for_serving
 
 GREEDY = GenerationParams(max_new_tokens=16, min_new_tokens=16)
-
-
-def llama(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
 def fused_layers(model: nn.Module) -> list[FusedLlamaLayer]:

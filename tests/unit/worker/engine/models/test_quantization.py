@@ -1,5 +1,6 @@
-"""--quantize int8: dynamic int8 linear layers, the output head in bfloat16; the
-engine over a quantized model still equals that model's own `generate`."""
+"""--quantize int8 (dynamic int8 linear layers) and int4 (4-bit groups, the int4 kernel for
+small products), the output head in bfloat16 under both; the engine over a quantized model
+still equals that model's own `generate`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tests.unit.worker.engine.test_engine import PROMPTS, hf_greedy, run
+from tests.support.engine_runs import PROMPTS, hf_greedy, run
 from worker.engine.engine import Engine
 from worker.engine.models.quantization import INT4_MAX_ROWS, BFloat16Head, Int4Linear, quantize
 from worker.engine.models.weight_packing import PackedLinear, pack_weights, packing_applies
@@ -48,7 +49,7 @@ def test_every_linear_layer_but_the_head_is_int8(quantized):
 
 def test_the_engine_over_a_quantized_model_equals_its_generate(quantized, tokenizer):
     # One row at a time: the quantized layers scale activations per call, so a
-    # row's rounding depends on the other rows of its batch (see README).
+    # row's rounding depends on the other rows of its batch (docs/tuning.md, "Quantization").
     assert_engine_equals_generate_one_row_at_a_time(quantized, tokenizer)
 
 

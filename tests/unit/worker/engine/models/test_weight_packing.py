@@ -12,7 +12,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tests.unit.worker.engine.test_engine import PROMPTS, hf_greedy, run
+from tests.support.engine_runs import PROMPTS, hf_greedy, run
 from worker.engine.adapters import AdapterCatalog, LoraAdapters
 from worker.engine.batch import Batch
 from worker.engine.engine import Engine

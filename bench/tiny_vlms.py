@@ -1,0 +1,166 @@
+"""Tiny random vision-language models for the tests and the benches, built from configs with
+stock transformers classes and the SmolLM2 tokenizer; never downloaded.
+
+- LLaVA: a tiny CLIP vision tower, a tiny Llama, `<image>` added to the tokenizer.
+- Idefics3 (the SmolVLM family): a tiny SigLIP-style tower with image
+  splitting, so differently shaped images give different numbers of image tokens.
+
+Both processors use PIL image processors, which need no torchvision (Qwen2-VL
+and SmolVLM processors do, and torchvision does not work beside this torch
+build). Weights are drawn with a large std, as in tiny_models.py, so greedy
+outputs vary from token to token and depend on the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from bench.tiny_models import (
+    WEIGHT_STD,
+    default_tokenizer_cache_dir,
+    smollm2_tokenizer,
+    tiny_llama_settings,
+)
+
+# A ChatML template (SmolLM2's turns) whose user content may hold images.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# SmolVLM's template, shortened.
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+def _tokenizer(tokenizer_cache_dir: Path | None, extra_tokens: list[str]) -> PreTrainedTokenizerBase:
+    tokenizer = smollm2_tokenizer(tokenizer_cache_dir or default_tokenizer_cache_dir())
+    tokenizer.add_special_tokens({"additional_special_tokens": extra_tokens})
+    return tokenizer
+
+
+def _text_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(**tiny_llama_settings(tokenizer))
+
+
+def _randomise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:  # embeddings, projections, patch convolutions
+                parameter.normal_(0.0, WEIGHT_STD, generator=generator)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model.eval()
+
+
+def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny LlavaForConditionalGeneration and its LlavaProcessor in
+    `directory` (AutoModelForImageTextToText / AutoProcessor load it). Each
+    image becomes 16 `<image>` tokens (a 32x32 crop in 8x8 patches)."""
+    directory = Path(directory)
+    tokenizer = _tokenizer(tokenizer_cache_dir, ["<image>"])
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _randomise(LlavaForConditionalGeneration(config), tokenizer, seed)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_idefics3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny Idefics3ForConditionalGeneration and its Idefics3Processor
+    in `directory`. Images are split into 32x32 tiles (longest edge resized to
+    64) plus a global view, 4 `<image>` tokens each, so an image's token count
+    depends on its shape."""
+    directory = Path(directory)
+    tokens = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    tokens += [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    tokenizer = _tokenizer(tokenizer_cache_dir, tokens)
+    vision = Idefics3VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _randomise(Idefics3ForConditionalGeneration(config), tokenizer, seed)
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(
+            size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=((IMAGE_SIZE // PATCH_SIZE) ** 2) // 4,  # scale_factor 2 merges 2x2 patches
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
