@@ -32,10 +32,18 @@ def admit(
     """Raise the ApiError that stops this request, or return the group's live
     readers that can serve it (those with its lora_id, when it names one).
     `with_images`: the request carries images, which only a VISION model accepts."""
-    group = payload.consumer_group
+    live = _ready_readers(connection, payload.consumer_group)
+    live = _readers_able_to_serve(live, payload, with_images=with_images)
+    if settings.max_queue_depth is not None:
+        _check_queue_depth(connection, payload.consumer_group, settings.max_queue_depth)
+    return live
+
+
+def _ready_readers(connection: redis.Redis, group: str) -> list[registry.ReaderInfo]:
+    """The group's live readers, when at least one has loaded its model: 404 for a
+    group no worker ever served, 503 (with Retry-After) for one with none ready."""
     if group not in registry.known_groups(connection):
         raise UnknownConsumerGroup(f"unknown consumer_group '{group}': no worker has ever served it")
-
     live = registry.live_readers(connection, group)
     if not live:
         raise NoLiveReader(
@@ -46,13 +54,19 @@ def admit(
             f"the workers of consumer_group '{group}' are still loading their model",
             retry_after=defaults.RETRY_AFTER_NO_READER_SECONDS,
         )
+    return live
 
+
+def _readers_able_to_serve(
+    live: list[registry.ReaderInfo], payload: GenerateRequest, *, with_images: bool
+) -> list[registry.ReaderInfo]:
+    """The readers whose model can take this request (images, adapter, context, chat template)."""
+    group = payload.consumer_group
     if with_images and not any(reader.ready and reader.model_type == "VISION" for reader in live):
         models = ", ".join(sorted({reader.model_name for reader in live}))
         raise ImagesNotAccepted(
             f"the model of consumer_group '{group}' ({models}) is text-only: it does not accept images"
         )
-
     if payload.lora_id is not None:
         live = [reader for reader in live if payload.lora_id in reader.loras.available]
         if not live:
@@ -60,7 +74,6 @@ def admit(
                 f"unknown lora_id '{payload.lora_id}': no worker of consumer_group '{group}' has that "
                 "adapter (GET /loras on the management port lists them)"
             )
-
     context_lengths = [reader.context_length for reader in live]
     if all(length is not None for length in context_lengths):
         longest = max(context_lengths)
@@ -73,12 +86,13 @@ def admit(
         raise InvalidPayload(
             f"use_chat_template is set but the model of consumer_group '{group}' has no chat template"
         )
-
-    if settings.max_queue_depth is not None:
-        depth = job_queue(connection, group).count
-        if depth >= settings.max_queue_depth:
-            raise QueueFull(
-                f"the queue of consumer_group '{group}' is full ({depth} waiting requests)",
-                retry_after=defaults.RETRY_AFTER_QUEUE_FULL_SECONDS,
-            )
     return live
+
+
+def _check_queue_depth(connection: redis.Redis, group: str, max_queue_depth: int) -> None:
+    depth = job_queue(connection, group).count
+    if depth >= max_queue_depth:
+        raise QueueFull(
+            f"the queue of consumer_group '{group}' is full ({depth} waiting requests)",
+            retry_after=defaults.RETRY_AFTER_QUEUE_FULL_SECONDS,
+        )

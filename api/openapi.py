@@ -70,12 +70,41 @@ def _reader_id_parameter() -> dict[str, Any]:
 def build_openapi(settings: ApiSettings) -> dict[str, Any]:
     _, definitions = models_json_schema(_SCHEMA_MODELS, ref_template="#/components/schemas/{model}")
     schemas = definitions["$defs"]
+    paths: dict[str, Any] = {
+        **_generation_paths(settings),
+        **_tokenizer_paths(settings),
+        **_probe_paths(),
+        **_management_paths(settings),
+        **_openai_paths(settings),
+    }
+
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mmserve",
+            "version": "0.1.0",
+            "description": "Takeoff-compatible text generation. Errors are "
+            '`{"error": "...", "error_type": "..."}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+    if settings.api_key:
+        document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+    return document
+
+
+def _generation_paths(settings: ApiSettings) -> dict[str, Any]:
+    """/generate, /generate_stream and their image twins (inference port)."""
     generate_errors = _errors(400, 401, 404, 413, 415, 422, 429, 503, 504)
     request_body = {"required": True, "content": _json_content("GenerateRequest")}
     inference = f"Inference port ({settings.port})."
-    management = f"Management port ({settings.management_port})."
-    both = "Both ports."
-
     paths: dict[str, Any] = {
         "/generate": {
             "post": {
@@ -157,6 +186,13 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
                 },
             }
         }
+    return paths
+
+
+def _tokenizer_paths(settings: ApiSettings) -> dict[str, Any]:
+    """Takeoff's tokenizer routes, answered by one reader (inference port)."""
+    inference = f"Inference port ({settings.port})."
+    paths: dict[str, Any] = {}
     for tool in ("tokenize", "detokenize", "chat_template"):
         paths[f"/{tool}/{{reader_id}}"] = {
             "post": {
@@ -174,6 +210,13 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
                 },
             }
         }
+    return paths
+
+
+def _probe_paths() -> dict[str, Any]:
+    """Liveness, readiness and metrics (both ports)."""
+    both = "Both ports."
+    paths: dict[str, Any] = {}
     paths["/healthz"] = {
         "get": {
             "summary": "Liveness",
@@ -202,6 +245,13 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             "responses": {"200": {"description": "Text format.", "content": {"text/plain": {}}}},
         }
     }
+    return paths
+
+
+def _management_paths(settings: ApiSettings) -> dict[str, Any]:
+    """Readers, LoRA adapters and local workers (management port)."""
+    management = f"Management port ({settings.management_port})."
+    paths: dict[str, Any] = {}
     paths["/reader_groups"] = {
         "get": {
             "summary": "Live readers by consumer group",
@@ -293,28 +343,7 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
             },
         }
     }
-    paths.update(_openai_paths(settings))
-
-    document: dict[str, Any] = {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "mmserve",
-            "version": "0.1.0",
-            "description": "Takeoff-compatible text generation. Errors are "
-            '`{"error": "...", "error_type": "..."}`.',
-        },
-        "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            },
-        },
-    }
-    if settings.api_key:
-        document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
-    return document
+    return paths
 
 
 def _openai_paths(settings: ApiSettings) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,3 +46,21 @@ def batch_token(text: str, row: int) -> str:
 
 def error(message: str, error_type: str) -> str:
     return json_event({"error": message, "error_type": error_type}, name="error")
+
+
+class StreamBody:
+    """A streamed response body that ends its request when the response ends. The
+    WSGI server calls `close` then, also when the client went away mid-stream: the
+    request is ended (job cancelled, images released) even if the body was never
+    iterated, which a bare generator would not notice."""
+
+    def __init__(self, events: Iterator[str], end_request: Callable[[], None]) -> None:
+        self._events = events
+        self._end_request = end_request
+
+    def __iter__(self) -> Iterator[str]:
+        return self._events
+
+    def close(self) -> None:
+        self._events.close()
+        self._end_request()

@@ -181,25 +181,16 @@ def stream_response(run: Run) -> Response:
     return Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
 
 
-class ChunkStream:
+class ChunkStream(sse.StreamBody):
     """The SSE body of a streamed completion: `chat.completion.chunk` (or
     `text_completion`) events, a usage chunk with stream_options.include_usage,
     then `data: [DONE]`. An error after the stream started is one
-    `data: {"error": {...}}` event (what OpenAI's clients raise), without [DONE].
-    The WSGI server calls `close` when the response ends, also when the client
-    went away: then the job is cancelled and its images released."""
+    `data: {"error": {...}}` event (what OpenAI's clients raise), without [DONE]."""
 
     def __init__(self, run: Run, *, keepalive_seconds: float) -> None:
         self._run = run
         self._keepalive_seconds = keepalive_seconds
-        self._chunks = self._produce()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._chunks
-
-    def close(self) -> None:
-        self._chunks.close()
-        self._run.close()
+        super().__init__(self._produce(), run.close)
 
     def _produce(self) -> Iterator[str]:
         run = self._run

@@ -93,24 +93,14 @@ def _stream(*, multipart: bool) -> Response:
     return Response(stream, mimetype="text/event-stream", headers=sse.HEADERS)
 
 
-class EventStream:
-    """The SSE body of /generate_stream. The WSGI server calls `close` when the
-    response ends, also when the client went away mid-stream: then the
-    generation is closed (job cancelled, images released) even if the body was
-    never iterated, which a bare generator would not notice."""
+class EventStream(sse.StreamBody):
+    """The SSE body of /generate_stream."""
 
     def __init__(self, payload: GenerateRequest, generation: Generation, *, keepalive_seconds: float) -> None:
         self._payload = payload
         self._generation = generation
         self._keepalive_seconds = keepalive_seconds
-        self._chunks = self._produce()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._chunks
-
-    def close(self) -> None:
-        self._chunks.close()
-        self._generation.close()
+        super().__init__(self._produce(), generation.close)
 
     def _produce(self) -> Iterator[str]:
         generation = self._generation
