@@ -57,7 +57,7 @@ class Reply(BaseModel):
 
 
 def commands_key(supervisor_id: str) -> str:
-    return f"{keys.PREFIX}:supervisor:{supervisor_id}:commands"
+    return keys.supervisor_inbox(supervisor_id)
 
 
 def send(connection: redis.Redis, supervisor_id: str, command: Command) -> Reply | None:
