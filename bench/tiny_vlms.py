@@ -2,13 +2,16 @@
 stock transformers classes and the SmolLM2 tokenizer; never downloaded.
 
 - LLaVA: a tiny CLIP vision tower, a tiny Llama, `<image>` added to the tokenizer.
-- Idefics3 (the SmolVLM family): a tiny SigLIP-style tower with image
-  splitting, so differently shaped images give different numbers of image tokens.
+- Idefics3 (the first SmolVLM release's architecture): a tiny SigLIP-style tower
+  with image splitting, so differently shaped images give different numbers of
+  image tokens.
+- SmolVLM (transformers' smolvlm classes, as SmolVLM2 ships): the same shape
+  with SmolVLM's processor, saved without a video processor.
 
-Both processors use PIL image processors, which need no torchvision (Qwen2-VL
-and SmolVLM processors do, and torchvision does not work beside this torch
-build). Weights are drawn with a large std, as in tiny_models.py, so greedy
-outputs vary from token to token and depend on the image.
+Every processor uses a PIL image processor, which needs no torchvision
+(torchvision does not work beside this torch build). Weights are drawn with a
+large std, as in tiny_models.py, so greedy outputs vary from token to token and
+depend on the image.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
+    SmolVLMProcessor,
+    SmolVLMVisionConfig,
 )
 
 from bench.tiny_models import (
@@ -39,6 +47,7 @@ from bench.tiny_models import (
     smollm2_tokenizer,
     tiny_llama_settings,
 )
+from worker.engine.models.loading import without_video_processor
 
 # A ChatML template (SmolLM2's turns) whose user content may hold images.
 LLAVA_CHAT_TEMPLATE = (
@@ -52,6 +61,16 @@ LLAVA_CHAT_TEMPLATE = (
 IDEFICS3_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# SmolVLM2's template: "User:" before an image, "User: " before text.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
@@ -126,15 +145,18 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Pat
     return directory
 
 
+def _idefics3_tokens() -> list[str]:
+    tokens = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    return tokens + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+
+
 def build_tiny_idefics3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
     """Save a tiny Idefics3ForConditionalGeneration and its Idefics3Processor
     in `directory`. Images are split into 32x32 tiles (longest edge resized to
     64) plus a global view, 4 `<image>` tokens each, so an image's token count
     depends on its shape."""
     directory = Path(directory)
-    tokens = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-    tokens += [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
-    tokenizer = _tokenizer(tokenizer_cache_dir, tokens)
+    tokenizer = _tokenizer(tokenizer_cache_dir, _idefics3_tokens())
     vision = Idefics3VisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -160,6 +182,46 @@ def build_tiny_idefics3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: 
         tokenizer=tokenizer,
         image_seq_len=((IMAGE_SIZE // PATCH_SIZE) ** 2) // 4,  # scale_factor 2 merges 2x2 patches
         chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_smolvlm(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny SmolVLMForConditionalGeneration and its SmolVLMProcessor in
+    `directory`, tiled as the Idefics3 one is (4 `<image>` tokens per 32x32
+    tile plus a global view). No video processor is saved, so
+    AutoProcessor.from_pretrained cannot load it: load_model builds the
+    processor from its image processor and tokenizer."""
+    directory = Path(directory)
+    tokenizer = _tokenizer(tokenizer_cache_dir, _idefics3_tokens())
+    vision = SmolVLMVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _randomise(SmolVLMForConditionalGeneration(config), tokenizer, seed)
+    processor = without_video_processor(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(
+            size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
+        ),
+        tokenizer=tokenizer,
+        video_processor=None,
+        image_seq_len=((IMAGE_SIZE // PATCH_SIZE) ** 2) // 4,  # scale_factor 2 merges 2x2 patches
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

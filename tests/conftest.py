@@ -53,6 +53,17 @@ def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenize
 
 
 @pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random SmolVLM (transformers' smolvlm classes) and its processor, saved
+    without a video processor: load it with worker.engine.models.loading.load_processor."""
+    from bench.tiny_vlms import build_tiny_smolvlm
+
+    return build_tiny_smolvlm(
+        tmp_path_factory.mktemp("tiny-smolvlm"), tokenizer_cache_dir=smollm2_tokenizer_dir
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A --lora-dir for the tiny Llama: two random adapters, "alpha" and "beta"."""
     from tests.support.tiny_loras import build_tiny_lora

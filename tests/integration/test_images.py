@@ -1,5 +1,5 @@
 """Image-to-text end to end: multipart HTTP -> API -> Redis -> worker serving a
-tiny random vision-language model (LLaVA, Idefics3) -> JSON / SSE."""
+tiny random vision-language model (LLaVA, Idefics3, SmolVLM) -> JSON / SSE."""
 
 from __future__ import annotations
 
@@ -84,16 +84,24 @@ def test_concurrent_requests_with_different_images_share_a_batch(
     assert_no_images_left(redis_client)
 
 
-def test_idefics3_answers_equal_hf_greedy(start_api, start_worker, tiny_idefics3_dir, redis_client):
-    start_worker(model=tiny_idefics3_dir, group="smolvlm")
+def test_idefics3_and_smolvlm_answer_equal_hf_greedy(
+    start_api, start_worker, tiny_idefics3_dir, tiny_smolvlm_dir, redis_client
+):
+    start_worker(model=tiny_idefics3_dir, group="idefics3")
+    start_worker(model=tiny_smolvlm_dir, group="smolvlm")  # SmolVLM's processor, without torchvision
     api = start_api()
-    reference = Reference(tiny_idefics3_dir)
-    for name in ("green", "grey"):  # split into different numbers of tiles
-        body = payload(["Describe it.", "Anything else?"], 6, consumer_group="smolvlm")
-        response = post_image(api.url, IMAGES[name], body)
-        assert response.status_code == 200, response.text
-        expected = [reference(text, IMAGES[name], 6) for text in body["text"]]
-        assert response.json() == {"text": expected}
+    for group, directory in (("idefics3", tiny_idefics3_dir), ("smolvlm", tiny_smolvlm_dir)):
+        reference = Reference(directory)
+        for name in ("green", "grey"):  # split into different numbers of tiles
+            body = payload(["Describe it.", "Anything else?"], 6, consumer_group=group)
+            response = post_image(api.url, IMAGES[name], body)
+            assert response.status_code == 200, (group, response.text)
+            expected = [reference(text, IMAGES[name], 6) for text in body["text"]]
+            assert response.json() == {"text": expected}, group
+        with post_image(
+            api.url, IMAGES["grey"], payload("Describe it.", 6, consumer_group=group), stream=True
+        ) as s:
+            assert "".join(event.data for event in read_stream(s)) == expected[0], group
     assert_no_images_left(redis_client)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import requests
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from tests.support.tiny_vlms import sample_image
+from worker.engine.models.loading import load_processor
 
 IMAGES = {
     "red": sample_image((220, 30, 30)),
@@ -26,7 +27,7 @@ class Reference:
     """Greedy answers of HF generate, one prompt and its image at a time."""
 
     def __init__(self, directory: Path) -> None:
-        self.processor = AutoProcessor.from_pretrained(directory)
+        self.processor = load_processor(str(directory))
         self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
 
     def __call__(self, text: str, image: Image.Image, max_new_tokens: int) -> str:

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from tests.support.tiny_vlms import sample_image
 from worker.engine.engine import Engine
+from worker.engine.models.loading import load_processor
 from worker.engine.rows import GenerationParams, RowRequest
 from worker.engine.vision import VisionPrompt
 
@@ -51,7 +52,7 @@ def load(directory) -> Vlm:
     return Vlm(
         directory.name,
         AutoModelForImageTextToText.from_pretrained(directory).eval(),
-        AutoProcessor.from_pretrained(directory),
+        load_processor(str(directory)),  # as the worker loads it (SmolVLM's without torchvision)
     )
 
 

@@ -35,6 +35,37 @@ _TEXT_OUTPUTS = frozenset(
 )
 
 
+def _image_encoder(model: PreTrainedModel) -> Any:
+    return getattr(model.base_model, "get_image_features", None) or getattr(model, "get_image_features", None)
+
+
+def unservable_reason(model: PreTrainedModel) -> str | None:
+    """Why the engine cannot serve this vision-language model, or None if it can.
+
+    Checked when the worker starts, so such a model is refused then rather than
+    answering wrongly: the engine's prefill is causal over plain 1-D positions,
+    so a model that needs more (multimodal rotary positions, image tokens that
+    attend to later image tokens) would run but not give transformers' output."""
+    name = type(model).__name__
+    forward = inspect.signature(model.forward).parameters
+    if _image_encoder(model) is None or "mm_encoder_outputs" not in forward:
+        return (
+            f"{name} cannot take pre-encoded images (get_image_features and mm_encoder_outputs), "
+            "which mmserve's batched prefill needs"
+        )
+    if hasattr(model.base_model, "get_rope_index"):
+        return (
+            f"{name} places image tokens with multimodal rotary positions (the Qwen2-VL family), "
+            "which mmserve's engine does not compute yet"
+        )
+    if "token_type_ids" in forward:
+        return (
+            f"{name} lets image tokens attend to each other both ways (a bidirectional mask from "
+            "token_type_ids, as in Gemma 3), which mmserve's causal prefill does not express yet"
+        )
+    return None
+
+
 class VisionPromptError(ValueError):
     """A prompt with images that cannot be built; worker.engine.prompts re-raises it as PromptError."""
 
@@ -117,19 +148,11 @@ class VisionPrompter:
         if token_id is None:
             token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.image_token_id = int(token_id)
-        encoder = getattr(model.base_model, "get_image_features", None) or getattr(
-            model, "get_image_features", None
-        )
-        if encoder is None or "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
-            raise NotImplementedError(
-                f"{type(model).__name__} cannot take pre-encoded images (get_image_features and "
-                "mm_encoder_outputs), which mmserve's batched prefill needs"
-            )
-        if hasattr(model.base_model, "get_rope_index"):
-            raise NotImplementedError(
-                f"{type(model).__name__} places image tokens with multimodal rotary positions, "
-                "which mmserve's engine does not compute yet"
-            )
+        reason = unservable_reason(model)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        encoder = _image_encoder(model)
+        assert encoder is not None  # unservable_reason checked it
         self._encoder = encoder
         self._encoder_arguments = {
             name for name in inspect.signature(encoder).parameters if name not in ("self", "kwargs")

@@ -10,6 +10,15 @@ import time
 import fakeredis
 import pytest
 from PIL import Image
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Idefics3Processor,
+    LlavaProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.utils import is_torchvision_available
 
 from shared import defaults, keys
 from shared.payload import GenerateRequest, GenerationJob
@@ -17,7 +26,7 @@ from tests.support.fake_engine import FakeEngine
 from tests.support.tiny_vlms import counting_encoder, sample_image
 from worker.batch_run import BatchRun
 from worker.engine.engine import Engine
-from worker.engine.models.loading import load_model
+from worker.engine.models.loading import load_model, load_processor
 from worker.images import ImageStore, ImageUnavailable
 from worker.publisher import EventPublisher
 
@@ -60,6 +69,72 @@ def test_a_vision_language_model_loads_with_its_processor(llava):
     assert llava.model_type == "VISION"
     assert type(llava.model).__name__ == "LlavaForConditionalGeneration"
     assert llava.processor is not None and llava.tokenizer is llava.processor.tokenizer
+
+
+def test_smolvlm_loads_without_torchvision_with_its_pil_image_processor(tiny_smolvlm_dir):
+    assert not is_torchvision_available()  # the case this covers: torchvision breaks beside this torch
+    loaded = load_model(str(tiny_smolvlm_dir), device="cpu", dtype="float32")
+    assert loaded.model_type == "VISION"
+    assert type(loaded.model).__name__ == "SmolVLMForConditionalGeneration"
+    processor = loaded.processor
+    assert type(processor).__name__ == "SmolVLMProcessor"
+    assert type(processor.image_processor).__name__ == "SmolVLMImageProcessorPil"
+    assert loaded.tokenizer is processor.tokenizer and loaded.tokenizer.padding_side == "left"
+    assert processor.image_seq_len == 4 and processor.chat_template
+    with pytest.raises(ValueError, match="no video processor"):
+        processor.video_processor([])
+    engine = Engine(loaded.model, loaded.tokenizer, processor=processor)
+    (prompt,) = engine.encode_image_prompts(["What?"], [sample_image("red")], use_chat_template=True)
+    assert engine.vision.count_image_tokens(prompt.prompt_ids) == prompt.image_features.tokens > 4
+
+
+def test_processors_without_a_video_part_load_as_autoprocessor_loads_them(tiny_idefics3_dir, llava):
+    assert type(load_processor(str(tiny_idefics3_dir))) is Idefics3Processor
+    assert type(llava.processor) is LlavaProcessor
+
+
+def _text_settings() -> dict:
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 128,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def test_the_qwen2_vl_family_is_refused_at_load_naming_the_reason(tmp_path):
+    config = Qwen2VLConfig(
+        text_config={
+            **_text_settings(),
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        },
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)  # no processor: refused before it
+    with pytest.raises(NotImplementedError, match=r"cannot serve .*multimodal rotary positions"):
+        load_model(str(tmp_path), device="cpu", dtype="float32")
+
+
+def test_gemma3_is_refused_at_load_naming_the_reason(tmp_path):
+    config = Gemma3Config(
+        text_config={**_text_settings(), "head_dim": 16},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        mm_tokens_per_image=4,
+    )
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match=r"cannot serve .*attend to each other both ways"):
+        load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
 def test_a_text_model_loads_as_causal(tiny_model_dir):

