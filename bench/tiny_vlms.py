@@ -17,6 +17,7 @@ depend on the image.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -155,48 +156,56 @@ def build_tiny_idefics3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: 
     in `directory`. Images are split into 32x32 tiles (longest edge resized to
     64) plus a global view, 4 `<image>` tokens each, so an image's token count
     depends on its shape."""
-    directory = Path(directory)
-    tokenizer = _tokenizer(tokenizer_cache_dir, _idefics3_tokens())
-    vision = Idefics3VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    config = Idefics3Config(
-        vision_config=vision,
-        text_config=_text_config(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _randomise(Idefics3ForConditionalGeneration(config), tokenizer, seed)
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(
-            size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
-        ),
-        tokenizer=tokenizer,
-        image_seq_len=((IMAGE_SIZE // PATCH_SIZE) ** 2) // 4,  # scale_factor 2 merges 2x2 patches
+    return _build_tiled(
+        directory,
+        vision_config=Idefics3VisionConfig,
+        config=Idefics3Config,
+        model_class=Idefics3ForConditionalGeneration,
+        processor_class=Idefics3Processor,
+        image_processor=Idefics3ImageProcessorPil,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
+        seed=seed,
+        tokenizer_cache_dir=tokenizer_cache_dir,
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def build_tiny_smolvlm(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
     """Save a tiny SmolVLMForConditionalGeneration and its SmolVLMProcessor in
-    `directory`, tiled as the Idefics3 one is (4 `<image>` tokens per 32x32
-    tile plus a global view). No video processor is saved, so
+    `directory`, tiled as the Idefics3 one is. No video processor is saved, so
     AutoProcessor.from_pretrained cannot load it: load_model builds the
     processor from its image processor and tokenizer."""
+    return _build_tiled(
+        directory,
+        vision_config=SmolVLMVisionConfig,
+        config=SmolVLMConfig,
+        model_class=SmolVLMForConditionalGeneration,
+        processor_class=without_video_processor(SmolVLMProcessor),
+        image_processor=SmolVLMImageProcessorPil,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        seed=seed,
+        tokenizer_cache_dir=tokenizer_cache_dir,
+        video_processor=None,
+    )
+
+
+def _build_tiled(
+    directory: Path,
+    *,
+    vision_config: type,
+    config: type,
+    model_class: type,
+    processor_class: type,
+    image_processor: type,
+    chat_template: str,
+    seed: int,
+    tokenizer_cache_dir: Path | None,
+    **processor_parts: Any,
+) -> Path:
+    """An Idefics3-architecture model (Idefics3, SmolVLM) and its processor, saved:
+    32x32 tiles plus a global view, 4 `<image>` tokens per tile."""
     directory = Path(directory)
     tokenizer = _tokenizer(tokenizer_cache_dir, _idefics3_tokens())
-    vision = SmolVLMVisionConfig(
+    vision = vision_config(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -204,7 +213,7 @@ def build_tiny_smolvlm(directory: Path, *, seed: int = 0, tokenizer_cache_dir: P
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
     )
-    config = SmolVLMConfig(
+    model_config = config(
         vision_config=vision,
         text_config=_text_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -213,15 +222,15 @@ def build_tiny_smolvlm(directory: Path, *, seed: int = 0, tokenizer_cache_dir: P
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _randomise(SmolVLMForConditionalGeneration(config), tokenizer, seed)
-    processor = without_video_processor(SmolVLMProcessor)(
-        image_processor=SmolVLMImageProcessorPil(
+        model = _randomise(model_class(model_config), tokenizer, seed)
+    processor = processor_class(
+        image_processor=image_processor(
             size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
         ),
         tokenizer=tokenizer,
-        video_processor=None,
         image_seq_len=((IMAGE_SIZE // PATCH_SIZE) ** 2) // 4,  # scale_factor 2 merges 2x2 patches
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        chat_template=chat_template,
+        **processor_parts,
     )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
