@@ -105,6 +105,17 @@ def _randomise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed:
     return model.eval()
 
 
+# The vision tower every tiny model shares: 2 layers of width 32 over 8x8 patches.
+TINY_VISION_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
+
+
 def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
     """Save a tiny LlavaForConditionalGeneration and its LlavaProcessor in
     `directory` (AutoModelForImageTextToText / AutoProcessor load it). Each
@@ -112,12 +123,7 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Pat
     directory = Path(directory)
     tokenizer = _tokenizer(tokenizer_cache_dir, ["<image>"])
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        **TINY_VISION_TOWER,
         projection_dim=32,
     )
     config = LlavaConfig(
@@ -206,12 +212,7 @@ def _build_tiled(
     directory = Path(directory)
     tokenizer = _tokenizer(tokenizer_cache_dir, _idefics3_tokens())
     vision = vision_config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        **TINY_VISION_TOWER,
     )
     model_config = config(
         vision_config=vision,
