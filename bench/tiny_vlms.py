@@ -7,6 +7,14 @@ stock transformers classes and the SmolLM2 tokenizer; never downloaded.
   image tokens.
 - SmolVLM (transformers' smolvlm classes, as SmolVLM2 ships): the same shape
   with SmolVLM's processor, saved without a video processor.
+- Qwen2-VL and Qwen2.5-VL: their own vision towers over 14x14 patches merged 2x2,
+  dynamic resolution (an image gives as many tokens as its size asks, between
+  4 and 16 here), multimodal rotary positions; saved without a video processor.
+- Gemma 3: a SigLIP tower pooled to 4 tokens an image, a Gemma 3 text model
+  whose sliding-window layers see 8 tokens, image tokens attending to each
+  other both ways.
+
+`FAMILIES` names every builder, for the tests and benches that cover them all.
 
 Every processor uses a PIL image processor, which needs no torchvision
 (torchvision does not work beside this torch build). Weights are drawn with a
@@ -16,13 +24,19 @@ depend on the image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -35,6 +49,13 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
@@ -75,6 +96,25 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# Qwen2-VL's template, shortened: each image between vision markers.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Gemma 3's template, shortened: "model" turns, an image as <start_of_image>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 IMAGE_SIZE = 32
@@ -236,3 +276,161 @@ def _build_tiled(
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PATCH_SIZE = 14
+QWEN_MERGE_SIZE = 2
+# Pixels of an image after resizing, in merged 28x28 patches: 4 to 16 image tokens.
+QWEN_MIN_PIXELS = 4 * (QWEN_PATCH_SIZE * QWEN_MERGE_SIZE) ** 2
+QWEN_MAX_PIXELS = 16 * (QWEN_PATCH_SIZE * QWEN_MERGE_SIZE) ** 2
+
+
+def build_tiny_qwen2_vl(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny Qwen2VLForConditionalGeneration and its processor (PIL image
+    processor, no video processor) in `directory`."""
+    return _build_qwen(
+        directory,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        {},
+        seed,
+        tokenizer_cache_dir,
+    )
+
+
+def build_tiny_qwen2_5_vl(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny Qwen2_5_VLForConditionalGeneration (windowed vision attention
+    over 2x2 merged windows) and its processor in `directory`."""
+    vision = {"out_hidden_size": 64, "intermediate_size": 64, "window_size": 56, "fullatt_block_indexes": [1]}
+    return _build_qwen(
+        directory,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        vision,
+        seed,
+        tokenizer_cache_dir,
+    )
+
+
+def _build_qwen(
+    directory: Path,
+    config_class: type,
+    model_class: type,
+    processor_class: type,
+    vision_settings: dict[str, Any],
+    seed: int,
+    tokenizer_cache_dir: Path | None,
+) -> Path:
+    directory = Path(directory)
+    tokenizer = _tokenizer(tokenizer_cache_dir, QWEN_TOKENS)
+    text = {
+        **tiny_llama_settings(tokenizer),
+        # the head's 16 dimensions hold 8 rotary frequencies: 2 for time, 3 for height, 3 for width
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 32 if vision_settings else 64,
+        "num_heads": 2,
+        "patch_size": QWEN_PATCH_SIZE,
+        "spatial_merge_size": QWEN_MERGE_SIZE,
+        "temporal_patch_size": 2,
+        **vision_settings,
+    }
+    if not vision_settings:
+        vision["mlp_ratio"] = 2
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _randomise(model_class(config), tokenizer, seed)
+    processor = without_video_processor(processor_class)(
+        image_processor=Qwen2VLImageProcessorPil(
+            patch_size=QWEN_PATCH_SIZE,
+            merge_size=QWEN_MERGE_SIZE,
+            min_pixels=QWEN_MIN_PIXELS,
+            max_pixels=QWEN_MAX_PIXELS,
+        ),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "image_token": "<image_soft_token>",
+    "eoi_token": "<end_of_image>",
+}
+GEMMA3_IMAGE_TOKENS = 4  # the tower's 4x4 patches pooled 2x2
+
+
+def build_tiny_gemma3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
+    """Save a tiny Gemma3ForConditionalGeneration and its Gemma3Processor in
+    `directory`: every image resized to 32x32, 4 image tokens between
+    <start_of_image> and <end_of_image>; 4 text layers, alternating sliding
+    window (8 tokens) and full attention. Untied head: Gemma scales its input
+    embeddings by sqrt(hidden), so a tied random head would mostly repeat the
+    last token."""
+    directory = Path(directory)
+    source = tokenizer_cache_dir or default_tokenizer_cache_dir()
+    smollm2_tokenizer(source)  # converted once
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, padding_side="left", extra_special_tokens=dict(GEMMA3_TOKENS)
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    text = {
+        **tiny_llama_settings(tokenizer),
+        "head_dim": 16,
+        "num_hidden_layers": 4,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "tie_word_embeddings": False,
+    }
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=TINY_VISION_TOWER,
+        mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _randomise(Gemma3ForConditionalGeneration(config), tokenizer, seed)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer,
+        image_seq_length=GEMMA3_IMAGE_TOKENS,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+Builder = Callable[..., Path]
+
+# Every tiny vision-language model, by family name.
+FAMILIES: dict[str, Builder] = {
+    "llava": build_tiny_llava,
+    "idefics3": build_tiny_idefics3,
+    "smolvlm": build_tiny_smolvlm,
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "gemma3": build_tiny_gemma3,
+}

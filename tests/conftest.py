@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,33 +35,43 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+def tiny_vlm_dir(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path
+) -> Callable[[str], Path]:
+    """The folder of a family's tiny random vision-language model and its processor
+    (bench.tiny_vlms.FAMILIES names them), built on first use."""
+    from bench.tiny_vlms import FAMILIES
+
+    built: dict[str, Path] = {}
+
+    def directory(family: str) -> Path:
+        if family not in built:
+            built[family] = FAMILIES[family](
+                tmp_path_factory.mktemp(f"tiny-{family}"), tokenizer_cache_dir=smollm2_tokenizer_dir
+            )
+        return built[family]
+
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_vlm_dir: Callable[[str], Path]) -> Path:
     """A tiny random LLaVA (CLIP tower + Llama + SmolLM2 tokenizer with <image>) and
     its processor, loadable by AutoModelForImageTextToText / AutoProcessor."""
-    from bench.tiny_vlms import build_tiny_llava
-
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer_cache_dir=smollm2_tokenizer_dir)
+    return tiny_vlm_dir("llava")
 
 
 @pytest.fixture(scope="session")
-def tiny_idefics3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+def tiny_idefics3_dir(tiny_vlm_dir: Callable[[str], Path]) -> Path:
     """A tiny random Idefics3 (the SmolVLM family, with image splitting) and its processor."""
-    from bench.tiny_vlms import build_tiny_idefics3
-
-    return build_tiny_idefics3(
-        tmp_path_factory.mktemp("tiny-idefics3"), tokenizer_cache_dir=smollm2_tokenizer_dir
-    )
+    return tiny_vlm_dir("idefics3")
 
 
 @pytest.fixture(scope="session")
-def tiny_smolvlm_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+def tiny_smolvlm_dir(tiny_vlm_dir: Callable[[str], Path]) -> Path:
     """A tiny random SmolVLM (transformers' smolvlm classes) and its processor, saved
     without a video processor: load it with worker.engine.models.loading.load_processor."""
-    from bench.tiny_vlms import build_tiny_smolvlm
-
-    return build_tiny_smolvlm(
-        tmp_path_factory.mktemp("tiny-smolvlm"), tokenizer_cache_dir=smollm2_tokenizer_dir
-    )
+    return tiny_vlm_dir("smolvlm")
 
 
 @pytest.fixture(scope="session")

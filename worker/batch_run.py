@@ -245,7 +245,7 @@ class BatchRun:
         if not self._waiting:
             return []
         if self._engine.has_work and not self._engine.accepts_rows_mid_batch:
-            return []  # e.g. sliding-window caches: newcomers wait for the batch to empty
+            return []  # caches that cannot merge: newcomers wait for the batch to empty
         picks = self._scheduler.plan_prefill(
             self._waiting_rows(),
             self._running,

@@ -8,8 +8,9 @@ to sample (the forward ran, `logits` holds each row's next-token logits,
 (see worker.engine.attention).
 
 Easy to get wrong: rows are left-padded (every row's last token in the last column)
-and each row's position ids count only its real tokens (cumsum of the mask - 1),
-which is what makes a padded row compute what it would compute alone."""
+and each row's position ids count only its real tokens (cumsum of the mask - 1, or
+the row's own multimodal positions: worker.engine.positions), which is what makes a
+padded row compute what it would compute alone."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from worker.engine.detokenizer import Detokenizer
 from worker.engine.grammar import GrammarState
 from worker.engine.kv_cache import is_plain, merge_caches, select_rows
+from worker.engine.positions import merged_position_ids, next_position_ids, prompt_position_ids
 from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
 from worker.engine.stopping import Stopping
@@ -61,7 +63,7 @@ class Batch:
     rows: list[Row]
     input_ids: torch.Tensor  # [B, T] long
     attention_mask: torch.Tensor  # [B, S] long, 0 = left padding
-    position_ids: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long, or [axes, B, T] (worker.engine.positions)
     cache: DynamicCache
     sampler: Sampler
     logits: torch.Tensor | None = None  # [B, V] once the forward has run
@@ -78,9 +80,11 @@ class Batch:
         device: torch.device | str = "cpu",
         cache: DynamicCache | None = None,
         width_multiple: int = 1,
+        positions: Sequence[torch.Tensor | None] | None = None,
     ) -> Batch:
         """A batch ready to prefill `requests`, prompts left-padded to the longest
-        (rounded up to a multiple of `width_multiple`)."""
+        (rounded up to a multiple of `width_multiple`). `positions` gives rows
+        their own position ids ([axes, prompt length]; None: 0, 1, 2...)."""
         if not requests:
             raise ValueError("a batch needs at least one row")
         device = torch.device(device)
@@ -91,7 +95,7 @@ class Batch:
             length = len(request.prompt_ids)
             input_ids[row, width - length :] = torch.tensor(request.prompt_ids, dtype=torch.long)
             attention_mask[row, width - length :] = 1
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = prompt_position_ids(attention_mask, positions or [None] * len(requests))
         rows = [
             Row(
                 key=r.key,
@@ -148,7 +152,7 @@ class Batch:
         if tokens.shape != (len(self),):
             raise ValueError(f"expected {len(self)} tokens, got shape {tuple(tokens.shape)}")
         self.input_ids = tokens.to(self.input_ids.device, torch.long)[:, None]
-        self.position_ids = self.position_ids[:, -1:] + 1
+        self.position_ids = next_position_ids(self.position_ids)
         self.attention_mask = torch.cat(
             [self.attention_mask, self.attention_mask.new_ones((len(self), 1))], dim=1
         )
@@ -176,7 +180,7 @@ class Batch:
             rows=[self.rows[i] for i in keep],
             input_ids=self.input_ids[index],
             attention_mask=attention_mask,
-            position_ids=self.position_ids[index],
+            position_ids=self.position_ids[..., index, :],
             cache=self.cache,
             sampler=self.sampler.filter(keep),
             logits=self.logits[index],
@@ -218,7 +222,7 @@ class Batch:
             rows=[rows[i] for i in order],
             input_ids=torch.cat([b.input_ids[:, -1:] for b in batches])[index],
             attention_mask=torch.cat([pad_left(b.attention_mask, 1) for b in batches])[index],
-            position_ids=torch.cat([b.position_ids[:, -1:] for b in batches])[index],
+            position_ids=merged_position_ids([b.position_ids[..., -1:] for b in batches])[..., index, :],
             cache=merge_caches([b.cache for b in batches], width, order),
             sampler=Sampler.concatenate([b.sampler for b in batches]).filter(order),
             logits=logits[index],

@@ -113,7 +113,8 @@ class Engine:
     @property
     def accepts_rows_mid_batch(self) -> bool:
         """Whether `add` can merge rows into the running batch now (False for
-        KV caches `Batch.concatenate` cannot pad, e.g. sliding-window layers)."""
+        KV caches `Batch.concatenate` cannot pad: layer kinds other than full
+        attention and sliding windows, see worker.engine.kv_cache)."""
         return self._batch is None or self._batch.can_concatenate
 
     @property
@@ -283,7 +284,7 @@ class Engine:
         rows = sorted(rows, key=lambda r: -len(r.prompt_ids))  # longest first, see worker.engine.attention
         if self._batch is not None and not self._batch.can_concatenate:
             raise NotImplementedError(
-                "this model's KV cache (e.g. sliding-window layers) cannot take rows into a running batch; "
+                "this model's KV cache layers cannot take rows into a running batch; "
                 "add rows when the engine has no work"
             )
         grammars = self.check(rows)
@@ -293,7 +294,9 @@ class Engine:
             self.adapters.ensure(wanted, self.adapters_in_use)
         batch = self._new_batch(rows, grammars)
         prefill_inputs = (
-            self.vision.prefill_inputs([r.image_features for r in rows]) if self.vision is not None else {}
+            self.vision.prefill_inputs([r.image_features for r in rows], batch.input_ids)
+            if self.vision is not None
+            else {}
         )
         self._forward(batch, prefill_inputs)
         self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
@@ -322,6 +325,9 @@ class Engine:
             device=self.device,
             cache=growing_cache(self.model.config),
             width_multiple=self.prefill_width_multiple,
+            positions=[self.vision.positions(r.prompt_ids, r.image_features) for r in rows]
+            if self.vision is not None
+            else None,
         )
         for row, grammar in zip(batch.rows, grammars, strict=True):
             row.grammar = grammar.start() if grammar is not None else None

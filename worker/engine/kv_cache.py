@@ -7,6 +7,12 @@ each step's into the room; `select_rows` (rows leave) moves only the rows behind
 first one that left, and `merge_caches` (rows join) copies every batch once, into a
 buffer with room to grow, in the row order asked for.
 
+Sliding-window layers (transformers' `DynamicSlidingWindowLayer`, e.g. Gemma 3's local
+layers) hold only a row's last `sliding_window - 1` columns; `select_rows` and
+`merge_caches` keep them aligned with the batch's attention mask, right-aligned as
+every row is, and keep their `cumulative_length` equal to the mask's width (which
+transformers reads to place the window on the mask).
+
 Easy to get wrong: `keys` / `values` are views of the buffer's filled part, so what
 reads a `DynamicLayer` reads them unchanged; assigning other tensors to them hands the
 layer a new starting point, which the next update copies into a fresh buffer."""
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 # Room for this many more tokens (or a quarter of the filled length, if more)
 # whenever a buffer is (re)allocated: one copy per that many decode steps.
@@ -152,9 +158,14 @@ def growing_cache(config: PretrainedConfig) -> DynamicCache:
 
 def is_plain(cache: DynamicCache) -> bool:
     """True when every layer is a full-attention DynamicLayer (or a growing
-    one) holding tensors: the layers `select_rows` can trim and `merge_caches`
-    can merge (sliding-window and other layer kinds keep extra state)."""
-    return all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized for layer in cache.layers)
+    one) or a sliding-window one, holding tensors: the layers `select_rows` can
+    trim and `merge_caches` can merge (other kinds keep state of their own)."""
+    return all(
+        type(layer) in (DynamicLayer, GrowingLayer, DynamicSlidingWindowLayer)
+        and layer.is_initialized
+        and not getattr(layer, "record_past", False)
+        for layer in cache.layers
+    )
 
 
 def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) -> None:
@@ -167,6 +178,8 @@ def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) ->
     for layer in cache.layers:
         if isinstance(layer, GrowingLayer):
             layer.keep_rows(keep, drop_left)
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            _keep_window_rows(layer, keep, drop_left)
         else:
             copy_rows(layer, keep, drop_left)
 
@@ -179,15 +192,50 @@ def copy_rows(layer: DynamicLayer, keep: Sequence[int], drop_left: int) -> None:
     layer.values = layer.values[index, :, drop_left:]
 
 
+def _keep_window_rows(layer: DynamicSlidingWindowLayer, keep: Sequence[int], drop_left: int) -> None:
+    """`copy_rows` for a sliding-window layer: the mask loses `drop_left` columns,
+    so the window holds the last min(columns left, window - 1) of them."""
+    layer.cumulative_length -= drop_left
+    visible = min(layer.cumulative_length, layer.sliding_window - 1)
+    index = torch.tensor(list(keep), dtype=torch.long, device=layer.keys.device)
+    layer.keys = layer.keys[index, :, layer.keys.shape[-2] - visible :]
+    layer.values = layer.values[index, :, layer.values.shape[-2] - visible :]
+
+
+def _merged_window(
+    layers: Sequence[DynamicSlidingWindowLayer], width: int, order: Sequence[int]
+) -> DynamicSlidingWindowLayer:
+    """`GrowingLayer.merged` for sliding-window layers: each row's window,
+    left-padded with zeros to the merged window's min(width, window - 1) columns."""
+    first = layers[0]
+    sources = [(layer, row) for layer in layers for row in range(layer.keys.shape[0])]
+    visible = min(width, first.sliding_window - 1)
+    merged = DynamicSlidingWindowLayer(first.sliding_window)
+    merged.lazy_initialization(first.keys, first.values)
+    keys = first.keys.new_zeros((len(order), first.keys.shape[1], visible, first.keys.shape[-1]))
+    values = first.values.new_zeros((len(order), first.values.shape[1], visible, first.values.shape[-1]))
+    for target, source in enumerate(order):
+        layer, row = sources[source]
+        held = layer.keys.shape[-2]
+        keys[target, :, visible - held :] = layer.keys[row]
+        values[target, :, visible - held :] = layer.values[row]
+    merged.keys, merged.values, merged.cumulative_length = keys, values, width
+    return merged
+
+
 def merge_caches(caches: Sequence[DynamicCache], width: int, order: Sequence[int]) -> DynamicCache:
     """The rows of plain `caches` (numbered across them, in turn) in the order
     `order`, left-padded to `width` tokens: the first cache, its layers
-    replaced by merged growing layers."""
+    replaced by merged growing (or sliding-window) layers."""
     if len({len(cache.layers) for cache in caches}) != 1:
         raise ValueError("caches come from models with different numbers of layers")
     merged = caches[0]
-    merged.layers = [
-        GrowingLayer.merged([cache.layers[index] for cache in caches], width, order)
-        for index in range(len(merged.layers))
-    ]
+    layers: list[DynamicLayer] = []
+    for index in range(len(merged.layers)):
+        parts = [cache.layers[index] for cache in caches]
+        if isinstance(parts[0], DynamicSlidingWindowLayer):
+            layers.append(_merged_window(parts, width, order))
+        else:
+            layers.append(GrowingLayer.merged(parts, width, order))
+    merged.layers = layers
     return merged

@@ -9,9 +9,17 @@ row's features go to the model together (`prefill_inputs`, as transformers'
 `generate` passes them); decode steps are text only, so rows with and without images
 share a batch.
 
+Two families need more than the features at prefill: the Qwen2-VL family places
+image tokens with multimodal rotary positions (`positions`, computed per row:
+worker.engine.positions), and Gemma 3 lets an image's tokens attend to each other
+both ways (`prefill_inputs` passes `token_type_ids`, from which transformers builds
+that mask).
+
 Easy to get wrong: the model scatters the features, in order, into the image-token
 positions of the whole batch, so one row whose image tokens do not match its features
-would fail every row (Engine.check refuses it first)."""
+would fail every row (Engine.check refuses it first). The placeholder a prompt holds
+per image (processor.image_token) is not always the token the features fill: Gemma 3
+expands `<start_of_image>` into `<image_soft_token>`s (the model config's image token)."""
 
 from __future__ import annotations
 
@@ -27,12 +35,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from shared import defaults
+from worker.engine.positions import (
+    multimodal_positions_known,
+    multimodal_prompt_positions,
+    uses_multimodal_positions,
+)
 
 # What the processor returns besides the pixels: the token ids and masks the
 # engine builds itself, and bookkeeping the model does not take.
 _TEXT_OUTPUTS = frozenset(
     {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "text_replacement_offsets"}
 )
+
+
+# Model types whose image tokens attend to each other both ways when the forward
+# gets `token_type_ids` (1 = image token) at prefill, as their processor builds them.
+BIDIRECTIONAL_IMAGE_MODEL_TYPES = frozenset({"gemma3"})
 
 
 def _image_encoder(model: PreTrainedModel) -> Any:
@@ -53,17 +71,21 @@ def unservable_reason(model: PreTrainedModel) -> str | None:
             f"{name} cannot take pre-encoded images (get_image_features and mm_encoder_outputs), "
             "which mmserve's batched prefill needs"
         )
-    if hasattr(model.base_model, "get_rope_index"):
+    if uses_multimodal_positions(model) and not multimodal_positions_known(model):
         return (
-            f"{name} places image tokens with multimodal rotary positions (the Qwen2-VL family), "
-            "which mmserve's engine does not compute yet"
+            f"{name} places image tokens with multimodal rotary positions, which mmserve computes "
+            "for the Qwen2-VL and Qwen2.5-VL families only"
         )
-    if "token_type_ids" in forward:
+    if "token_type_ids" in forward and not _bidirectional_images(model):
         return (
-            f"{name} lets image tokens attend to each other both ways (a bidirectional mask from "
-            "token_type_ids, as in Gemma 3), which mmserve's causal prefill does not express yet"
+            f"{name} takes token_type_ids, whose meaning mmserve knows for Gemma 3 only "
+            "(image tokens attending to each other both ways)"
         )
     return None
+
+
+def _bidirectional_images(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "model_type", None) in BIDIRECTIONAL_IMAGE_MODEL_TYPES
 
 
 class VisionPromptError(ValueError):
@@ -79,6 +101,7 @@ class ImageFeatures:
 
     pooler_output: Any
     tokens: int
+    grids: torch.Tensor | None = None  # [images, 3] patches (time, height, width), where the model has them
 
     @property
     def nbytes(self) -> int:
@@ -144,10 +167,11 @@ class VisionPrompter:
         self.processor = processor
         self.tokenizer = tokenizer
         self.image_token: str = getattr(processor, "image_token", None) or "<image>"
-        token_id = getattr(processor, "image_token_id", None)
-        if token_id is None:
-            token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.image_token_id = int(token_id)
+        self.placeholder_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
+        self.image_token_id = _image_token_id(model, processor, self.placeholder_id)
+        self.multimodal_positions = uses_multimodal_positions(model)
+        self.bidirectional_images = _bidirectional_images(model)
+        self._raw_marker = self._raw_image_marker()
         reason = unservable_reason(model)
         if reason is not None:
             raise NotImplementedError(reason)
@@ -210,7 +234,7 @@ class VisionPrompter:
             features = self._encode(first.pixel_inputs)
             if images_key is not None:
                 self.feature_cache.put(images_key, features)
-        splice = _Splice.of(self._plain_ids(strings[0]), first.ids, self.image_token_id)
+        splice = _Splice.of(self._plain_ids(strings[0]), first.ids, self.placeholder_id)
         prompts = []
         for index, string in enumerate(strings):
             spliced = None if index == 0 or splice is None else splice.apply(self._plain_ids(string))
@@ -281,10 +305,20 @@ class VisionPrompter:
             raise VisionPromptError(f"the chat template could not be applied: {exc}") from exc
         return prompt if isinstance(prompt, str) else prompt[0]
 
+    def _raw_image_marker(self) -> str:
+        """What goes before a raw prompt's text per image when it places none: the
+        placeholder, between the model's vision markers where it has them (Qwen2-VL)."""
+        start = getattr(self.model.config, "vision_start_token_id", None)
+        end = getattr(self.model.config, "vision_end_token_id", None)
+        if start is None or end is None:
+            return self.image_token
+        start_token, end_token = self.tokenizer.convert_ids_to_tokens([start, end])
+        return f"{start_token}{self.image_token}{end_token}"
+
     def _raw_prompt(self, text: str, image_count: int) -> str:
         placeholders = text.count(self.image_token)
         if placeholders == 0:
-            return self.image_token * image_count + text
+            return self._raw_marker * image_count + text
         if placeholders != image_count:
             raise VisionPromptError(
                 f"the prompt holds {placeholders} {self.image_token} placeholder(s) but the request "
@@ -314,10 +348,11 @@ class VisionPrompter:
         image_start = len(ids)
         if images:
             marks = encoded.get("mm_token_type_ids")
+            image_tokens = {self.image_token_id, self.placeholder_id}
             flagged = (
                 torch.as_tensor(marks[0]).nonzero().flatten().tolist()
                 if marks is not None
-                else [i for i, token in enumerate(ids) if token == self.image_token_id]
+                else [i for i, token in enumerate(ids) if token in image_tokens]
             )
             image_start = flagged[0] if flagged else len(ids)
         pixel_inputs = {key: value for key, value in encoded.items() if key not in _TEXT_OUTPUTS}
@@ -353,14 +388,36 @@ class VisionPrompter:
         output = self._encoder(**arguments, return_dict=True)
         pooled = output.pooler_output
         parts = [pooled] if isinstance(pooled, torch.Tensor) and pooled.ndim == 2 else list(pooled)
-        return ImageFeatures(pooler_output=pooled, tokens=sum(int(part.shape[-2]) for part in parts))
+        return ImageFeatures(
+            pooler_output=pooled,
+            tokens=sum(int(part.shape[-2]) for part in parts),
+            grids=pixel_inputs.get("image_grid_thw"),
+        )
 
     def count_image_tokens(self, prompt_ids: Sequence[int]) -> int:
         return sum(1 for token in prompt_ids if token == self.image_token_id)
 
+    def positions(self, prompt_ids: Sequence[int], features: ImageFeatures | None) -> torch.Tensor | None:
+        """A row's own position ids ([axes, prompt length]) where the model needs
+        more than 0, 1, 2... (multimodal rotary positions of a prompt with images)."""
+        if not self.multimodal_positions or features is None:
+            return None
+        if features.grids is None:
+            raise VisionPromptError("the processor gave no image grids, which this model's positions need")
+        return multimodal_prompt_positions(self.model, prompt_ids, self.image_token_id, features.grids)
+
+    def prefill_inputs(
+        self, features: Sequence[ImageFeatures | None], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Model inputs for a prefill of `input_ids` whose rows (in batch order)
+        carry these features."""
+        inputs = self._features_input(features)
+        if inputs and self.bidirectional_images:
+            inputs["token_type_ids"] = (input_ids == self.image_token_id).long()
+        return inputs
+
     @staticmethod
-    def prefill_inputs(features: Sequence[ImageFeatures | None]) -> dict[str, Any]:
-        """Model inputs for a prefill whose rows (in batch order) carry these features."""
+    def _features_input(features: Sequence[ImageFeatures | None]) -> dict[str, Any]:
         present = [f.pooler_output for f in features if f is not None]
         if not present:
             return {}
@@ -374,6 +431,20 @@ class VisionPrompter:
                 else:
                     merged.extend(pooled)
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=merged)}}
+
+
+def _image_token_id(model: PreTrainedModel, processor: Any, placeholder_id: int) -> int:
+    """The token the model fills with image features: the model config's image
+    token where it names one, else the processor's, else the placeholder's."""
+    for source, name in (
+        (model.config, "image_token_id"),
+        (model.config, "image_token_index"),
+        (processor, "image_token_id"),
+    ):
+        value = getattr(source, name, None)
+        if isinstance(value, int):
+            return value
+    return placeholder_id
 
 
 @dataclass(frozen=True)

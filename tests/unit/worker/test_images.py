@@ -11,12 +11,12 @@ import fakeredis
 import pytest
 from PIL import Image
 from transformers import (
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
     Idefics3Processor,
     LlavaProcessor,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.utils import is_torchvision_available
 
@@ -106,21 +106,29 @@ def _text_settings() -> dict:
     }
 
 
-def test_the_qwen2_vl_family_is_refused_at_load_naming_the_reason(tmp_path):
-    config = Qwen2VLConfig(
+def test_a_multimodal_rope_family_mmserve_does_not_know_is_refused_at_load_naming_the_reason(tmp_path):
+    config = Qwen3VLConfig(
         text_config={
             **_text_settings(),
+            "head_dim": 16,
             "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
         },
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "deepstack_visual_indexes": [],
+        },
     )
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)  # no processor: refused before it
-    with pytest.raises(NotImplementedError, match=r"cannot serve .*multimodal rotary positions"):
+    Qwen3VLForConditionalGeneration(config).save_pretrained(tmp_path)  # no processor: refused before it
+    with pytest.raises(NotImplementedError, match=r"cannot serve .*multimodal rotary positions.*Qwen2-VL"):
         load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
-def test_gemma3_is_refused_at_load_naming_the_reason(tmp_path):
-    config = Gemma3Config(
+def test_a_model_whose_token_type_ids_mmserve_does_not_know_is_refused_at_load(tmp_path):
+    config = PaliGemmaConfig(
         text_config={**_text_settings(), "head_dim": 16},
         vision_config={
             "hidden_size": 32,
@@ -129,12 +137,18 @@ def test_gemma3_is_refused_at_load_naming_the_reason(tmp_path):
             "num_attention_heads": 2,
             "image_size": 32,
             "patch_size": 8,
+            "projection_dim": 32,
         },
-        mm_tokens_per_image=4,
     )
-    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match=r"cannot serve .*attend to each other both ways"):
+    PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match=r"cannot serve .*token_type_ids.*Gemma 3 only"):
         load_model(str(tmp_path), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3", "smolvlm"])
+def test_the_families_mmserve_serves_load_with_their_processor(tiny_vlm_dir, family):
+    loaded = load_model(str(tiny_vlm_dir(family)), device="cpu", dtype="float32")
+    assert loaded.model_type == "VISION" and loaded.processor is not None
 
 
 def test_a_text_model_loads_as_causal(tiny_model_dir):

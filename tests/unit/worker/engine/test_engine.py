@@ -88,7 +88,7 @@ def test_finished_rows_take_their_padding_with_them(engine, tiny_model):
     assert completions["short"].tokens == hf_greedy(tiny_model, short_prompt, 6)
 
 
-def test_sliding_window_model_equals_hf_generate_and_refuses_rows_mid_batch(tokenizer):
+def test_sliding_window_model_equals_hf_generate_with_rows_joining_and_leaving(tokenizer):
     config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -118,11 +118,17 @@ def test_sliding_window_model_equals_hf_generate_and_refuses_rows_mid_batch(toke
     for row in rows:
         assert completions[row.key].tokens == hf_greedy(model, row.prompt_ids, row.params.max_new_tokens)
 
-    engine.add(rows[:1])
-    engine.step()
-    with pytest.raises(NotImplementedError):
-        engine.add(rows[1:2])
-    assert engine.keys == [0]
+    # rows join the running batch (their windows merged in line) and leave it at other steps
+    tokens: dict[int, list[int]] = {row.key: [] for row in rows}
+    for joining in ([rows[0]], [rows[1]], [rows[2]]):
+        engine.add(joining)
+        for _ in range(4):
+            for output in engine.step():
+                tokens[output.key].append(output.token_id)
+    while engine.has_work:
+        for output in engine.step():
+            tokens[output.key].append(output.token_id)
+    assert tokens == {row.key: completions[row.key].tokens for row in rows}
 
 
 def test_repetition_penalty_equals_hf_generate(engine, tiny_model):

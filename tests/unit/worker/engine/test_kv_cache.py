@@ -1,11 +1,13 @@
 """GrowingLayer holds what transformers' DynamicLayer holds, without copying
-its cache on every append, when rows leave or when batches merge; the engine
-over it still equals `generate`."""
+its cache on every append, when rows leave or when batches merge; sliding-window
+layers merge and shrink in line with the mask; the engine over it still equals
+`generate`."""
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tests.support.engine_runs import hf_greedy, run
 from worker.engine.engine import Engine
@@ -144,3 +146,34 @@ def test_long_generations_past_several_reallocations_equal_generate(tiny_model, 
     for row in rows:
         expected = hf_greedy(tiny_model, row.prompt_ids, tokens, min_new_tokens=tokens)
         assert completions[row.key].tokens == expected
+
+
+def window_layer(batch: int, tokens: int, seed: int, window: int = 4) -> DynamicSlidingWindowLayer:
+    layer = DynamicSlidingWindowLayer(window)
+    layer.update(*states(batch, tokens, seed))
+    return layer
+
+
+def test_merged_sliding_windows_stay_right_aligned_with_the_mask():
+    short, long = window_layer(1, 2, 0), window_layer(2, 6, 1)  # windows of 2 and 3 columns
+    cache = DynamicCache()
+    cache.layers = [short]
+    other = DynamicCache()
+    other.layers = [long]
+    (merged,) = merge_caches([cache, other], width=6, order=[1, 0, 2]).layers
+    assert isinstance(merged, DynamicSlidingWindowLayer)
+    assert merged.cumulative_length == 6 and merged.keys.shape[-2] == 3
+    assert torch.equal(merged.keys[0], long.keys[0]) and torch.equal(merged.keys[2], long.keys[1])
+    assert torch.equal(merged.keys[1, :, 1:], short.keys[0]) and not merged.keys[1, :, 0].any()
+    assert torch.equal(merged.values[1, :, 1:], short.values[0])
+
+
+def test_sliding_windows_shrink_with_the_mask_when_rows_leave():
+    layer = window_layer(3, 5, 0, window=8)  # the whole 5 columns fit in the window
+    cache = DynamicCache()
+    cache.layers = [layer]
+    before = layer.keys.clone()
+    select_rows(cache, [2, 0], drop_left=2)
+    (kept,) = cache.layers
+    assert kept.cumulative_length == 3
+    assert torch.equal(kept.keys, before[[2, 0], :, 2:])

@@ -9,33 +9,13 @@ import pytest
 from PIL import Image
 
 from tests.support.tiny_vlms import counting_encoder, sample_image
-from tests.support.vlm_runs import GREEDY, RED, Vlm, load, row, run
+from tests.support.vlm_runs import GREEDY, RED, row, run
 from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
 from worker.engine.rows import GenerationParams, RowRequest
 from worker.engine.vision import FeatureCache
 
 BLUE = sample_image((20, 40, 210))
 TALL = sample_image((30, 160, 60), size=(20, 90))  # Idefics3 splits it into fewer tiles
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_llava_dir) -> Vlm:
-    return load(tiny_llava_dir)
-
-
-@pytest.fixture(scope="module")
-def idefics3(tiny_idefics3_dir) -> Vlm:
-    return load(tiny_idefics3_dir)
-
-
-@pytest.fixture(scope="module")
-def smolvlm(tiny_smolvlm_dir) -> Vlm:
-    return load(tiny_smolvlm_dir)
-
-
-@pytest.fixture(params=["llava", "idefics3", "smolvlm"])
-def vlm(request) -> Vlm:
-    return request.getfixturevalue(request.param)
 
 
 def test_greedy_output_equals_hf_generate_on_the_same_image(vlm):
@@ -124,15 +104,20 @@ def test_several_images_in_one_prompt_equal_hf_generate(vlm):
     assert run(engine, [row("pair", prompt)])["pair"] == expected
 
 
-def test_without_chat_template_images_go_before_the_text_unless_placed(llava):
-    engine = llava.engine()
+def test_without_chat_template_images_go_before_the_text_unless_placed(vlm):
+    engine = vlm.engine()
+    placeholder = engine.vision.image_token  # what a prompt writes per image, e.g. <image>
     (leading,) = engine.encode_image_prompts(["Caption:"], [RED])
-    assert leading.prompt_ids == llava.processor(text="<image>Caption:", images=RED)["input_ids"][0]
-    (placed,) = engine.encode_image_prompts(["USER: <image>\nCaption: ASSISTANT:"], [RED])
-    expected = llava.processor(text="USER: <image>\nCaption: ASSISTANT:", images=RED)["input_ids"][0]
-    assert placed.prompt_ids == expected
-    with pytest.raises(PromptError, match="placeholder"):
-        engine.encode_image_prompts(["<image> and <image>"], [RED])
+    marker = engine.vision._raw_marker  # the placeholder, between vision markers where the model has them
+    assert placeholder in marker
+    assert leading.prompt_ids == vlm.processor(text=marker + "Caption:", images=RED)["input_ids"][0]
+    assert run(engine, [row("leading", leading)])["leading"] == vlm.generate(marker + "Caption:", [RED])
+    text = f"First {marker} then {marker}: which is red?"
+    (placed,) = engine.encode_image_prompts([text], [RED, TALL])
+    assert placed.prompt_ids == vlm.processor(text=text, images=[RED, TALL])["input_ids"][0]
+    assert run(engine, [row("placed", placed)])["placed"] == vlm.generate(text, [RED, TALL])
+    with pytest.raises(PromptError, match=r"holds 2 .* placeholder\(s\) but the request has 1 image"):
+        engine.encode_image_prompts([f"{placeholder} and {placeholder}"], [RED])
 
 
 def test_prompt_max_tokens_cuts_text_before_the_image_never_the_image(vlm):
@@ -161,19 +146,29 @@ def test_sampled_image_rows_repeat_with_a_seed_whatever_shares_the_batch(llava):
     assert mixed["x"] == solo
 
 
-def test_image_rows_join_a_running_batch(llava):
-    engine = llava.engine()
-    text_ids = engine.encode_prompt("Once upon a time")
-    engine.add([RowRequest(key="text", prompt_ids=text_ids, params=GREEDY)])
-    tokens: dict[Hashable, list[int]] = {"text": [], "image": []}
+def test_rows_join_a_running_batch_of_image_and_text_rows(vlm):
+    engine = vlm.engine()
+    (tall,) = engine.encode_image_prompts(["Describe it."], [TALL], use_chat_template=True)
+    text_ids = engine.encode_prompt("Once upon a time", use_chat_template=True)
+    engine.add([row("tall", tall), RowRequest(key="text", prompt_ids=text_ids, params=GREEDY)])
+    tokens: dict[Hashable, list[int]] = {"tall": [], "text": [], "blue": [], "late text": []}
     for output in engine.step() + engine.step():
         tokens[output.key].append(output.token_id)
-    (prompt,) = engine.encode_image_prompts(["What?"], [BLUE], use_chat_template=True)
-    engine.add([row("image", prompt)])
+    (blue,) = engine.encode_image_prompts(["What?"], [BLUE], use_chat_template=True)
+    engine.add([row("blue", blue)])
+    for output in engine.step():
+        tokens[output.key].append(output.token_id)
+    late_ids = engine.encode_prompt("Hello there", use_chat_template=True)
+    engine.add([RowRequest(key="late text", prompt_ids=late_ids, params=GREEDY)])
     while engine.has_work:
         for output in engine.step():
             tokens[output.key].append(output.token_id)
-    assert tokens["image"] == llava.generate(llava.chat_prompt("What?", 1), [BLUE])
+    assert tokens == {
+        "tall": vlm.generate(vlm.chat_prompt("Describe it.", 1), [TALL]),
+        "text": vlm.generate(vlm.chat_prompt("Once upon a time", 0), []),
+        "blue": vlm.generate(vlm.chat_prompt("What?", 1), [BLUE]),
+        "late text": vlm.generate(vlm.chat_prompt("Hello there", 0), []),
+    }
 
 
 def test_a_text_prompt_holding_the_image_token_is_refused(llava):
