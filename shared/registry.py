@@ -63,6 +63,12 @@ class ReaderInfo(BaseModel):
     batch_duration_millis: int = defaults.DEFAULT_BATCH_DURATION_MILLIS
     context_length: int | None = Field(None, description="Longest prompt + output the model takes.")
     has_chat_template: bool = False
+    image_min_pixels: int | None = Field(
+        None, description="Dynamic-resolution vision models: fewest pixels an image is scaled to."
+    )
+    image_max_pixels: int | None = Field(
+        None, description="Dynamic-resolution vision models: most pixels an image is scaled to."
+    )
     loras: LoraStatus = Field(default_factory=LoraStatus)
     stats: WorkerStats = Field(default_factory=WorkerStats)
     started_at: float = Field(default_factory=time.time)

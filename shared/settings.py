@@ -369,6 +369,20 @@ class WorkerSettings(ProcessSettings):
         "torch threads per worker (unset = share the cores, leaving one for Redis and the API).",
         minimum=1,
     )
+    image_min_pixels: int | None = setting(
+        "--image-min-pixels",
+        None,
+        "Dynamic-resolution models (the Qwen2-VL family): the fewest pixels an image is scaled up to; "
+        "each 28x28 merged patch is one image token (unset = the model's preprocessor config).",
+        minimum=1,
+    )
+    image_max_pixels: int | None = setting(
+        "--image-max-pixels",
+        None,
+        "Dynamic-resolution models: the most pixels an image is scaled down to, so the most image tokens "
+        "it gives (unset = the model's preprocessor config).",
+        minimum=1,
+    )
     cache_dir: str | None = setting(
         "--cache-dir", None, "Where converted models are cached (unset = ~/.cache/mmserve)."
     )

@@ -23,6 +23,7 @@ from shared.settings import WorkerSettings
 from worker.engine.adapters import ADAPTER_CONFIG, AdapterCatalog, LoraAdapters, parse_named
 from worker.engine.engine import Engine
 from worker.engine.models.fused_layers import FusedLlamaLayer, fuse_layers
+from worker.engine.models.image_pixels import bound_image_pixels, pixel_bounds
 from worker.engine.models.loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.engine.models.quantization import quantize
 from worker.engine.models.weight_packing import pack_weights
@@ -82,6 +83,13 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
     return "float32"  # quantized from full-precision weights, not from bfloat16-rounded ones
 
 
+def check_image_pixels(settings: WorkerSettings) -> None:
+    """Refuse --image-min-pixels above --image-max-pixels before the model loads."""
+    low, high = settings.image_min_pixels, settings.image_max_pixels
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"--image-min-pixels ({low}) is above --image-max-pixels ({high})")
+
+
 def load_for_serving(settings: WorkerSettings, catalog: AdapterCatalog | None = None) -> LoadedModel:
     """The model as a worker serves it: loaded in the dtype `compute_dtype`
     picks, its decoder layers fused (--fuse-layers, not when it serves LoRA
@@ -90,6 +98,10 @@ def load_for_serving(settings: WorkerSettings, catalog: AdapterCatalog | None = 
     catalog = catalog or AdapterCatalog()
     dtype = compute_dtype(settings, catalog)
     loaded = load_model(settings.model, device=settings.device, dtype=dtype, cache_root=settings.cache_dir)
+    if loaded.processor is not None:
+        bound_image_pixels(loaded.processor, settings.image_min_pixels, settings.image_max_pixels)
+    elif settings.image_min_pixels is not None or settings.image_max_pixels is not None:
+        raise ValueError("--image-min-pixels / --image-max-pixels apply to vision-language models only")
     if catalog.empty:
         fuse_layers(loaded.model, settings.fuse_layers)
     elif settings.fuse_layers != "off":
@@ -112,6 +124,7 @@ def run_worker(settings: WorkerSettings) -> None:
     threads = configure_threads(settings.threads)
     catalog = lora_catalog(settings)
     compute_dtype(settings, catalog)  # refuse bad flag combinations before anything starts
+    check_image_pixels(settings)
     connection = connect(settings.redis_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = Heartbeat(connection, registry_entry(settings, reader_id, threads))
@@ -195,4 +208,12 @@ def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine)
         "joint_prefill": engine.joint_prefill,
         "context_length": engine.context_length,
         "has_chat_template": engine.has_chat_template,
+        **_pixel_facts(loaded),
     }
+
+
+def _pixel_facts(loaded: LoadedModel) -> dict[str, int]:
+    bounds = pixel_bounds(loaded.processor) if loaded.processor is not None else None
+    if bounds is None:
+        return {}
+    return {"image_min_pixels": bounds.min_pixels, "image_max_pixels": bounds.max_pixels}
