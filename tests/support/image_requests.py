@@ -24,18 +24,30 @@ IMAGES = {
 
 
 class Reference:
-    """Greedy answers of HF generate, one prompt and its image at a time."""
+    """Greedy answers of HF generate, one prompt and its images at a time."""
 
     def __init__(self, directory: Path) -> None:
         self.processor = load_processor(str(directory))
         self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
 
-    def __call__(self, text: str, image: Image.Image, max_new_tokens: int) -> str:
-        prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-            add_generation_prompt=True,
-        )
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+    def __call__(
+        self,
+        text: str,
+        images: Image.Image | list[Image.Image],
+        max_new_tokens: int,
+        *,
+        chat_template: bool = True,
+    ) -> str:
+        """The answer to `text` about `images`: in the chat template (images before
+        the text), or, without it, `text` as given (its placeholders placing them)."""
+        images = images if isinstance(images, list) else [images]
+        prompt = text
+        if chat_template:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            prompt = self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
+        inputs = self.processor(text=prompt, images=images, return_tensors="pt")
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens
