@@ -193,3 +193,33 @@ def test_a_vision_model_reports_its_chat_template(llava):
         engine.encode_prompt("Hi", use_chat_template=True)
         == llava.processor(text=llava.chat_prompt("Hi", 0))["input_ids"][0]
     )
+
+
+def test_image_rows_beside_a_long_row_equal_hf_generate_with_attention_by_windows(vlm, monkeypatch):
+    from worker.engine.attention import plan_windows
+
+    used = []
+
+    def spy(lengths, width):
+        windows = plan_windows(lengths, width)
+        used.append(windows is not None)
+        return windows
+
+    monkeypatch.setattr("worker.engine.engine.plan_windows", spy)
+    engine = vlm.engine()
+    long_text = "word " * 150
+    engine.add([RowRequest(key="long", prompt_ids=engine.encode_prompt(long_text), params=GREEDY)])
+    tokens: dict[Hashable, list[int]] = {"long": [], "red": [], "tall": []}
+    for output in engine.step():
+        tokens[output.key].append(output.token_id)
+    rows = [
+        row(name, engine.encode_image_prompts(["Say it."], [image], use_chat_template=True)[0])
+        for name, image in (("red", RED), ("tall", TALL))
+    ]
+    engine.add(rows)
+    while engine.has_work:
+        for output in engine.step():
+            tokens[output.key].append(output.token_id)
+    assert any(used)  # the long row decoded in a window of its own
+    assert tokens["red"] == vlm.generate(vlm.chat_prompt("Say it.", 1), [RED])
+    assert tokens["tall"] == vlm.generate(vlm.chat_prompt("Say it.", 1), [TALL])
