@@ -1,6 +1,7 @@
 """Images of a generation request, for every route family: decoded and
-checked (bytes, then the pixel count from the header, so a decompression bomb
-never reaches memory), re-encoded as an upright RGB PNG whose sha256 is its id,
+checked (bytes, then the pixel count and aspect ratio from the header, so a
+decompression bomb never reaches memory), re-encoded as an upright 8-bit RGB PNG
+(transparency on white, the first frame of an animation) whose sha256 is its id,
 read from --image-dir or fetched (--allow-remote-images), and stored in Redis
 once however many requests hold it (`ImageLease`: the last release deletes it;
 a TTL bounds what a dead API process leaves). Workers only decode PNGs this
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import numpy as np
 import redis
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -40,6 +42,8 @@ REMOTE_SCHEMES = ("http", "https")
 # PNG is lossless whatever the settings, so pick the fastest encoding
 # (bench/image_throughput.py measures it).
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+TRANSPARENCY_BACKGROUND = (255, 255, 255, 255)  # white, as transformers' processors composite
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,10 @@ def _canonicalise(data: bytes, *, max_pixels: int, source: str) -> CanonicalImag
     try:
         with Image.open(io.BytesIO(data), formats=defaults.IMAGE_FORMATS) as opened:
             # Image.open has read the header only: check the size before decoding anything.
-            width, height = opened.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"{source} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
+            _check_size(*opened.size, max_pixels=max_pixels, source=source)
             upright = ImageOps.exif_transpose(opened)  # decodes the (first) frame, fully
-            rgb = upright.convert("RGB")
-    except ImageTooLarge:
+            rgb = _as_rgb(upright)
+    except (ImageTooLarge, InvalidImage):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{source} is too large to decode: {exc}") from None
@@ -115,6 +115,64 @@ def _canonicalise(data: bytes, *, max_pixels: int, source: str) -> CanonicalImag
     return CanonicalImage(
         image_id=hashlib.sha256(png).hexdigest(), data=png, width=rgb.width, height=rgb.height
     )
+
+
+def _check_size(width: int, height: int, *, max_pixels: int, source: str) -> None:
+    """Refuse, from the header alone, an image too large to decode, or so thin that
+    a processor resizing its short side up would build a huge image (Qwen2-VL's
+    refuses past the same ratio)."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{source} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    ratio = max(width, height) / max(min(width, height), 1)
+    limit = defaults.MAX_IMAGE_ASPECT_RATIO
+    if ratio > limit:
+        ratio_text = f"{ratio:.1f}".removesuffix(".0")
+        raise InvalidImage(
+            f"{source} is {width}x{height}, an aspect ratio of {ratio_text}:1 "
+            f"(longest side over shortest); the limit is {limit}:1"
+        )
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as the model's processor would see it: 16-bit samples scaled down
+    (Pillow's own conversion clips them, so most come out white), and transparent
+    pixels composited onto white, as transformers' `convert_to_rgb` does, rather
+    than showing whatever colour they hold (often black).
+
+    Pixels only: the PNG encoder would copy a colour profile left in `info` (which
+    processors ignore; a CMYK JPEG's does not even fit RGB pixels), so the same
+    pixels would get another image id."""
+    image = _eight_bit(image)
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, TRANSPARENCY_BACKGROUND)
+        rgb = Image.alpha_composite(background, rgba).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    rgb.info = {}
+    return rgb
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """An alpha band, or a transparent colour or palette index (PNG's tRNS, GIF's)."""
+    return "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG's, decoded as mode I;16 or I) as 8-bit L, or LA
+    when a 16-bit value is marked transparent (matched before scaling, so that only
+    that exact value becomes transparent). Other modes are already 8-bit."""
+    if image.mode not in SIXTEEN_BIT_GREY_MODES:
+        return image
+    samples = np.asarray(image).clip(0, 65535).astype(np.uint32)
+    grey = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    alpha = Image.fromarray(np.where(samples == transparent, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
 
 
 def check_image_count(count: int) -> None:

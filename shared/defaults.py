@@ -57,6 +57,7 @@ LORA_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"  # an adapter's folder name under 
 
 MAX_IMAGES_PER_REQUEST = 8  # the multipart image counts as the first
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what the API decodes; others are 400
+MAX_IMAGE_ASPECT_RATIO = 200  # longest side over shortest; a thinner image is 400 (resizing it would explode)
 REMOTE_IMAGE_TIMEOUT_SECONDS = 10.0  # whole download, with --allow-remote-images
 IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20  # a vision worker's cache of recent images' encodings
 

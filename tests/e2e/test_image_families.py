@@ -1,11 +1,13 @@
 """Every vision-language family mmserve serves, behind `mmserve serve --model <tiny model>`
 as a user runs it: the published Takeoff client's multipart requests, `image_paths`,
-several images in one prompt, streaming, and the OpenAI route's image parts, each answer
-equal to transformers' greedy `generate` (float32)."""
+several images in one prompt, streaming, the OpenAI route's image parts and odd uploads,
+each answer equal to transformers' greedy `generate` (float32)."""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,6 +15,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import requests
+from PIL import Image
 from takeoff_client import TakeoffClient
 
 from bench.serving import ServeProcess
@@ -71,10 +74,10 @@ def served(request, tiny_vlm_dir, tmp_path_factory) -> Iterator[Served]:
     try:
         serve.wait_ready(READY_TIMEOUT)
     except RuntimeError as exc:
-        serve.kill()
+        serve.stop()
         pytest.fail(f"{family}: {exc}")
     yield Served(family, serve, Reference(directory), image_dir)
-    serve.kill()
+    serve.stop()  # Ctrl-C: serve stops its Redis, API and worker with it
 
 
 def test_the_takeoff_client_gets_hf_greedy_answers_streamed_or_not(served, tmp_path):
@@ -139,3 +142,27 @@ def test_the_config_shows_the_image_pixel_bounds_of_dynamic_resolution_models(se
         assert config["image_min_pixels"] > 0 and config["image_max_pixels"] >= config["image_min_pixels"]
     else:
         assert config["image_min_pixels"] is None and config["image_max_pixels"] is None
+
+
+def test_odd_uploads_are_answered_or_refused_with_the_reason(served):
+    """Each odd upload the API serves gets the answer of its canonical image; each
+    it refuses is a 400 naming its aspect ratio, never a 5xx."""
+    from api.images import canonical_image
+    from tests.support.odd_images import REFUSED, SERVED
+
+    body = json.dumps(payload("Describe it.", 2))
+
+    def upload(name: str, data: bytes) -> requests.Response:
+        files = {"image_data": (name, data), "json_data": (None, body, "application/json")}
+        return requests.post(served.serve.url + "/image_generate", files=files, timeout=60)
+
+    for odd in SERVED:
+        response = upload(odd.name, odd.data)
+        assert response.status_code == 200, (odd.name, response.text)
+        canonical = canonical_image(odd.data, max_pixels=2**24, source=odd.name)
+        expected = served.reference("Describe it.", Image.open(io.BytesIO(canonical.data)), 2)
+        assert response.json()["text"] == expected, odd.name
+    for odd in REFUSED:
+        response = upload(odd.name, odd.data)
+        assert response.status_code == 400, (odd.name, response.text)
+        assert odd.ratio in response.json()["error"], odd.name
