@@ -53,9 +53,10 @@ class ServeProcess:
         threads: int,
         quantize: str = "none",
         pack_weights: str = "auto",
+        log_path: Path | None = None,
     ) -> ServeProcess:
-        """One worker, quiet logs, the benchmark's batch size, dtype, quantization, weight packing
-        and threads; ready."""
+        """One worker, quiet logs (to `log_path`, or nowhere), the benchmark's batch size, dtype,
+        quantization, weight packing and threads; ready."""
         flags = [
             "--workers",
             "1",
@@ -73,7 +74,7 @@ class ServeProcess:
             "WARNING",
             *extra,
         ]
-        return cls(*flags).wait_ready()
+        return cls(*flags, log_path=log_path).wait_ready()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
