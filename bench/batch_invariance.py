@@ -455,45 +455,92 @@ def linear_sweep(shapes: Sequence[tuple[int, int]], sizes: Sequence[int], rows_c
 
 
 @contextlib.contextmanager
-def attention_per_row() -> Iterator[None]:
-    """Attention run row by row, each row over its own tokens only and without a mask, as it runs
-    when its request is alone (prefill: causal; decode: one query over the row's cache)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _attention_replaced_by(function: Callable) -> Iterator[None]:
+    """The engine's attention (worker.engine.attention's registered function) is `function` within."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from worker.engine import attention
 
     original = ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME]
-
-    def per_row(module, query, key, value, attention_mask, row_windows=None, **kwargs):
-        import torch
-
-        if attention_mask is None or (
-            query.shape[0] == 1 and bool(_real_keys(attention_mask, 0) == key.shape[2])
-        ):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        for row in range(query.shape[0]):
-            keys = int(_real_keys(attention_mask, row))
-            queries = min(query.shape[2], keys)
-            if queries == 0:
-                continue
-            out, _ = sdpa_attention_forward(
-                module,
-                query[row : row + 1, :, -queries:],
-                key[row : row + 1, :, -keys:],
-                value[row : row + 1, :, -keys:],
-                None,
-                **kwargs,
-            )
-            output[row, -queries:] = out[0]
-        return torch.Tensor(output), None
-
-    ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME] = per_row
+    ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME] = function
     try:
         yield
     finally:
         ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME] = original
+
+
+def _attend_per_row(module, query, key, value, attention_mask, row_windows=None, **kwargs):
+    """Attention row by row, each row over its own tokens only and without a mask, as it runs
+    when its request is alone (prefill: causal; decode: one query over the row's cache)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or (
+        query.shape[0] == 1 and bool(_real_keys(attention_mask, 0) == key.shape[2])
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for row in range(query.shape[0]):
+        keys = int(_real_keys(attention_mask, row))
+        queries = min(query.shape[2], keys)
+        if queries == 0:
+            continue
+        out, _ = sdpa_attention_forward(
+            module,
+            query[row : row + 1, :, -queries:],
+            key[row : row + 1, :, -keys:],
+            value[row : row + 1, :, -keys:],
+            None,
+            **kwargs,
+        )
+        output[row, -queries:] = out[0]
+    return torch.Tensor(output), None
+
+
+def _attend_right_aligned(module, query, key, value, attention_mask, multiple: int = 64, **kwargs):
+    """Prefill as `_attend_per_row`; decode in one call over every row's keys gathered to start
+    at column 0 of a buffer a multiple of `multiple` columns wide, so that each row's reductions
+    over keys start where they start when it runs alone, whatever the padding of its batch
+    (torch's CPU attention reduces over keys in blocks counted from column 0)."""
+    import torch
+
+    if query.shape[2] != 1:
+        return _attend_per_row(module, query, key, value, attention_mask, **kwargs)
+    width = key.shape[2]
+    if attention_mask is None:  # no padding (a row alone): every column is the row's
+        counts = torch.full((key.shape[0],), width, device=key.device)
+    else:
+        valid = attention_mask[:, 0, -1]
+        counts = (valid if valid.dtype == torch.bool else valid == 0).sum(dim=1)  # the last columns
+    aligned_width = -(-int(counts.max()) // multiple) * multiple
+    columns = torch.arange(aligned_width, device=key.device)
+    index = (width - counts[:, None] + columns[None]).clamp(0, width - 1)  # [B, W']
+    gather = index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+    keys, values = key.gather(2, gather), value.gather(2, gather)
+    mask = (columns[None] < counts[:, None])[:, None, None, :]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        scale=getattr(module, "scaling", None),
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def attention_per_row() -> contextlib.AbstractContextManager:
+    return _attention_replaced_by(_attend_per_row)
+
+
+def attention_right_aligned() -> contextlib.AbstractContextManager:
+    return _attention_replaced_by(_attend_right_aligned)
+
+
+@contextlib.contextmanager
+def right_aligned_and_linear() -> Iterator[None]:
+    with attention_right_aligned(), linear_min_rows():
+        yield
 
 
 def _real_keys(mask, row: int):
@@ -542,6 +589,7 @@ CANDIDATES: dict[str, Callable] = {
     "attention_per_row": attention_per_row,
     "linear_min_rows_2": linear_min_rows,
     "attention_per_row+linear_min_rows_2": both,
+    "attention_right_aligned+linear_min_rows_2": right_aligned_and_linear,
 }
 
 

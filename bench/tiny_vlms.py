@@ -131,6 +131,21 @@ def _text_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     return LlamaConfig(**tiny_llama_settings(tokenizer))
 
 
+def _random_model(
+    model_class: type, config: Any, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
+    """A model of `model_class` with random weights drawn from `seed` (the caller's RNG left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _randomise(model_class(config), tokenizer, seed)
+
+
+def _saved(directory: Path, model: PreTrainedModel, processor: Any) -> Path:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 def _randomise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -174,9 +189,7 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Pat
         vision_feature_layer=-1,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _randomise(LlavaForConditionalGeneration(config), tokenizer, seed)
+    model = _random_model(LlavaForConditionalGeneration, config, tokenizer, seed)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -187,9 +200,7 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Pat
         num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _saved(directory, model, processor)
 
 
 def _idefics3_tokens() -> list[str]:
@@ -261,9 +272,7 @@ def _build_tiled(
         scale_factor=2,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _randomise(model_class(model_config), tokenizer, seed)
+    model = _random_model(model_class, model_config, tokenizer, seed)
     processor = processor_class(
         image_processor=image_processor(
             size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}
@@ -273,9 +282,7 @@ def _build_tiled(
         chat_template=chat_template,
         **processor_parts,
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _saved(directory, model, processor)
 
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -352,9 +359,7 @@ def _build_qwen(
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _randomise(model_class(config), tokenizer, seed)
+    model = _random_model(model_class, config, tokenizer, seed)
     processor = without_video_processor(processor_class)(
         image_processor=Qwen2VLImageProcessorPil(
             patch_size=QWEN_PATCH_SIZE,
@@ -365,9 +370,7 @@ def _build_qwen(
         tokenizer=tokenizer,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _saved(directory, model, processor)
 
 
 GEMMA3_TOKENS = {
@@ -409,18 +412,14 @@ def build_tiny_gemma3(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Pa
         image_token_index=tokenizer.image_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _randomise(Gemma3ForConditionalGeneration(config), tokenizer, seed)
+    model = _random_model(Gemma3ForConditionalGeneration, config, tokenizer, seed)
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=tokenizer,
         image_seq_length=GEMMA3_IMAGE_TOKENS,
         chat_template=GEMMA3_CHAT_TEMPLATE,
     )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _saved(directory, model, processor)
 
 
 Builder = Callable[..., Path]

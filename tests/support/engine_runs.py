@@ -70,3 +70,19 @@ def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int
 def llama(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A tiny Llama from disk, ready for inference, in `dtype`."""
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def windows_used(monkeypatch) -> list[bool]:
+    """Records, decode step by decode step, whether the engine split its rows' attention into
+    windows (worker.engine.attention.plan_windows found something to save)."""
+    from worker.engine.attention import plan_windows
+
+    used: list[bool] = []
+
+    def spy(lengths, width):
+        windows = plan_windows(lengths, width)
+        used.append(windows is not None)
+        return windows
+
+    monkeypatch.setattr("worker.engine.engine.plan_windows", spy)
+    return used

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bench.tiny_models import tiny_llama_settings
-from tests.support.engine_runs import hf_greedy, run
+from tests.support.engine_runs import hf_greedy, run, windows_used
 from worker.engine import attention
 from worker.engine.attention import ATTENTION_NAME, MAX_GROUPS, plan_windows, windowed_sdpa
 from worker.engine.engine import Engine
@@ -59,14 +59,7 @@ def test_windowed_attention_equals_attention_over_the_padded_width():
 
 def test_mixed_length_rows_joining_a_running_batch_equal_generate_alone(tiny_model, tokenizer, monkeypatch):
     engine = Engine(tiny_model, tokenizer)
-    used = []
-
-    def spy(lengths, width):
-        windows = plan_windows(lengths, width)
-        used.append(windows is not None)
-        return windows
-
-    monkeypatch.setattr("worker.engine.engine.plan_windows", spy)
+    used = windows_used(monkeypatch)
     params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
     long_prompt = engine.encode_prompt("word " * 150)
     short = [engine.encode_prompt(p) for p in ("Hello", "a b c", "The capital of France is")]

@@ -8,6 +8,7 @@ from collections.abc import Hashable
 import pytest
 from PIL import Image
 
+from tests.support.engine_runs import windows_used
 from tests.support.tiny_vlms import counting_encoder, sample_image
 from tests.support.vlm_runs import GREEDY, RED, row, run
 from worker.engine.engine import Engine, ImagesNotAccepted, PromptError
@@ -196,16 +197,7 @@ def test_a_vision_model_reports_its_chat_template(llava):
 
 
 def test_image_rows_beside_a_long_row_equal_hf_generate_with_attention_by_windows(vlm, monkeypatch):
-    from worker.engine.attention import plan_windows
-
-    used = []
-
-    def spy(lengths, width):
-        windows = plan_windows(lengths, width)
-        used.append(windows is not None)
-        return windows
-
-    monkeypatch.setattr("worker.engine.engine.plan_windows", spy)
+    used = windows_used(monkeypatch)
     engine = vlm.engine()
     long_text = "word " * 150
     engine.add([RowRequest(key="long", prompt_ids=engine.encode_prompt(long_text), params=GREEDY)])
