@@ -83,12 +83,39 @@ def tiny_llama_settings(tokenizer: PreTrainedTokenizerBase) -> dict:
     }
 
 
+# The bundled SmolLM2-135M's layer shapes: those whose bfloat16 kernels round a row
+# differently with its batch (bench/batch_invariance.py), unlike the tiny shapes above.
+SMOLLM2_SHAPES = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+}
+SMOLLM2_SHAPED_STD = 0.05  # wider draws saturate these wider layers into few distinct tokens
+
+
+def build_smollm2_shaped_llama(
+    directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None
+) -> Path:
+    """Save a random 2-layer Llama with the bundled model's layer shapes (SMOLLM2_SHAPES) in
+    `directory`: small enough for tests, shaped like the model users serve."""
+    return build_tiny_llama(
+        directory,
+        seed=seed,
+        tokenizer_cache_dir=tokenizer_cache_dir,
+        shapes=SMOLLM2_SHAPES,
+        std=SMOLLM2_SHAPED_STD,
+    )
+
+
 def build_tiny_llama(
     directory: Path,
     *,
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
     tokenizer_cache_dir: Path | None = None,
+    shapes: dict | None = None,
+    std: float = WEIGHT_STD,
 ) -> Path:
     """Save a tiny random LlamaForCausalLM with the SmolLM2 tokenizer in
     `directory`, loadable by AutoModelForCausalLM / AutoTokenizer.from_pretrained.
@@ -101,7 +128,7 @@ def build_tiny_llama(
     if tokenizer is None:
         tokenizer = smollm2_tokenizer(tokenizer_cache_dir or default_tokenizer_cache_dir())
 
-    config = LlamaConfig(**tiny_llama_settings(tokenizer), initializer_range=WEIGHT_STD)
+    config = LlamaConfig(**{**tiny_llama_settings(tokenizer), **(shapes or {})}, initializer_range=std)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
         torch.manual_seed(seed)
@@ -109,7 +136,7 @@ def build_tiny_llama(
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim >= 2:  # embeddings and projections; norm weights stay at 1
-                parameter.normal_(0.0, WEIGHT_STD, generator=generator)
+                parameter.normal_(0.0, std, generator=generator)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -58,6 +58,12 @@ class ReaderInfo(BaseModel):
     joint_prefill: bool = Field(
         False, description="Whether newcomers are prefilled inside the running batch's decode steps."
     )
+    batch_invariant: bool = Field(
+        False, description="Whether a request's tokens are independent of its batch (--batch-invariant)."
+    )
+    batch_invariance: str = Field(
+        "", description="What --batch-invariant covers for this model, or why it does not."
+    )
     threads: int | None = None
     max_batch_size: int = defaults.DEFAULT_MAX_BATCH_SIZE
     batch_duration_millis: int = defaults.DEFAULT_BATCH_DURATION_MILLIS

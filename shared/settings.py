@@ -175,6 +175,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
 AUTO_OR_OFF = ("auto", "off")
+ON_OR_OFF = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,14 @@ class WorkerSettings(ProcessSettings):
         "(one forward instead of two; fused Llama text models, no prefill padding); off = every prefill in "
         "a forward of its own.",
         choices=AUTO_OR_OFF,
+    )
+    batch_invariant: str = setting(
+        "--batch-invariant",
+        "on",
+        "on = a request's tokens (greedy, or sampled with a seed) do not depend on the requests batched "
+        "with it, on when it joined or on how it was prefilled, at a cost in speed (docs: Tuning workers); "
+        "off = the fastest path, whose answers may change with the load. /config says what it covers.",
+        choices=ON_OR_OFF,
     )
     device: str = setting(
         "--device", "auto", "auto = cuda when available, else cpu.", choices=DEVICES, ignore_case=True

@@ -35,6 +35,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_d
 
 
 @pytest.fixture(scope="session")
+def smollm2_shaped_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama with the bundled model's layer shapes (whose bfloat16 kernels
+    vary with the batch, as the tiny Llama's do not)."""
+    from bench.tiny_models import build_smollm2_shaped_llama
+
+    return build_smollm2_shaped_llama(
+        tmp_path_factory.mktemp("smollm2-shaped"), tokenizer_cache_dir=smollm2_tokenizer_dir
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dir(
     tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path
 ) -> Callable[[str], Path]:

@@ -192,6 +192,7 @@ def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: Adapter
         adapters=adapters,
         prefill_width_multiple=settings.prefill_width_multiple,
         joint_prefill=settings.joint_prefill == "auto",
+        batch_invariant=settings.batch_invariant == "on",
     )
 
 
@@ -206,6 +207,8 @@ def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine)
         "quantization": settings.quantize,
         "fused_layers": sum(isinstance(module, FusedLlamaLayer) for module in loaded.model.modules()),
         "joint_prefill": engine.joint_prefill,
+        "batch_invariant": engine.invariance is not None and engine.invariance.covered,
+        "batch_invariance": engine.invariance.describe() if engine.invariance is not None else "off",
         "context_length": engine.context_length,
         "has_chat_template": engine.has_chat_template,
         **_pixel_facts(loaded),

@@ -27,6 +27,7 @@ SUMMARY_FIELDS = (
     "quantization",
     "fused_layers",
     "joint_prefill",
+    "batch_invariant",
     "loras",
 )
 
@@ -34,7 +35,7 @@ SUMMARY_FIELDS = (
 @blueprint.get("/reader_groups")
 def reader_groups() -> Response:
     """`{group: [{reader_id, model_name, model_type, pids, ready, device, dtype, quantization,
-    fused_layers, joint_prefill, loras}]}`, one entry per live reader."""
+    fused_layers, joint_prefill, batch_invariant, loras}]}`, one entry per live reader."""
     groups = registry.all_live_readers(app_state().connection)
     return jsonify(
         {

@@ -136,7 +136,12 @@ class Launcher:
         return api
 
     def worker(
-        self, *extra: str, group: str = "primary", model: Path | None = None, redis_url: str | None = None
+        self,
+        *extra: str,
+        group: str = "primary",
+        model: Path | None = None,
+        redis_url: str | None = None,
+        dtype: str = "float32",
     ) -> Process:
         index = len(self.started)
         redis_url = redis_url or self.redis_url
@@ -153,7 +158,7 @@ class Launcher:
                 "--threads",
                 "1",
                 "--dtype",
-                "float32",
+                dtype,
                 "--device",
                 "cpu",
                 *extra,

@@ -28,8 +28,10 @@ class Vlm:
     model: Any
     processor: Any
 
-    def engine(self) -> Engine:
-        return Engine(self.model, self.processor.tokenizer, processor=self.processor)
+    def engine(self, batch_invariant: bool = True) -> Engine:
+        return Engine(
+            self.model, self.processor.tokenizer, processor=self.processor, batch_invariant=batch_invariant
+        )
 
     def chat_prompt(self, text: str, images: int) -> str:
         content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]

@@ -7,6 +7,8 @@ contiguous groups (`plan_windows`); attention runs once per group over the last
 columns of the cache, which hold every real token of the group's rows. It is torch's
 sdpa as transformers calls it, registered under its own name with transformers'
 AttentionInterface; every call without windows (prefill, vision towers) is plain sdpa.
+In the engine's batch-invariant mode (`aligned_keys`) the groups are instead the rows
+whose key counts round up to the same width (worker.engine.invariance).
 
 Easy to get wrong: a row's result equals attention over the whole padded width only
 up to float rounding (masked columns add nothing to a softmax)."""
@@ -14,6 +16,7 @@ up to float rounding (masked columns add nothing to a softmax)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -22,12 +25,40 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION_NAME = "mmserve_windowed_sdpa"
 
+# Batch-invariant decode attention (`aligned_keys`) attends each row over a width that is
+# a function of its own key count (rounded up to a multiple of this): torch's CPU kernel
+# splits the key columns into blocks counted from the first, so a row's keys must sit at
+# the same offsets, alone and in any batch (see worker.engine.invariance).
+ALIGNED_WIDTH_MULTIPLE = 64
+
 # What one more group costs, in row-tokens of attention (one more attention
 # call per layer, and its slicing), and the most groups a step is split into.
 GROUP_COST_TOKENS = 128
 MAX_GROUPS = 4
 
 Windows = tuple[tuple[int, int, int], ...]  # (first row, end row, tokens), rows [first, end)
+
+
+@dataclass
+class AlignedKeys:
+    """A decode step's batch-invariant attention (`aligned_keys`): each row's real tokens
+    (known on the host), and the masks built for them, shared by the step's layers."""
+
+    lengths: tuple[int, ...]
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def counts(self, key_width: int) -> list[int]:
+        """Each row's keys among `key_width` columns (a sliding-window layer holds fewer)."""
+        return [min(length, key_width) for length in self.lengths]
+
+    def mask(self, counts: Sequence[int], columns: int, device: torch.device) -> torch.Tensor:
+        """[rows, 1, 1, columns]: True on each row's last `count` columns."""
+        wanted = (tuple(counts), columns, device)
+        if wanted not in self.masks:
+            positions = torch.arange(columns, device=device)
+            starts = columns - torch.tensor(list(counts), device=device)
+            self.masks[wanted] = (positions[None] >= starts[:, None])[:, None, None, :]
+        return self.masks[wanted]
 
 
 def plan_windows(lengths: Sequence[int], width: int) -> Windows | None:
@@ -71,9 +102,13 @@ def windowed_sdpa(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     row_windows: Windows | None = None,
+    aligned_keys: AlignedKeys | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if row_windows is None or query.shape[2] != 1 or kwargs.get("position_bias") is not None:
+    decode = query.shape[2] == 1 and kwargs.get("position_bias") is None
+    if decode and aligned_keys is not None:
+        return _aligned_sdpa(module, query, key, value, aligned_keys, kwargs.get("scaling")), None
+    if not decode or row_windows is None:
         # prefill, or a model adding a per-position bias (which the groups would have to slice too)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
@@ -83,6 +118,73 @@ def windowed_sdpa(
         output, _ = sdpa_attention_forward(module, query[first:end], keys, values, mask, **kwargs)
         outputs.append(output)
     return torch.cat(outputs), None
+
+
+def aligned_width(count: int) -> int:
+    """The key columns a row with `count` keys is attended over in the batch-invariant mode."""
+    return -(-count // ALIGNED_WIDTH_MULTIPLE) * ALIGNED_WIDTH_MULTIPLE
+
+
+def _aligned_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    aligned: AlignedKeys,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Decode attention whose result for a row does not depend on its batch
+    (worker.engine.invariance): each row is attended over the last `aligned_width(count)`
+    columns of the cache, its `count` keys at their end, as it is when alone. Rows
+    sharing that width (neighbours, the rows being sorted by length) go in one call;
+    a width the cache does not have yet is made up of zero columns in front.
+    [rows, 1, heads, head_dim], as transformers' sdpa returns."""
+    rows = key.shape[0]
+    counts = aligned.counts(key.shape[2])
+    outputs, first = [], 0
+    while first < rows:
+        columns = aligned_width(counts[first])
+        end = first + 1
+        while end < rows and aligned_width(counts[end]) == columns:
+            end += 1
+        group = slice(first, end)
+        mask = aligned.mask(counts[group], columns, key.device)
+        outputs.append(_attend_last_columns(module, query[group], key[group], value[group], mask, scaling))
+        first = end
+    return torch.cat(outputs)
+
+
+def _attend_last_columns(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of rows over the last `mask.shape[-1]` columns of their keys (those the
+    mask allows). The query heads sharing a key head go in as that head's queries (no
+    keys repeated per query head)."""
+    rows, key_heads, width, _ = key.shape
+    columns = mask.shape[-1]
+    if width >= columns:
+        key, value = key[:, :, width - columns :], value[:, :, width - columns :]
+    else:
+        padded_key = key.new_zeros((rows, key_heads, columns, key.shape[3]))
+        padded_value = value.new_zeros((rows, key_heads, columns, value.shape[3]))
+        padded_key[:, :, columns - width :] = key
+        padded_value[:, :, columns - width :] = value
+        key, value = padded_key, padded_value
+    heads = query.shape[1]
+    grouped = query.reshape(rows, key_heads, heads // key_heads, query.shape[3])
+    output = torch.nn.functional.scaled_dot_product_attention(
+        grouped,
+        key,
+        value,
+        attn_mask=mask,
+        scale=scaling if scaling is not None else getattr(module, "scaling", None),
+    )
+    return output.reshape(rows, heads, 1, value.shape[3]).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTENTION_NAME, windowed_sdpa)

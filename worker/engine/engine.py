@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,15 +27,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shared.events import FinishReason
 from worker.engine import attention
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
-from worker.engine.attention import plan_windows
+from worker.engine.attention import AlignedKeys, plan_windows
 from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
+from worker.engine.invariance import Coverage, other_limits, pad_single_rows, unpadded
 from worker.engine.joint import JointForward
 from worker.engine.kv_cache import growing_cache
 from worker.engine.prompts import ImagesNotAccepted, PromptError, image_prompts, text_prompt_ids
 from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_tokens
 from worker.engine.vision import VisionPrompt, VisionPrompter
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -52,6 +56,7 @@ class Engine:
         adapters: LoraAdapters | None = None,
         prefill_width_multiple: int = 1,
         joint_prefill: bool = True,
+        batch_invariant: bool = True,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
@@ -60,7 +65,9 @@ class Engine:
         `prefill_width_multiple` > 1 left-pads every prefill to a multiple of
         that many tokens (see worker.engine.batch.padded_width). `joint_prefill`
         lets rows join a running batch in its decode step's forward where the
-        model allows (see `can_join`)."""
+        model allows (see `can_join`). `batch_invariant` makes each row's tokens
+        independent of its batch (worker.engine.invariance; `invariance` says
+        what it covers for this model)."""
         self.device = torch.device(device)
         model = _on_device(model, self.device)
         self.model = model.eval()
@@ -81,11 +88,27 @@ class Engine:
         self._model_lock = adapters.lock if adapters is not None else contextlib.nullcontext()
         self._batch: Batch | None = None
         self._windowed_attention = attention.install(self.model)
+        if not batch_invariant:
+            unpadded(self.model)  # another engine over this model may have made it invariant
+        self.invariance = self._make_invariant() if batch_invariant else None
         joint = joint_prefill and self._windowed_attention
         self._joint = JointForward.for_model(self.model) if joint else None
         if prefill_width_multiple < 1:
             raise ValueError("prefill_width_multiple must be at least 1")
         self.prefill_width_multiple = prefill_width_multiple
+
+    def _make_invariant(self) -> Coverage:
+        coverage = pad_single_rows(self.model)
+        quantized = [type(m).__name__ for m in self.model.modules() if _is_quantized(m)]
+        coverage.reasons.extend(other_limits(self.model, self._windowed_attention, quantized))
+        if self.adapters is not None:
+            coverage.reasons.append("LoRA adapters' products are not made batch invariant")
+        log.info("batch-invariant mode: %s", coverage.describe())
+        return coverage
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.invariance is not None
 
     # -- facts about the model ------------------------------------------------
 
@@ -292,6 +315,21 @@ class Engine:
         if wanted:
             assert self.adapters is not None  # _check refused adapters otherwise
             self.adapters.ensure(wanted, self.adapters_in_use)
+        running = [self._batch] if self._batch is not None else []
+        self._batch = Batch.concatenate([*running, *self._prefilled(rows, grammars)])
+
+    def _prefilled(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> list[Batch]:
+        """`rows` prefilled: together, or, batch invariant, each alone and unpadded as
+        when it runs alone (unless its cache cannot merge with others, worker.engine.kv_cache)."""
+        if not self.batch_invariant or len(rows) == 1:
+            return [self._prefill(rows, grammars)]
+        first = self._prefill(rows[:1], grammars[:1])
+        if not first.can_concatenate:
+            return [self._prefill(rows, grammars)]
+        pairs = zip(rows[1:], grammars[1:], strict=True)
+        return [first, *(self._prefill([row], [grammar]) for row, grammar in pairs)]
+
+    def _prefill(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> Batch:
         batch = self._new_batch(rows, grammars)
         prefill_inputs = (
             self.vision.prefill_inputs([r.image_features for r in rows], batch.input_ids)
@@ -299,7 +337,7 @@ class Engine:
             else {}
         )
         self._forward(batch, prefill_inputs)
-        self._batch = batch if self._batch is None else Batch.concatenate([self._batch, batch])
+        return batch
 
     def check(self, rows: Sequence[RowRequest]) -> list[Grammar | None]:
         """Check that `rows` can join the batch (PromptError, AdapterError,
@@ -451,11 +489,12 @@ class Engine:
     def _decode_kwargs(self, batch: Batch) -> dict[str, Any]:
         """What a decode step's attention takes beyond transformers' arguments:
         the rows' windows (worker.engine.attention), when they save anything."""
-        if self._windowed_attention and batch.input_ids.shape[1] == 1:
-            windows = plan_windows(batch.lengths, batch.attention_mask.shape[1])
-            if windows is not None:
-                return {"row_windows": windows}
-        return {}
+        if not self._windowed_attention or batch.input_ids.shape[1] != 1:
+            return {}
+        if self.batch_invariant:
+            return {"aligned_keys": AlignedKeys(tuple(batch.lengths))}
+        windows = plan_windows(batch.lengths, batch.attention_mask.shape[1])
+        return {"row_windows": windows} if windows is not None else {}
 
     def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
         return self.model(
@@ -499,6 +538,12 @@ def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
     if getattr(model, "hf_device_map", None) is None and model.device != device:
         return model.to(device)
     return model
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """A layer of --quantize (worker.engine.models.quantization, torch's dynamic int8)."""
+    kind = type(module)
+    return kind.__name__ == "Int4Linear" or kind.__module__.startswith("torch.ao.nn.quantized")
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_ids: frozenset[int]) -> int:

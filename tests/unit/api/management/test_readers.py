@@ -10,6 +10,7 @@ DEFAULTS = {
     "quantization": "none",
     "fused_layers": 0,
     "joint_prefill": False,
+    "batch_invariant": False,
     "loras": NO_LORAS,
 }
 

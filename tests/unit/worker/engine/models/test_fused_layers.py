@@ -83,7 +83,9 @@ def test_fused_bfloat16_and_int4_layers_answer_as_their_unfused_twins(tiny_model
         fused_model, plain = served("auto", kind), served("off", kind)
         if kind == "int4":
             assert all(isinstance(layer.qkv_proj, Int4Linear) for layer in fused_layers(fused_model))
-        engine = Engine(fused_model, tokenizer)
+        # bfloat16 kernels compared with transformers' own: the batch-invariant mode's
+        # padded one-row products and aligned attention round otherwise (test_invariance.py)
+        engine = Engine(fused_model, tokenizer, batch_invariant=False)
         for prompt in PROMPTS:
             ids = engine.encode_prompt(prompt)
             (completion,) = run(engine, [RowRequest(key=0, prompt_ids=ids, params=GREEDY)]).values()

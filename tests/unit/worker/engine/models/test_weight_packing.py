@@ -65,7 +65,7 @@ def test_the_engine_over_a_packed_model_answers_what_the_plain_model_generates(
     tiny_model_dir, packed, tokenizer
 ):
     plain = bf16_model(tiny_model_dir)
-    engine = Engine(packed, tokenizer)
+    engine = Engine(packed, tokenizer, batch_invariant=False)  # kernels against transformers' own
     for prompt in PROMPTS:
         ids = engine.encode_prompt(prompt)
         (completion,) = run(engine, [RowRequest(key=0, prompt_ids=ids, params=GREEDY)]).values()
