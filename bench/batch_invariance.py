@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.batch_invariance --help
 
 The bundled model loaded as a worker loads it (`--dtype auto`: bfloat16 on a CPU with AVX512-BF16;
-`--pack-weights` and `--fuse-layers` at their defaults), the engine in-process, 1 torch thread.
+`--pack-weights` and `--fuse-layers` at their defaults), the engine in-process with
+`--batch-invariant off` (today's fastest path, which parts 1 and 2 examine), 1 torch thread.
 Three parts (issue 24):
 
 1. End to end: N prompts, greedy and forced to the same length, run one at a time, all together in
@@ -15,9 +16,11 @@ Three parts (issue 24):
    gets the row's solo input, so a difference is that operation's own: its output for the row is
    compared bit for bit. Then `torch.nn.functional.linear` and oneDNN's packed linear on the
    model's shapes: for which row counts M a row's result changes, in bfloat16 and float32.
-3. Candidate fixes, each patched into the running engine: part 1's comparison again (equality) and
-   decode step times at batch 1 and 8 against the unpatched engine, the two taking turns step by
-   step (the ratio: candidate / baseline, the median of `--repeats` runs).
+3. The engine's `--batch-invariant on` (worker.engine.invariance), over a second copy of the model:
+   part 1's comparison again, its solo answers against the mode off, and decode step times at
+   batch 1 and 8 against the mode off, the two taking turns step by step (the ratio on / off, the
+   median of `--repeats` runs). With `--skip` not naming `candidates`, also the earlier candidate
+   fixes, each patched into the running engine, measured the same way.
 
 Prints one JSON document; progress on stderr."""
 
@@ -619,15 +622,40 @@ def step_ratios(baseline, candidate, patch, prompt_ids, rows: int, steps: int) -
     }
 
 
+def mode_report(off_engine, prompt_ids: list[list[int]], args) -> dict:
+    """The engine's own mode (`batch_invariant=True`, over a second copy of the model): part 1's
+    comparison, its solo answers against the mode off, and decode step times against the mode
+    off, the two taking turns."""
+    on_engine = load_engine(args.dtype, args.pack_weights, args.fuse_layers, batch_invariant=True)
+    equality = end_to_end(on_engine, prompt_ids, args.new_tokens, args.join_every)
+    equality["alone_vs_mode_off_alone"] = compare_answers(
+        run_alone(off_engine, prompt_ids, args.new_tokens), equality.pop("alone")
+    )
+    speed = {}
+    for rows in (1, 8):
+        runs = [
+            step_ratios(off_engine, on_engine, contextlib.nullcontext, prompt_ids, rows, args.steps)
+            for _ in range(args.repeats)
+        ]
+        speed[f"batch{rows}"] = {
+            "ratio_median": round(statistics.median(run["ratio"] for run in runs), 3),
+            "runs": runs,
+        }
+    return {"coverage": on_engine.invariance.describe(), "equality": equality, "speed": speed}
+
+
 # -- main -----------------------------------------------------------------------------------------------
 
 
-def load_engine(dtype: str, pack_weights: str, fuse_layers: str, quantize: str = "none"):
+def load_engine(
+    dtype: str, pack_weights: str, fuse_layers: str, quantize: str = "none", batch_invariant: bool = False
+):
+    """The bundled model as a worker loads it, in an engine with `--batch-invariant` off (what
+    parts 1 and 2 examine) or on."""
     from bench.common import engine_for, served_model
 
-    return engine_for(
-        served_model(dtype=dtype, pack_weights=pack_weights, fuse_layers=fuse_layers, quantize=quantize)
-    )
+    loaded = served_model(dtype=dtype, pack_weights=pack_weights, fuse_layers=fuse_layers, quantize=quantize)
+    return engine_for(loaded, batch_invariant=batch_invariant)
 
 
 def main() -> None:
@@ -659,7 +687,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps per engine and batch size")
     parser.add_argument("--repeats", type=int, default=2, help="speed runs per candidate (median ratio)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["end_to_end", "operations", "linear", "candidates"]
+        "--skip",
+        nargs="*",
+        default=["candidates"],
+        choices=["end_to_end", "operations", "linear", "mode", "candidates"],
+        help="parts to skip (default: the candidate patches, which the engine's mode replaced)",
     )
     args = parser.parse_args()
 
@@ -716,6 +748,9 @@ def main() -> None:
             }
         )
         report["linear_sweep"] = linear_sweep(shapes, [*range(1, 17), 32, 64, 128, 256])
+    if "mode" not in args.skip:
+        log("part 3: the engine's --batch-invariant on against off")
+        report["batch_invariant_mode"] = mode_report(engine, prompt_ids, args)
     if "candidates" not in args.skip:
         report["candidates"] = {}
         second = load_engine(args.dtype, args.pack_weights, args.fuse_layers)

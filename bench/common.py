@@ -73,11 +73,17 @@ def served_model(catalog=None, **settings):
     return load_for_serving(WorkerSettings(redis_url="", **settings), catalog)
 
 
-def engine_for(loaded, adapters=None):
-    """An Engine over a loaded model, on its device."""
+def engine_for(loaded, adapters=None, batch_invariant: bool = True):
+    """An Engine over a loaded model, on its device (batch invariant, as workers run by default)."""
     from worker.engine.engine import Engine
 
-    return Engine(loaded.model, loaded.tokenizer, device=loaded.device, adapters=adapters)
+    return Engine(
+        loaded.model,
+        loaded.tokenizer,
+        device=loaded.device,
+        adapters=adapters,
+        batch_invariant=batch_invariant,
+    )
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:

@@ -12,9 +12,11 @@ answer depend on its company, and the mode answers each:
   key count only (rounded up to `ALIGNED_WIDTH_MULTIPLE`, its keys at the end), rows of
   one width in one call (worker.engine.attention);
 - a one-row linear product (a decode step alone) can take another kernel path than
-  the products of 2+ rows, whose rows all agree: `pad_single_rows` finds, by probing
-  each linear shape of the model at start, the layers where one row rounds
-  differently and pads their one-row products to two rows.
+  the products of 2+ rows, whose rows all agree: `pad_single_rows` probes each linear
+  shape at start and pads the one-row products of those where one row rounds
+  otherwise to two rows. It shows for some inputs only (on the bundled model's
+  `down_proj`, K = 1536, for about 1 row in 10; never for its K = 576 products), so
+  the probe compares many rows at two scales.
 
 What it does not cover is reported (`Coverage`), never assumed: a linear shape whose
 rows differ between products of 2+ rows (float32 products do, oneDNN's bfloat16 ones
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # Row counts a linear shape is probed at (a row's result must agree across all but 1).
 PROBED_ROW_COUNTS = (1, 2, 3, 4, 5, 8, 11, 16, 32, 64, 256)
-PROBED_ROWS = 16  # rows compared in each product
+PROBED_ROWS = 16  # rows compared in each product of 2+ rows
+PROBED_SINGLE_ROWS = 64  # rows compared alone against the same rows in one product
+PROBED_SCALES = (1.0, 4.0)  # input scales (a one-row product's rounding shows for some inputs only)
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Coverage:
     """Whether the engine's batch-invariant mode covers this model, and if not, why."""
 
     reasons: list[str] = field(default_factory=list)
-    padded_shapes: list[str] = field(default_factory=list)  # "in x out" shapes padded to two rows
+    padded_shapes: list[str] = field(default_factory=list)  # "in x out dtype" shapes padded to two rows
 
     @property
     def covered(self) -> bool:
@@ -83,49 +87,52 @@ def _linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
+def _probe_inputs(layer: nn.Linear) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(max(PROBED_ROW_COUNTS), layer.in_features, generator=generator)
+    weight = layer.weight
+    return [(inputs * scale).to(weight.device, weight.dtype) for scale in PROBED_SCALES]
+
+
 @torch.inference_mode()
 def _probe(layer: nn.Linear) -> tuple[bool, bool]:
-    """(one-row products round differently, products of 2+ rows all agree) for this
-    layer's shape, from random inputs in its dtype. Rounding differences show for some
-    inputs only, so PROBED_ROWS rows are each compared alone and in every product."""
-    generator = torch.Generator().manual_seed(0)
-    weight = layer.weight
-    inputs = torch.randn(max(PROBED_ROW_COUNTS), layer.in_features, generator=generator)
-    inputs = inputs.to(weight.device, weight.dtype)
-    reference = layer(inputs)
-    single_differs = any(
-        not torch.equal(layer(inputs[row : row + 1]), reference[row : row + 1]) for row in range(PROBED_ROWS)
-    )
-    batched_agree = all(
-        torch.equal(layer(inputs[:count])[: min(count, PROBED_ROWS)], reference[: min(count, PROBED_ROWS)])
-        for count in PROBED_ROW_COUNTS
-        if count > 1
-    )
+    """(a one-row product rounds otherwise, a row's result is the same in products of
+    any 2+ rows) for this layer's shape, from random inputs in its dtype."""
+    single_differs, batched_agree = False, True
+    for inputs in _probe_inputs(layer):
+        reference = layer(inputs)
+        single_differs |= any(
+            not torch.equal(layer(inputs[row : row + 1]), reference[row : row + 1])
+            for row in range(PROBED_SINGLE_ROWS)
+        )
+        compared = {count: min(count, PROBED_ROWS) for count in PROBED_ROW_COUNTS if count > 1}
+        batched_agree &= all(
+            torch.equal(layer(inputs[:count])[:rows], reference[:rows]) for count, rows in compared.items()
+        )
     return single_differs, batched_agree
 
 
 def pad_single_rows(model: nn.Module) -> Coverage:
-    """Wrap the linear layers whose one-row products round differently from their
-    batched ones in SingleRowPadded; what is covered (each shape probed once)."""
+    """Wrap in SingleRowPadded the linear layers whose one-row products round otherwise
+    than their batched ones; what is covered (each shape probed once)."""
     coverage = Coverage()
     verdicts: dict[tuple, tuple[bool, bool]] = {}
     for parent, name, layer in _linear_layers(model):
-        shape = (type(layer), layer.in_features, layer.out_features, layer.weight.dtype, layer.weight.device)
+        dtype = str(layer.weight.dtype).removeprefix("torch.")
+        shape = (type(layer), layer.in_features, layer.out_features, dtype, layer.weight.device)
         if shape not in verdicts:
             verdicts[shape] = _probe(layer)
-            dtype = str(layer.weight.dtype).removeprefix("torch.")
-            label = f"{layer.in_features}x{layer.out_features} {dtype}"
             single_differs, batched_agree = verdicts[shape]
+            label = f"{layer.in_features}x{layer.out_features} {dtype}"
             if not batched_agree:
                 coverage.reasons.append(f"linear {label}: a row's result changes with the number of rows")
             elif single_differs:
                 coverage.padded_shapes.append(label)
-        if verdicts[shape][0] and verdicts[shape][1]:
+        if verdicts[shape] == (True, True):
             setattr(parent, name, SingleRowPadded(layer))
     if coverage.padded_shapes:
-        log.info(
-            "one-row products padded to two rows for linear shapes %s", ", ".join(coverage.padded_shapes)
-        )
+        shapes = ", ".join(coverage.padded_shapes)
+        log.info("one-row products padded to two rows for linear shapes %s", shapes)
     return coverage
 
 

@@ -110,17 +110,18 @@ def test_without_the_mode_the_same_trials_depend_on_the_batch(served):
     Engine(served.model, served.tokenizer)  # leave the shared model invariant again
 
 
-def test_only_linear_shapes_whose_single_rows_round_otherwise_are_padded():
+def test_a_linear_shape_whose_one_row_products_round_otherwise_is_padded():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(576, 576), nn.Linear(1536, 576)).to(torch.bfloat16)
     coverage = pad_single_rows(model)
-    padded = [isinstance(layer, SingleRowPadded) for layer in model]
-    assert coverage.covered
-    assert len(coverage.padded_shapes) == sum(padded)
-    x = torch.randn(1, 1536, dtype=torch.bfloat16)
+    assert coverage.covered and isinstance(model[1], SingleRowPadded)  # as the bundled model's down_proj
+    assert coverage.padded_shapes == [
+        f"{layer.linear.in_features}x576 bfloat16" for layer in model if isinstance(layer, SingleRowPadded)
+    ]
+    rows = torch.randn(8, 1536, dtype=torch.bfloat16).relu()  # activations after a gate, as down_proj sees
     with torch.inference_mode():
-        batch = torch.cat([x, torch.randn(7, 1536, dtype=torch.bfloat16)])
-        assert torch.equal(model[1](x), model[1](batch)[:1])  # one row now rounds as in a batch
+        batched = model[1](rows)
+        assert all(torch.equal(model[1](rows[i : i + 1]), batched[i : i + 1]) for i in range(8))
 
 
 def test_float32_linear_products_are_reported_not_covered():
