@@ -25,6 +25,7 @@ do not), quantized layers, and attention that does not go through torch's sdpa."
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -117,6 +118,7 @@ def pad_single_rows(model: nn.Module) -> Coverage:
     than their batched ones; what is covered (each shape probed once)."""
     coverage = Coverage()
     verdicts: dict[tuple, tuple[bool, bool]] = {}
+    started = time.perf_counter()
     for parent, name, layer in _linear_layers(model):
         dtype = str(layer.weight.dtype).removeprefix("torch.")
         shape = (type(layer), layer.in_features, layer.out_features, dtype, layer.weight.device)
@@ -130,9 +132,12 @@ def pad_single_rows(model: nn.Module) -> Coverage:
                 coverage.padded_shapes.append(label)
         if verdicts[shape] == (True, True):
             setattr(parent, name, SingleRowPadded(layer))
-    if coverage.padded_shapes:
-        shapes = ", ".join(coverage.padded_shapes)
-        log.info("one-row products padded to two rows for linear shapes %s", shapes)
+    log.info(
+        "batch invariance: probed %d linear shape(s) in %.1f s; one-row products padded for %s",
+        len(verdicts),
+        time.perf_counter() - started,
+        ", ".join(coverage.padded_shapes) or "none",
+    )
     return coverage
 
 
