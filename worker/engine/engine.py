@@ -98,11 +98,14 @@ class Engine:
         self.prefill_width_multiple = prefill_width_multiple
 
     def _make_invariant(self) -> Coverage:
-        coverage = pad_single_rows(self.model)
+        """Prefill and attention are made invariant by the engine's own calls; the linear
+        layers are probed and padded here (not under LoRA adapters, whose wrappers own them)."""
+        if self.adapters is not None:
+            coverage = Coverage(reasons=["LoRA adapters' products are not made batch invariant"])
+        else:
+            coverage = pad_single_rows(self.model)
         quantized = [type(m).__name__ for m in self.model.modules() if _is_quantized(m)]
         coverage.reasons.extend(other_limits(self.model, self._windowed_attention, quantized))
-        if self.adapters is not None:
-            coverage.reasons.append("LoRA adapters' products are not made batch invariant")
         log.info("batch-invariant mode: %s", coverage.describe())
         return coverage
 

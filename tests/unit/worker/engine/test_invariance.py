@@ -148,3 +148,17 @@ def test_the_worker_reports_what_the_mode_covers(smollm2_shaped_model_dir):
     quantized = facts(quantize="int8")
     assert quantized["batch_invariant"] is False
     assert "quantized layers" in quantized["batch_invariance"]
+
+
+def test_lora_workers_say_they_are_not_covered_and_keep_their_layers(
+    tiny_model_dir, tiny_lora_dir, tokenizer
+):
+    from transformers import AutoModelForCausalLM
+
+    from worker.engine.adapters import AdapterCatalog, LoraAdapters
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    engine = Engine(base, tokenizer, adapters=LoraAdapters(base, AdapterCatalog(directory=tiny_lora_dir)))
+    assert engine.invariance is not None and not engine.invariance.covered
+    assert "LoRA" in engine.invariance.describe()
+    assert not any(isinstance(module, SingleRowPadded) for module in base.modules())
