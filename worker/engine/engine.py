@@ -8,9 +8,10 @@ adapter (worker.engine.adapters) or a constraint (worker.engine.grammar). The en
 knows nothing of Redis, RQ or HTTP; worker.batch_run drives it.
 
 Easy to get wrong: greedy rows equal `model.generate(do_sample=False)` on the same
-prompt alone token for token in float32 only; in bfloat16 the padding of a batch (or
-of `prefill_width_multiple`) changes rounding enough that a row can drift from its
-solo run after a while (it still equals `generate` on the same padded batch)."""
+prompt alone token for token in float32. In bfloat16, a row's tokens equal its solo
+run's only in the batch-invariant mode (worker.engine.invariance, the default), whose
+solo runs round a little otherwise than `generate`'s; without it the padding of a batch
+changes rounding enough that a row can drift from its solo run after a while."""
 
 from __future__ import annotations
 
@@ -490,8 +491,9 @@ class Engine:
         batch.logits = out.logits[:, -1, :]
 
     def _decode_kwargs(self, batch: Batch) -> dict[str, Any]:
-        """What a decode step's attention takes beyond transformers' arguments:
-        the rows' windows (worker.engine.attention), when they save anything."""
+        """What a decode step's attention takes beyond transformers' arguments: the
+        rows' lengths for the batch-invariant attention, or else the rows' windows
+        (worker.engine.attention), when they save anything."""
         if not self._windowed_attention or batch.input_ids.shape[1] != 1:
             return {}
         if self.batch_invariant:
