@@ -53,6 +53,24 @@ class WorkerFamilies:
         self.batch_rows = HistogramMetricFamily(
             "mmserve_worker_batch_rows", "Rows decoded together, per decode step.", labels=self.LABELS
         )
+        self.prefix_hit_tokens = CounterMetricFamily(
+            "mmserve_worker_prefix_cache_hit_tokens",
+            "Prompt tokens a worker read from its prefix cache instead of prefilling them.",
+            labels=self.LABELS,
+        )
+        self.prefix_missed_tokens = CounterMetricFamily(
+            "mmserve_worker_prefix_cache_missed_tokens",
+            "Prompt tokens a worker prefilled (not in its prefix cache).",
+            labels=self.LABELS,
+        )
+        self.prefix_bytes = GaugeMetricFamily(
+            "mmserve_worker_prefix_cache_bytes", "Bytes a worker's prefix cache holds.", labels=self.LABELS
+        )
+        self.prefix_evictions = CounterMetricFamily(
+            "mmserve_worker_prefix_cache_evicted_blocks",
+            "Prefix-cache blocks a worker dropped to make room.",
+            labels=self.LABELS,
+        )
 
     def add(self, reader: registry.ReaderInfo) -> None:
         labels = [reader.consumer_group, reader.reader_id]
@@ -64,9 +82,15 @@ class WorkerFamilies:
         self.step_seconds.add_metric(labels, stats.decode_seconds)
         if stats.rows_per_step:
             self.batch_rows.add_metric(labels, list(stats.rows_per_step.items()), sum_value=stats.rows_sum)
+        self.prefix_hit_tokens.add_metric(labels, stats.prefix_cache_hit_tokens)
+        self.prefix_missed_tokens.add_metric(labels, stats.prefix_cache_missed_tokens)
+        self.prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
+        self.prefix_evictions.add_metric(labels, stats.prefix_cache_evicted_blocks)
 
     def families(self) -> Iterator[Metric]:
         yield from (self.tokens, self.requests, self.steps, self.step_seconds, self.batch_rows)
+        yield from (self.prefix_hit_tokens, self.prefix_missed_tokens)
+        yield from (self.prefix_bytes, self.prefix_evictions)
 
 
 class RedisStateCollector(Collector):

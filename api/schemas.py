@@ -20,6 +20,9 @@ class RowMetadata(BaseModel):
 
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_prompt_tokens: int | None = Field(
+        None, description="Prompt tokens the worker read from its prefix cache instead of prefilling them."
+    )
     finish_reason: FinishReason | None
     queue_time_ms: float | None = Field(description="Enqueued until the first event from a worker.")
     time_to_first_token_ms: float | None = Field(description="Enqueued until this row's first token.")

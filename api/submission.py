@@ -200,6 +200,7 @@ class Generation:
         return [
             RowMetadata(
                 prompt_tokens=row.done.usage.prompt_tokens if row.done else None,
+                cached_prompt_tokens=row.done.usage.cached_prompt_tokens if row.done else None,
                 completion_tokens=row.done.usage.completion_tokens if row.done else None,
                 finish_reason=row.done.finish_reason if row.done else None,
                 queue_time_ms=since_submit(self._first_event_at),

@@ -13,6 +13,7 @@ FinishReason = Literal["eos", "length", "stop", "cancelled"]
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens the worker read from its prefix cache
 
 
 class TokenEvent(BaseModel):

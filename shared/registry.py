@@ -33,6 +33,10 @@ class WorkerStats(BaseModel):
         description="Decode steps by batch rows: cumulative counts per bucket, '+Inf' last.",
     )
     rows_sum: int = 0
+    prefix_cache_hit_tokens: int = Field(0, description="Prompt tokens read from the prefix cache.")
+    prefix_cache_missed_tokens: int = Field(0, description="Prompt tokens prefilled (not in the cache).")
+    prefix_cache_bytes: int = Field(0, description="Bytes the prefix cache holds now.")
+    prefix_cache_evicted_blocks: int = Field(0, description="Blocks dropped to make room.")
 
 
 class LoraStatus(BaseModel):
@@ -63,6 +67,13 @@ class ReaderInfo(BaseModel):
     )
     batch_invariance: str = Field(
         "", description="What --batch-invariant covers for this model, or why it does not."
+    )
+    prefix_cache_bytes: int = Field(
+        0, description="Bytes the prefix cache may hold (--prefix-cache-bytes); 0 when it is off."
+    )
+    prefix_cache: str = Field("", description="Whether the prefix cache is on, or why it is off.")
+    prefix_cache_block_tokens: int = Field(
+        defaults.PREFIX_CACHE_BLOCK_TOKENS, description="Tokens per prefix-cache block (and prefill chunk)."
     )
     threads: int | None = None
     max_batch_size: int = defaults.DEFAULT_MAX_BATCH_SIZE

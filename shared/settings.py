@@ -340,6 +340,28 @@ class WorkerSettings(ProcessSettings):
         "off = the fastest path, whose answers may change with the load. /config says what it covers.",
         choices=ON_OR_OFF,
     )
+    prefix_cache: str = setting(
+        "--prefix-cache",
+        "on",
+        "on = the keys and values of recent prompts' prefixes are kept, and a prompt that starts like an "
+        "earlier one (a chat's next turn, a shared system prompt, more questions about one image) prefills "
+        "only the rest; answers do not change (docs: Tuning workers). off = every prompt prefilled whole.",
+        choices=ON_OR_OFF,
+    )
+    prefix_cache_bytes: int | None = setting(
+        "--prefix-cache-bytes",
+        None,
+        "Most bytes the prefix cache holds; the least recently used blocks go first (unset = 5% of the "
+        "device's memory, at most 4 GiB; /config shows the value).",
+        minimum=1,
+    )
+    prefix_cache_block_tokens: int = setting(
+        "--prefix-cache-block-tokens",
+        defaults.PREFIX_CACHE_BLOCK_TOKENS,
+        "Tokens per prefix-cache block: a prompt reuses whole blocks. With --batch-invariant on, prompts are "
+        "prefilled in chunks of this many tokens, cache or not (smaller chunks prefill slower on a CPU).",
+        minimum=1,
+    )
     device: str = setting(
         "--device", "auto", "auto = cuda when available, else cpu.", choices=DEVICES, ignore_case=True
     )

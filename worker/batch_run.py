@@ -269,8 +269,8 @@ class BatchRun:
             request_id: [
                 WaitingRow(
                     request_id=request_id,
-                    prompt_tokens=len(row.prompt_ids),
-                    prefill_width=self._engine.prefill_width(len(row.prompt_ids)),
+                    prompt_tokens=self._engine.tokens_to_prefill(row),
+                    prefill_width=self._engine.prefill_width(self._engine.tokens_to_prefill(row)),
                     joins_step=joins and self._engine.can_join([row]),
                     adapter=row.adapter,
                 )
@@ -447,7 +447,11 @@ class BatchRun:
                 )
                 outcome.token_events[row] += 1
             if output.finish_reason is not None:
-                usage = Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
+                usage = Usage(
+                    prompt_tokens=output.prompt_tokens,
+                    completion_tokens=output.completion_tokens,
+                    cached_prompt_tokens=output.cached_prompt_tokens,
+                )
                 outcome.finish_reasons[row] = output.finish_reason
                 outcome.usage[row] = usage
                 batch.append(

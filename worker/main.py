@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shared import keys
+from shared import defaults, keys
 from shared.connection import connect
 from shared.registry import LoraStatus, ReaderInfo
 from shared.settings import WorkerSettings
@@ -142,7 +142,10 @@ def run_worker(settings: WorkerSettings) -> None:
             connection=connection,
             name=reader_id,
         )
-        heartbeat.refresh = lambda: {"stats": worker.stats.snapshot(), "loras": lora_status(engine)}
+        heartbeat.refresh = lambda: {
+            "stats": worker.stats.snapshot(engine.prefix_cache),
+            "loras": lora_status(engine),
+        }
         heartbeat.update(**serving_facts(settings, loaded, engine))
         log.info(
             "reader %s serving %s for group %r (%d thread(s), batch <= %d rows, window %d ms)",
@@ -193,7 +196,23 @@ def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: Adapter
         prefill_width_multiple=settings.prefill_width_multiple,
         joint_prefill=settings.joint_prefill == "auto",
         batch_invariant=settings.batch_invariant == "on",
+        prefix_cache_bytes=prefix_cache_bytes(settings, loaded.device),
+        prefix_block_tokens=settings.prefix_cache_block_tokens,
     )
+
+
+def prefix_cache_bytes(settings: WorkerSettings, device: torch.device) -> int:
+    """The prefix cache's bound: --prefix-cache-bytes, or a share of the device's memory; 0 when off."""
+    if settings.prefix_cache == "off":
+        return 0
+    if settings.prefix_cache_bytes is not None:
+        return settings.prefix_cache_bytes
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(int(total * defaults.PREFIX_CACHE_MEMORY_SHARE), defaults.PREFIX_CACHE_MAX_AUTO_BYTES)
 
 
 def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine) -> dict[str, Any]:
@@ -209,6 +228,9 @@ def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine)
         "joint_prefill": engine.joint_prefill,
         "batch_invariant": engine.invariance is not None and engine.invariance.covered,
         "batch_invariance": engine.invariance.describe() if engine.invariance is not None else "off",
+        "prefix_cache": "on" if engine.prefix_cache is not None else engine.prefix_cache_off_reason,
+        "prefix_cache_bytes": engine.prefix_cache.max_bytes if engine.prefix_cache is not None else 0,
+        "prefix_cache_block_tokens": engine.prefix_block_tokens,
         "context_length": engine.context_length,
         "has_chat_template": engine.has_chat_template,
         **_pixel_facts(loaded),

@@ -4,8 +4,12 @@ cheaply, on the decode thread; worker.heartbeat publishes a snapshot."""
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from shared.registry import BATCH_ROWS_BUCKETS, WorkerStats
+
+if TYPE_CHECKING:
+    from worker.engine.prefix_cache import PrefixCache
 
 
 class StatsRecorder:
@@ -31,11 +35,22 @@ class StatsRecorder:
             else:
                 self._stats.requests_finished += 1
 
-    def snapshot(self) -> WorkerStats:
-        """A copy, with rows_per_step as Prometheus-style cumulative bucket counts."""
+    def snapshot(self, prefix_cache: PrefixCache | None = None) -> WorkerStats:
+        """A copy, with rows_per_step as Prometheus-style cumulative bucket counts, and
+        the prefix cache's counters (read without a lock: a count may lag by a prefill)."""
         with self._lock:
             cumulative, total = {}, 0
             for bound, count in zip((*map(str, BATCH_ROWS_BUCKETS), "+Inf"), self._buckets, strict=True):
                 total += count
                 cumulative[bound] = total
-            return self._stats.model_copy(update={"rows_per_step": cumulative})
+            update: dict[str, object] = {"rows_per_step": cumulative}
+        if prefix_cache is not None:
+            counters = prefix_cache.counters
+            update.update(
+                prefix_cache_hit_tokens=counters.hit_tokens,
+                prefix_cache_missed_tokens=counters.missed_tokens,
+                prefix_cache_bytes=prefix_cache.bytes,
+                prefix_cache_evicted_blocks=counters.evicted_blocks,
+            )
+        with self._lock:
+            return self._stats.model_copy(update=update)

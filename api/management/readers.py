@@ -28,6 +28,7 @@ SUMMARY_FIELDS = (
     "fused_layers",
     "joint_prefill",
     "batch_invariant",
+    "prefix_cache_bytes",
     "loras",
 )
 
@@ -35,7 +36,7 @@ SUMMARY_FIELDS = (
 @blueprint.get("/reader_groups")
 def reader_groups() -> Response:
     """`{group: [{reader_id, model_name, model_type, pids, ready, device, dtype, quantization,
-    fused_layers, joint_prefill, batch_invariant, loras}]}`, one entry per live reader."""
+    fused_layers, joint_prefill, batch_invariant, prefix_cache_bytes, loras}]}`, one entry per live reader."""
     groups = registry.all_live_readers(app_state().connection)
     return jsonify(
         {

@@ -41,6 +41,7 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -95,6 +96,7 @@ def relay_choices(
         elif isinstance(item, RowFinished):
             choice = choices[item.row]
             choice.prompt_tokens = item.done.usage.prompt_tokens
+            choice.cached_tokens = item.done.usage.cached_prompt_tokens
             if choice.finish_reason is None:
                 rest = choice.scanner.finish()
                 if rest:
@@ -116,7 +118,7 @@ def relay_choices(
             cancelled = True
 
 
-def _usage(run: Run) -> dict[str, int]:
+def _usage(run: Run) -> dict[str, Any]:
     choices, n = run.choices, run.openai_request.n
     # A chat's rows share one prompt, counted once; a text completion's prompts each count once.
     by_prompt = [choices] if run.kind == CHAT else [choices[i : i + n] for i in range(0, len(choices), n)]
@@ -124,11 +126,18 @@ def _usage(run: Run) -> dict[str, int]:
         next((choice.prompt_tokens for choice in rows if choice.prompt_tokens is not None), 0)
         for rows in by_prompt
     )
+    # A prompt's cached tokens are what its first row found in the cache (its other rows
+    # then find the whole prompt there).
+    cached_tokens = sum(
+        min((choice.cached_tokens for choice in rows if choice.cached_tokens is not None), default=0)
+        for rows in by_prompt
+    )
     completion_tokens = sum(choice.completion_tokens or 0 for choice in choices)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -49,6 +49,9 @@ class FakeEngine:
     def prefill_width(self, prompt_length: int) -> int:
         return prompt_length
 
+    def tokens_to_prefill(self, row: RowRequest) -> int:
+        return len(row.prompt_ids)  # no prefix cache
+
     def knows_adapter(self, lora_id: str) -> bool:
         return lora_id in self.adapters
 

@@ -28,9 +28,13 @@ class Vlm:
     model: Any
     processor: Any
 
-    def engine(self, batch_invariant: bool = True) -> Engine:
+    def engine(self, batch_invariant: bool = True, **kwargs) -> Engine:
         return Engine(
-            self.model, self.processor.tokenizer, processor=self.processor, batch_invariant=batch_invariant
+            self.model,
+            self.processor.tokenizer,
+            processor=self.processor,
+            batch_invariant=batch_invariant,
+            **kwargs,
         )
 
     def chat_prompt(self, text: str, images: int) -> str:

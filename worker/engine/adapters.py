@@ -120,6 +120,8 @@ class LoraAdapters:
         self.max_loaded = max_loaded
         self.peft_model = None  # a peft.PeftModel over `base` once the first adapter loads
         self._loaded: OrderedDict[str, float] = OrderedDict()  # id -> load seconds, least recent first
+        self._loads = 0  # adapters read so far: numbers each load, for the prefix cache's keys
+        self._load_numbers: dict[str, int] = {}
         self._language_modules = _language_modules(model)
         self.lock = threading.RLock()  # held by whoever runs or changes the model
         self._active: list[str] | None = None  # PEFT's active adapters, as we last set them
@@ -137,6 +139,14 @@ class LoraAdapters:
 
     def available(self) -> list[str]:
         return sorted(self.catalog.paths())
+
+    def cache_namespace(self, lora_id: str | None) -> tuple | None:
+        """What names the keys and values a row with this adapter computes, for the
+        prefix cache: the adapter and which load of it (its files may change between
+        loads); None for the base model."""
+        if lora_id is None:
+            return None
+        return ("lora", lora_id, self._load_numbers.get(lora_id))
 
     def knows(self, lora_id: str) -> bool:
         return lora_id in self._loaded or lora_id in self.catalog.paths()
@@ -204,6 +214,8 @@ class LoraAdapters:
         self._active = None  # PEFT may have changed its active adapter
         seconds = time.monotonic() - started
         self._loaded[lora_id] = seconds
+        self._loads += 1
+        self._load_numbers[lora_id] = self._loads
         log.info("loaded LoRA adapter %s from %s in %.2f s", lora_id, path, seconds)
         while len(self._loaded) > self.max_loaded:
             victim = next(name for name in self._loaded if name not in keep)

@@ -52,6 +52,8 @@ class Row:
     detokenizer: Detokenizer
     grammar: GrammarState | None = None  # constrained rows: where the row is in its grammar
     adapter: str | None = None  # the row's LoRA adapter (None = the base model)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    block_keys: list[bytes] | None = None  # the prompt's blocks' prefix-cache keys, while it prefills
 
     @property
     def completion_tokens(self) -> int:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shared import defaults
 from shared.events import FinishReason
 from worker.engine import attention
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
@@ -33,7 +34,9 @@ from worker.engine.batch import Batch, Row, padded_width
 from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
 from worker.engine.invariance import Coverage, other_limits, pad_single_rows, unpadded
 from worker.engine.joint import JointForward
-from worker.engine.kv_cache import growing_cache
+from worker.engine.kv_cache import RecordingCache, growing_cache, holds_prefixes
+from worker.engine.prefill import cached_blocks_allowed, chunks
+from worker.engine.prefix_cache import LayerStates, PrefixCache, block_keys
 from worker.engine.prompts import ImagesNotAccepted, PromptError, image_prompts, text_prompt_ids
 from worker.engine.rows import Constraint, RowOutput, RowRequest
 from worker.engine.stopping import banned_tokens
@@ -58,6 +61,8 @@ class Engine:
         prefill_width_multiple: int = 1,
         joint_prefill: bool = True,
         batch_invariant: bool = True,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = defaults.PREFIX_CACHE_BLOCK_TOKENS,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
@@ -68,7 +73,10 @@ class Engine:
         lets rows join a running batch in its decode step's forward where the
         model allows (see `can_join`). `batch_invariant` makes each row's tokens
         independent of its batch (worker.engine.invariance; `invariance` says
-        what it covers for this model)."""
+        what it covers for this model). `prefix_cache_bytes` > 0 keeps that many bytes
+        of prompt prefixes' keys and values, in blocks of `prefix_block_tokens`
+        tokens (worker.engine.prefix_cache); the batch-invariant mode prefills in chunks
+        of that many tokens, cache or not (worker.engine.prefill)."""
         self.device = torch.device(device)
         model = _on_device(model, self.device)
         self.model = model.eval()
@@ -97,6 +105,22 @@ class Engine:
         if prefill_width_multiple < 1:
             raise ValueError("prefill_width_multiple must be at least 1")
         self.prefill_width_multiple = prefill_width_multiple
+        if prefix_block_tokens < 1:
+            raise ValueError("prefix_block_tokens must be at least 1")
+        self.prefix_block_tokens = prefix_block_tokens
+        self.prefix_cache_off_reason = self._prefix_cache_off_reason(prefix_cache_bytes)
+        self.prefix_cache = None
+        if self.prefix_cache_off_reason is None:
+            self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
+
+    def _prefix_cache_off_reason(self, max_bytes: int) -> str | None:
+        if max_bytes <= 0:
+            return "off"
+        if self.prefill_width_multiple > 1:
+            return "prompts are left-padded (--prefill-width-multiple > 1)"
+        if not holds_prefixes(self.model.config):
+            return "this model's cache has layers other than full attention and sliding windows"
+        return None
 
     def _make_invariant(self) -> Coverage:
         """Prefill and attention are made invariant by the engine's own calls; the linear
@@ -158,7 +182,18 @@ class Engine:
             and self._batch is not None
             and self._batch.can_concatenate
             and all(row.image_features is None and row.adapter is None for row in rows)
+            and (not self.batch_invariant or all(self._in_one_chunk(row) for row in rows))
         )
+
+    def tokens_to_prefill(self, row: RowRequest) -> int:
+        """The row's prompt tokens a prefill would compute now (those not in the prefix cache)."""
+        cached = self._cached_blocks(row, self._block_keys(row)) * self.prefix_block_tokens
+        return len(row.prompt_ids) - cached
+
+    def _in_one_chunk(self, row: RowRequest) -> bool:
+        """Whether the part of the row's prompt not in the prefix cache is prefilled in one
+        forward in the batch-invariant mode (the joint forward runs it as one)."""
+        return self.tokens_to_prefill(row) <= self.prefix_block_tokens
 
     @property
     def rows_ending_by_length(self) -> int:
@@ -323,25 +358,130 @@ class Engine:
         self._batch = Batch.concatenate([*running, *self._prefilled(rows, grammars)])
 
     def _prefilled(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> list[Batch]:
-        """`rows` prefilled: together, or, batch invariant, each alone and unpadded as
-        when it runs alone (unless its cache cannot merge with others, worker.engine.kv_cache)."""
-        if not self.batch_invariant or len(rows) == 1:
-            return [self._prefill(rows, grammars)]
-        first = self._prefill(rows[:1], grammars[:1])
-        if not first.can_concatenate:
-            return [self._prefill(rows, grammars)]
-        pairs = zip(rows[1:], grammars[1:], strict=True)
-        return [first, *(self._prefill([row], [grammar]) for row, grammar in pairs)]
+        """`rows` prefilled. Each alone, one after another (each then finds what the
+        ones before it left in the prefix cache), when the mode is batch invariant or
+        the row may start from a cached prefix; the others together, left-padded. A
+        model whose cache cannot merge rows (worker.engine.kv_cache) prefills them all
+        together."""
+        keys = [self._block_keys(row) for row in rows]
+        alone = [i for i in range(len(rows)) if self.batch_invariant or self._may_reuse(keys, i)]
+        together = [i for i in range(len(rows)) if i not in alone]
+        batches = []
+        if together:
+            batches.append(self._prefill([rows[i] for i in together], [grammars[i] for i in together]))
+        for i in alone:
+            batch = self._prefill_alone(rows[i], grammars[i], keys[i])
+            if not batch.can_concatenate and len(rows) > 1:
+                return [self._prefill(rows, grammars)]
+            batches.append(batch)
+        return batches
+
+    def _may_reuse(self, keys: Sequence[list[bytes]], index: int) -> bool:
+        """Whether row `index` (of rows whose block keys are `keys`) may start from a
+        cached prefix: the cache holds its first block, or another row has that block."""
+        own = keys[index][:1]
+        if self.prefix_cache is None or not own:
+            return False
+        shared = any(other[:1] == own for i, other in enumerate(keys) if i != index)
+        return shared or own[0] in self.prefix_cache
 
     def _prefill(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> Batch:
+        """`rows` prefilled together, left-padded, in one forward."""
         batch = self._new_batch(rows, grammars)
-        prefill_inputs = (
-            self.vision.prefill_inputs([r.image_features for r in rows], batch.input_ids)
-            if self.vision is not None
-            else {}
-        )
-        self._forward(batch, prefill_inputs)
+        self._forward(batch, self._image_inputs(rows, batch.input_ids))
+        self._store_prefixes(batch)
         return batch
+
+    def _prefill_alone(self, row: RowRequest, grammar: Grammar | None, keys: list[bytes]) -> Batch:
+        """One row prefilled: from its longest cached prefix on, in the chunks of
+        worker.engine.prefill."""
+        cached, prefix = self._cached_prefix(row, keys)
+        batch = self._new_batch([row], [grammar], prefix=prefix, keys=keys, cached=cached)
+        if self.prefill_width_multiple > 1:  # left-padded, in one forward (and no prefix cache)
+            self._forward(batch, self._image_inputs([row], batch.input_ids))
+            return batch
+        full = batch.input_ids, batch.attention_mask, batch.position_ids
+        chunk_tokens = self.prefix_block_tokens if self.batch_invariant else None
+        for start, end in chunks(cached, len(row.prompt_ids), chunk_tokens):
+            _narrow(batch, full, start, end)
+            inputs = (
+                self.vision.chunk_inputs(row.image_features, row.prompt_ids, start, end)
+                if self.vision is not None
+                else {}
+            )
+            self._forward(batch, inputs)
+        self._store_prefixes(batch)
+        return batch
+
+    def _joining_batch(self, row: RowRequest, grammar: Grammar | None) -> Batch:
+        """A one-row batch ready to be prefilled in a step's own forward, from its
+        cached prefix on (see `can_join`)."""
+        keys = self._block_keys(row)
+        cached, prefix = self._cached_prefix(row, keys)
+        batch = self._new_batch([row], [grammar], prefix=prefix, keys=keys, cached=cached)
+        full = batch.input_ids, batch.attention_mask, batch.position_ids
+        _narrow(batch, full, cached, len(row.prompt_ids))
+        return batch
+
+    def _image_inputs(self, rows: Sequence[RowRequest], input_ids: torch.Tensor) -> dict[str, Any]:
+        if self.vision is None:
+            return {}
+        return self.vision.prefill_inputs([r.image_features for r in rows], input_ids)
+
+    # -- the prefix cache ------------------------------------------------------
+
+    def _block_keys(self, row: RowRequest) -> list[bytes]:
+        """The prefix-cache keys of the row's full blocks ([] without a cache)."""
+        if self.prefix_cache is None:
+            return []
+        features = row.image_features
+        return block_keys(
+            row.prompt_ids,
+            self.prefix_block_tokens,
+            namespace=self.adapters.cache_namespace(row.adapter) if self.adapters is not None else None,
+            image_token_id=self.vision.image_token_id if self.vision is not None else None,
+            image_ids=_image_ids(features.content_key) if features is not None else None,
+        )
+
+    def _cached_blocks(self, row: RowRequest, keys: list[bytes]) -> int:
+        """How many blocks the row would take from the prefix cache now."""
+        if self.prefix_cache is None or not keys:
+            return 0
+        available = self.prefix_cache.cached_blocks(keys)
+        return cached_blocks_allowed(len(row.prompt_ids), self.prefix_block_tokens, available)
+
+    def _cached_prefix(self, row: RowRequest, keys: list[bytes]) -> tuple[int, list[LayerStates]]:
+        """The row's cached prefix: its tokens, and each layer's keys and values over them."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0, []
+        blocks = self._cached_blocks(row, keys)
+        hit = cache.lookup(keys, blocks) if blocks else None
+        try:
+            states = hit.layer_states() if hit is not None else []
+        finally:
+            cache.release(hit)
+        cached = blocks * self.prefix_block_tokens
+        cache.count(cached, len(row.prompt_ids) - cached)
+        return cached, states
+
+    def _store_prefixes(self, batch: Batch) -> None:
+        """Keep the full blocks the batch's prefill computed in the prefix cache."""
+        cache = self.prefix_cache
+        if cache is None or not isinstance(batch.cache, RecordingCache) or batch.cache.recorded is None:
+            return
+        states = batch.cache.take_recorded()
+        if not states:
+            return
+        columns = states[0][0].shape[-2]  # the forwards' tokens, left padding included
+        size = self.prefix_block_tokens
+        for index, row in enumerate(batch.rows):
+            keys, row.block_keys = row.block_keys or [], None
+            computed = row.prompt_length - row.cached_tokens  # the row's last `computed` columns
+            for block in range(row.cached_tokens // size, min(len(keys), row.prompt_length // size)):
+                first = columns - computed + block * size - row.cached_tokens
+                span = slice(first, first + size)
+                cache.store(keys[block], [(k[index, :, span], v[index, :, span]) for k, v in states])
 
     def check(self, rows: Sequence[RowRequest]) -> list[Grammar | None]:
         """Check that `rows` can join the batch (PromptError, AdapterError,
@@ -356,8 +496,18 @@ class Engine:
             known.add(request.key)
         return [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
 
-    def _new_batch(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> Batch:
-        """A batch ready to prefill `rows` (left-padded, on a fresh cache)."""
+    def _new_batch(
+        self,
+        rows: Sequence[RowRequest],
+        grammars: Sequence[Grammar | None],
+        *,
+        prefix: Sequence[LayerStates] = (),
+        keys: list[bytes] | None = None,
+        cached: int = 0,
+    ) -> Batch:
+        """A batch ready to prefill `rows` (left-padded, on a fresh cache holding
+        `prefix`, the keys and values of a single row's first `cached` tokens).
+        With a prefix cache, the forwards' keys and values are recorded for it."""
         batch = Batch.from_rows(
             rows,
             tokenizer=self.tokenizer,
@@ -365,14 +515,18 @@ class Engine:
             vocab_size=self.vocab_size,
             pad_token_id=self.pad_token_id,
             device=self.device,
-            cache=growing_cache(self.model.config),
+            cache=growing_cache(self.model.config, prefix),
             width_multiple=self.prefill_width_multiple,
             positions=[self.vision.positions(r.prompt_ids, r.image_features) for r in rows]
             if self.vision is not None
             else None,
         )
-        for row, grammar in zip(batch.rows, grammars, strict=True):
+        for row, request, grammar in zip(batch.rows, rows, grammars, strict=True):
             row.grammar = grammar.start() if grammar is not None else None
+            row.block_keys = keys if keys is not None else self._block_keys(request)
+        batch.rows[0].cached_tokens = cached
+        if self.prefix_cache is not None and isinstance(batch.cache, RecordingCache):
+            batch.cache.recorded = {}
         return batch
 
     @torch.inference_mode()
@@ -403,7 +557,7 @@ class Engine:
                 rows = sorted(joining, key=lambda r: -len(r.prompt_ids))
                 grammars = self.check(rows)
                 pairs = zip(rows, grammars, strict=True)
-                newcomers = [self._new_batch([row], [grammar]) for row, grammar in pairs]
+                newcomers = [self._joining_batch(row, grammar) for row, grammar in pairs]
             return self._step(self._batch, newcomers, before_forward)
 
     def _step(
@@ -445,6 +599,8 @@ class Engine:
         if newcomers:
             assert self._joint is not None
             self._joint(running, newcomers, self._decode_kwargs(running) if running is not None else None)
+            for newcomer in newcomers:
+                self._store_prefixes(newcomer)
             self._batch = Batch.concatenate([*([running] if running is not None else []), *newcomers])
         elif running is not None:
             self._forward(running)
@@ -522,7 +678,24 @@ class Engine:
             finish_reason=finish_reason,
             prompt_tokens=row.prompt_length,
             completion_tokens=row.completion_tokens,
+            cached_prompt_tokens=row.cached_tokens,
         )
+
+
+def _narrow(batch: Batch, full: tuple[torch.Tensor, ...], start: int, end: int) -> None:
+    """Make a one-row batch ready to run its prompt's tokens [start, end) (the cache
+    holding those before): `full` are its whole prompt's ids, mask and positions."""
+    input_ids, attention_mask, position_ids = full
+    batch.input_ids = input_ids[:, start:end]
+    batch.attention_mask = attention_mask[:, :end]
+    batch.position_ids = position_ids[..., start:end]
+
+
+def _image_ids(content_key: Hashable | None) -> list[str] | None:
+    """The images' content ids from the key that names them (a tuple of ids, or one)."""
+    if content_key is None:
+        return None
+    return [str(part) for part in (content_key if isinstance(content_key, tuple) else (content_key,))]
 
 
 def _follow_grammar(row: Row, token: int, finish_reason: FinishReason | None) -> FinishReason | None:

@@ -147,13 +147,48 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-def growing_cache(config: PretrainedConfig) -> DynamicCache:
-    """A `DynamicCache` for a model with this config whose full-attention
-    layers grow in place (other kinds, e.g. sliding-window layers, stay as
-    transformers builds them)."""
-    cache = DynamicCache(config=config)
+class RecordingCache(DynamicCache):
+    """A `DynamicCache` that, while `recorded` is a dict, also keeps the keys and values
+    each layer is given, [rows, heads, tokens, head_dim] per forward (a sliding-window
+    layer forgets what falls out of its window; these are what the prefix cache stores)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.recorded is not None:
+            self.recorded.setdefault(layer_idx, []).append((key_states, value_states))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def take_recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's recorded keys and values, the forwards joined along the tokens;
+        recording stops."""
+        recorded, self.recorded = self.recorded or {}, None
+        return [
+            (torch.cat([k for k, _ in recorded[i]], dim=-2), torch.cat([v for _, v in recorded[i]], dim=-2))
+            for i in sorted(recorded)
+        ]
+
+
+def growing_cache(
+    config: PretrainedConfig, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+) -> RecordingCache:
+    """A cache for a model with this config whose full-attention layers grow in place
+    (other kinds, e.g. sliding-window layers, stay as transformers builds them),
+    holding `prefix` (each layer's keys and values of a prompt's first tokens, one row)."""
+    cache = RecordingCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
     return cache
+
+
+def holds_prefixes(config: PretrainedConfig) -> bool:
+    """Whether a model's cache can be started from stored prefixes: every layer full
+    attention or a sliding window."""
+    layers = growing_cache(config).layers
+    return bool(layers) and all(type(layer) in (GrowingLayer, DynamicSlidingWindowLayer) for layer in layers)
 
 
 def is_plain(cache: DynamicCache) -> bool:

@@ -70,3 +70,4 @@ class RowOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache, not computed

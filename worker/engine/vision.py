@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -102,11 +102,28 @@ class ImageFeatures:
     pooler_output: Any
     tokens: int
     grids: torch.Tensor | None = None  # [images, 3] patches (time, height, width), where the model has them
+    content_key: Hashable | None = None  # names the images by content (their ids, in order), when known
 
     @property
     def nbytes(self) -> int:
-        parts = [self.pooler_output] if isinstance(self.pooler_output, torch.Tensor) else self.pooler_output
-        return sum(part.nbytes for part in parts)
+        return sum(part.nbytes for part in self._parts())
+
+    def _parts(self) -> list[torch.Tensor]:
+        pooled = self.pooler_output
+        if isinstance(pooled, torch.Tensor):
+            return [pooled] if pooled.ndim == 2 else list(pooled)
+        return list(pooled)
+
+    def part(self, first: int, count: int) -> ImageFeatures:
+        """The features of image tokens [first, first + count) (in prompt order), for a
+        prefill that computes only those (worker.engine.prefill)."""
+        if first == 0 and count == self.tokens:
+            return self
+        flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in self._parts()])[first : first + count]
+        pooled = self.pooler_output
+        if isinstance(pooled, torch.Tensor):  # shaped as the model gave it: 2-D or [images, tokens, hidden]
+            return ImageFeatures(pooler_output=flat if pooled.ndim == 2 else flat[None], tokens=count)
+        return ImageFeatures(pooler_output=[flat], tokens=count)
 
 
 class FeatureCache:
@@ -231,7 +248,7 @@ class VisionPrompter:
         first = self._processed(strings[0], images)
         features = self.feature_cache.get(images_key) if images_key is not None else None
         if features is None:
-            features = self._encode(first.pixel_inputs)
+            features = replace(self._encode(first.pixel_inputs), content_key=images_key)
             if images_key is not None:
                 self.feature_cache.put(images_key, features)
         splice = _Splice.of(self._plain_ids(strings[0]), first.ids, self.placeholder_id)
@@ -405,6 +422,23 @@ class VisionPrompter:
         if features.grids is None:
             raise VisionPromptError("the processor gave no image grids, which this model's positions need")
         return multimodal_prompt_positions(self.model, prompt_ids, self.image_token_id, features.grids)
+
+    def chunk_inputs(
+        self, features: ImageFeatures | None, prompt_ids: Sequence[int], start: int, end: int
+    ) -> dict[str, Any]:
+        """Model inputs for a prefill of one row's prompt tokens [start, end): the
+        features of the image tokens among them."""
+        if features is None:
+            return {}
+        first = self.count_image_tokens(prompt_ids[:start])
+        count = self.count_image_tokens(prompt_ids[start:end])
+        if not count:
+            return {}
+        inputs = self._features_input([features.part(first, count)])
+        if self.bidirectional_images:  # over the cached tokens too: the mask reads them by position
+            seen = torch.tensor([list(prompt_ids[:end])], dtype=torch.long, device=self.model.device)
+            inputs["token_type_ids"] = (seen == self.image_token_id).long()
+        return inputs
 
     def prefill_inputs(
         self, features: Sequence[ImageFeatures | None], input_ids: torch.Tensor

@@ -11,6 +11,7 @@ DEFAULTS = {
     "fused_layers": 0,
     "joint_prefill": False,
     "batch_invariant": False,
+    "prefix_cache_bytes": 0,
     "loras": NO_LORAS,
 }
 

@@ -16,6 +16,9 @@ from tests.unit.api.openai.conftest import OPENAI_URL, chat, hello, png_data_uri
 # -- chat completions -----------------------------------------------------------------
 
 
+NOT_CACHED = {"prompt_tokens_details": {"cached_tokens": 0}}
+
+
 def test_chat_completion_answers_in_openai_shape(openai, worker):
     worker.serve(hello)
     response = openai.post("/v1/chat/completions", json=chat(max_tokens=5))
@@ -32,7 +35,7 @@ def test_chat_completion_answers_in_openai_shape(openai, worker):
             "finish_reason": "stop",
         }
     ]
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9, **NOT_CACHED}
     worker.join()
 
 
@@ -86,7 +89,7 @@ def test_n_choices_are_rows_of_one_job(openai, worker):
     assert worker.jobs[0].request.texts == ["", ""]
     assert [c["message"]["content"] for c in body["choices"]] == ["A", "B"]
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9, **NOT_CACHED}
 
 
 def test_chat_stream_sends_chunks_and_ends_with_done(openai, worker):
@@ -114,7 +117,12 @@ def test_stream_options_include_usage_adds_a_final_usage_chunk(openai, worker):
     worker.join()
     assert chunks[-1] == "[DONE]"
     assert chunks[-2]["choices"] == []
-    assert chunks[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert chunks[-2]["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 2,
+        "total_tokens": 9,
+        **NOT_CACHED,
+    }
     assert all(chunk["usage"] is None for chunk in chunks[:-2])
 
 
@@ -348,7 +356,7 @@ def test_completions_rows_are_prompts_times_n(openai, worker):
     assert not request.use_chat_template and worker.jobs[0].messages is None
     assert body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == ["r0", "r1", "r2", "r3"]
-    assert body["usage"] == {"prompt_tokens": 14, "completion_tokens": 4, "total_tokens": 18}
+    assert body["usage"] == {"prompt_tokens": 14, "completion_tokens": 4, "total_tokens": 18, **NOT_CACHED}
 
 
 def test_completions_stream(openai, worker):
