@@ -90,7 +90,7 @@ def _readers_able_to_serve(
 
 
 def _check_queue_depth(connection: redis.Redis, group: str, max_queue_depth: int) -> None:
-    depth = job_queue(connection, group).count
+    depth = jobs.waiting(connection, group)
     if depth >= max_queue_depth:
         raise QueueFull(
             f"the queue of consumer_group '{group}' is full ({depth} waiting requests)",

@@ -17,8 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from api.admission import job_queue
-from shared import registry
+from shared import jobs, registry
 from shared.defaults import METRICS_DIR_ENV
 
 if TYPE_CHECKING:
@@ -103,7 +102,9 @@ class RedisStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         redis_up = GaugeMetricFamily("mmserve_redis_up", "1 when Redis answered this scrape.")
         queue_depth = GaugeMetricFamily(
-            "mmserve_queue_depth", "Jobs waiting in a consumer group's queue.", labels=["consumer_group"]
+            "mmserve_queue_depth",
+            "Jobs waiting in a consumer group's queue and its workers' own queues.",
+            labels=["consumer_group"],
         )
         live = GaugeMetricFamily(
             "mmserve_live_readers", "Workers of a group with a live heartbeat.", labels=["consumer_group"]
@@ -116,7 +117,7 @@ class RedisStateCollector(Collector):
         workers = WorkerFamilies()
         try:
             for group, group_readers in registry.all_live_readers(self._connection).items():
-                depth = job_queue(self._connection, group).count
+                depth = jobs.waiting(self._connection, group)
                 queue_depth.add_metric([group], depth)
                 live.add_metric([group], len(group_readers))
                 ready.add_metric([group], sum(reader.ready for reader in group_readers))

@@ -23,9 +23,10 @@ from api.constraints import check_constraint
 from api.images import CanonicalImage, ImageLease, check_image_count
 from api.metrics import ApiMetrics
 from api.relay import EventHub, Subscription
+from api.routing import routed_queue
 from api.schemas import RowMetadata
 from api.state import app_state
-from shared import defaults, events, jobs, keys
+from shared import defaults, events, jobs, keys, registry
 from shared.payload import ChatMessage, GenerateRequest, GenerationJob
 from shared.settings import ApiSettings
 
@@ -90,8 +91,10 @@ class Generation:
         settings: ApiSettings,
         metrics: ApiMetrics,
         submitted_at: float,
+        reader_queue_key: str | None = None,
     ) -> None:
         self.job = job
+        self._reader_queue_key = reader_queue_key  # where the job waits, if routed to one reader
         self.rows = [RowProgress() for _ in job.request.texts]
         self._subscription = subscription
         self._lease = lease
@@ -217,6 +220,8 @@ class Generation:
             with self._connection.pipeline(transaction=False) as pipe:
                 pipe.set(keys.cancel_key(self.request_id), b"1", ex=defaults.CANCEL_TTL_SECONDS)
                 pipe.lrem(job_queue(self._connection, self.consumer_group).key, 0, self.request_id)
+                if self._reader_queue_key is not None:
+                    pipe.lrem(self._reader_queue_key, 0, self.request_id)
                 pipe.execute()
         except redis.exceptions.RedisError as exc:
             log.warning("request %s: could not set its cancel key: %s", self.request_id, exc)
@@ -248,7 +253,7 @@ def start_generation(
     state = app_state()
     check_constraint(payload)
     check_image_count(image_count)
-    admit(state.connection, payload, state.settings, with_images=image_count > 0)
+    readers = admit(state.connection, payload, state.settings, with_images=image_count > 0)
     lease = ImageLease.take(state.connection, load_images())
     try:
         generation = _submit(
@@ -259,6 +264,7 @@ def start_generation(
             state.metrics,
             lease=lease,
             messages=messages,
+            readers=readers,
         )
     except BaseException:
         lease.release()
@@ -276,8 +282,10 @@ def _submit(
     *,
     lease: ImageLease,
     messages: Sequence[ChatMessage] | None = None,
+    readers: Sequence[registry.ReaderInfo] = (),
 ) -> Generation:
-    """Register the request's inbox (subscription confirmed), then enqueue its job.
+    """Register the request's inbox (subscription confirmed), then enqueue its job, on the
+    queue of the reader among `readers` it is routed to (api.routing) or its group's.
     The images `lease` holds in Redis are asked about by every row; the caller
     releases the lease if this raises, the Generation's `close` once it returns."""
     request_id = uuid.uuid4().hex
@@ -291,8 +299,9 @@ def _submit(
         messages=list(messages) if messages is not None else None,
     )
     subscription = hub.subscribe(request_id)
+    reader_queue = routed_queue(connection, job, readers) if settings.prefix_routing == "on" else None
     try:
-        jobs.enqueue(job_queue(connection, payload.consumer_group), job)
+        jobs.enqueue(job_queue(connection, payload.consumer_group), job, reader_queue)
     except BaseException:
         with contextlib.suppress(Exception):
             subscription.close()
@@ -305,4 +314,5 @@ def _submit(
         settings=settings,
         metrics=metrics,
         submitted_at=time.monotonic(),
+        reader_queue_key=reader_queue.key if reader_queue is not None else None,
     )

@@ -67,6 +67,9 @@ IMAGE_FEATURE_CACHE_BYTES = 256 * 2**20  # a vision worker's cache of recent ima
 # on a CPU, 64-token ones about a fifth more), and the share of the device's memory the
 # cache takes by default (--prefix-cache-bytes auto), at most PREFIX_CACHE_MAX_AUTO_BYTES.
 PREFIX_CACHE_BLOCK_TOKENS = 128
+# Routing by prefix (api.routing): a request without a conversation or images is sent to
+# the reader picked by this many first characters of its prompt.
+ROUTING_PREFIX_CHARS = 1024
 PREFIX_CACHE_MEMORY_SHARE = 0.05
 PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 

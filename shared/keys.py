@@ -8,6 +8,18 @@ def queue_name(consumer_group: str) -> str:
     return f"{PREFIX}.{consumer_group}"
 
 
+def reader_queue_name(consumer_group: str, reader_id: str) -> str:
+    """RQ queue of one reader of a group: jobs routed to it because it likely holds their
+    prompt's prefix (the reader takes them before its group's queue)."""
+    return f"{PREFIX}.{consumer_group}:reader:{reader_id}"  # ':' is in no group's name
+
+
+def reader_queues_key(consumer_group: str) -> str:
+    """Set of the reader ids of a group that have a queue of their own (its dead readers'
+    queues are moved back to the group's queue by the live ones)."""
+    return f"{PREFIX}:group:{consumer_group}:reader-queues"
+
+
 def events_channel(request_id: str) -> str:
     """Pub/sub channel carrying one request's events."""
     return f"{PREFIX}:events:{request_id}"

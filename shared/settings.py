@@ -227,6 +227,14 @@ class ApiSettings(ProcessSettings):
         "Jobs waiting per consumer group before new requests get 429 (unset = no limit).",
         minimum=1,
     )
+    prefix_routing: str = setting(
+        "--prefix-routing",
+        "on",
+        "on = with several workers in a group, a request goes to the worker most likely to hold its "
+        "prompt's prefix in its prefix cache (a chat's turns to one worker), unless that worker has a "
+        "batch's worth waiting; off = every request on the group's queue, for any worker.",
+        choices=ON_OR_OFF,
+    )
     api_key: str | None = setting(
         "--api-key",
         None,

@@ -29,6 +29,8 @@ class Heartbeat:
         self.info = info
         # What each beat reads afresh (the worker's counters, its adapters): ReaderInfo fields.
         self.refresh: Callable[[], dict[str, Any]] | None = None
+        # What each beat does besides (e.g. requeueing the jobs of dead readers' queues).
+        self.chores: list[Callable[[], object]] = []
 
     def update(self, **changes) -> None:
         """Change what the registry says (e.g. ready=True) and publish it now."""
@@ -60,3 +62,8 @@ class Heartbeat:
             registry.register(self._connection, self.info)
         except redis.RedisError as exc:
             log.warning("registry heartbeat failed (will retry): %s", exc)
+        for chore in self.chores:
+            try:
+                chore()
+            except redis.RedisError as exc:
+                log.warning("heartbeat chore failed (will retry): %s", exc)

@@ -14,9 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 
-from shared import defaults, keys
+from shared import defaults, jobs, keys, registry
 from shared.connection import connect
 from shared.registry import LoraStatus, ReaderInfo
 from shared.settings import WorkerSettings
@@ -132,8 +133,15 @@ def run_worker(settings: WorkerSettings) -> None:
     try:
         loaded = load_for_serving(settings, catalog)
         engine = build_engine(settings, loaded, catalog)
+        group = settings.consumer_group
+        own_queue = jobs.open_reader_queue(connection, group, reader_id)
+        heartbeat.chores.append(
+            lambda: jobs.requeue_orphans(
+                connection, group, {reader.reader_id for reader in registry.live_readers(connection, group)}
+            )
+        )
         worker = BatchWorker(
-            [keys.queue_name(settings.consumer_group)],
+            [own_queue.name, keys.queue_name(group)],  # its own first (jobs routed to it), then the group's
             engine=engine,
             max_batch_size=settings.max_batch_size,
             batch_duration_millis=settings.batch_duration_millis,
@@ -163,6 +171,10 @@ def run_worker(settings: WorkerSettings) -> None:
             calls.stop()
     finally:
         heartbeat.stop()
+        with contextlib.suppress(redis.RedisError):
+            moved = jobs.close_reader_queue(connection, settings.consumer_group, reader_id)
+            if moved:
+                log.info("moved %d job(s) waiting on reader %s to its group's queue", moved, reader_id)
 
 
 def registry_entry(settings: WorkerSettings, reader_id: str, threads: int) -> ReaderInfo:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import redis
 from pydantic import ValidationError
 from rq import Queue
+from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -43,9 +44,56 @@ log = logging.getLogger(__name__)
 
 WORKER_TTL_SECONDS = 20  # RQ blocks up to WORKER_TTL - 15 s waiting for a job, then sweeps
 POLL_INTERVAL_SECONDS = 0.002
+OWN_QUEUE_POLL_SECONDS = 0.05  # an idle worker looks at its own queue this often
+
+
+class ReaderQueues(Queue):
+    """A worker's queues: its own (jobs routed to it, shared.jobs) first, its group's
+    last. A job is taken as RQ takes one from a single queue, moved into the group's
+    intermediate queue, so that if the worker dies before starting it, RQ's cleanup of
+    that queue (by any worker of the group) hands it to another; it is returned as the
+    group's, whose registries, retries and failed jobs every worker of the group sees.
+    RQ itself pops several queues without an intermediate queue. Waiting blocks on the
+    group's queue and looks at the worker's own every OWN_QUEUE_POLL_SECONDS."""
+
+    @classmethod
+    def dequeue_any(
+        cls, queues, timeout, connection, job_class=None, serializer=None, death_penalty_class=None
+    ):
+        *own, group = list(queues)
+        waited = 0.0
+        while True:
+            job_id = None
+            for queue in [*own, group]:
+                job_id = connection.lmove(queue.key, group.intermediate_queue_key, "LEFT", "RIGHT")
+                if job_id is not None:
+                    break
+            if job_id is None:
+                if timeout is None:
+                    return None
+                wait = OWN_QUEUE_POLL_SECONDS if own else float(timeout)
+                job_id = connection.blmove(group.key, group.intermediate_queue_key, wait, "LEFT", "RIGHT")
+                waited += wait
+                if job_id is None:
+                    if waited >= timeout:
+                        raise DequeueTimeout(timeout, group.key)
+                    continue
+            try:
+                job = (job_class or Job).fetch(job_id.decode(), connection=connection, serializer=serializer)
+            except NoSuchJobError:
+                connection.lrem(group.intermediate_queue_key, 1, job_id)
+                continue
+            return job, group
 
 
 class BatchWorker(SimpleWorker):
+    queue_class = ReaderQueues  # how it takes jobs; queues may be given as plain RQ queues too
+
+    def validate_queues(self) -> None:
+        for queue in self.queues:
+            if not isinstance(queue, Queue):
+                raise TypeError(f"{queue} is not an RQ queue")
+
     def __init__(
         self,
         queues,
@@ -259,7 +307,7 @@ class BatchWorker(SimpleWorker):
         started = []
         for job, queue in claimed:
             self._executions[job.id] = self.prepare_execution(job)
-            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
             job.started_at = now()
             started.append((job, queue))
 

@@ -68,7 +68,7 @@ def test_an_image_url_is_not_decoded_when_admission_refuses_the_request(app, con
 
 @pytest.fixture
 def queue_down(monkeypatch):
-    def refuse(queue, job):
+    def refuse(queue, job, reader_queue=None):
         raise redis.exceptions.ConnectionError("the queue is down")
 
     monkeypatch.setattr(jobs, "enqueue", refuse)
