@@ -12,10 +12,13 @@ round. Four scenarios:
 
 1. `image`: one request to /image_generate_stream asking --image-questions different questions
    (chat template on) about one 640x480 picture, served by a tiny random vision-language model of
-   bench/tiny_vlms.py (--image-family; by default Qwen2-VL with --image-max-pixels 401408, about
+   bench/tiny_vlms.py (--image-family; by default a Qwen2-VL whose language model has the bundled
+   model's shapes and 30 layers behind the tiny vision tower, with --image-max-pixels 401408, about
    390 image tokens, the most of any family) or --image-model DIR. Every request has its own
    picture, so the cache can only help within a request. Time to the first token of any row and
-   to the end: medians over --image-requests requests. Target: TTFT off/on >= 3.
+   to the end: medians over --image-requests requests. Then the same rows' prefill alone,
+   in-process (`image_prefill`: Engine.add of the request's rows on an idle engine, the model
+   loaded as a worker loads it). Target: prefill off/on >= 3.
 2. `chat`: a --chat-turns conversation with the bundled model on the OpenAI-compatible port
    (streamed, usage included, temperature 0), each turn the whole transcript so far plus a new
    user message of a few sentences. Time to the first content of each turn. Target: the last
@@ -153,8 +156,11 @@ class Comparison:
 
 COMPARISONS: dict[str, list[Comparison]] = {
     "image": [
-        Comparison("ttft_s", "lower", 3.0, "prefill >= 3x faster with the cache on: TTFT off/on >= 3"),
-        Comparison("total_s", "lower", None, "whole request, off/on"),
+        Comparison("ttft_s", "lower", None, "time to first token over HTTP, off/on"),
+        Comparison("total_s", "lower", None, "whole request over HTTP, off/on"),
+    ],
+    "image_prefill": [
+        Comparison("prefill_s", "lower", 3.0, "prefill of the request's rows >= 3x faster with the cache on"),
     ],
     "chat": [
         Comparison("last_turn_ttft_s", "lower", 3.0, "last turn's TTFT with the cache on <= 1/3 of off"),
@@ -703,6 +709,72 @@ def unshared_scenario(args, server, setting: str) -> tuple[dict, list[str]]:
     return figures, [text for r in results for text in r["texts"]]
 
 
+def image_prefill_runs(args, image_model: Path) -> list[dict]:
+    """The image scenario's prefill alone, in-process: the vision model loaded as a worker serves
+    it, --image-questions rows about one picture added to an idle engine (Engine.add: every row's
+    prefill, nothing else), with the cache on and off in turn, a new picture per request (after
+    one untimed request per setting)."""
+    from PIL import Image
+
+    from shared.settings import WorkerSettings
+    from worker import main as worker_main
+    from worker.engine.rows import GenerationParams, RowRequest
+
+    width, height = args.image_size
+    questions = image_questions(args.image_questions)
+    engines = {}
+    for setting in args.settings:
+        settings = WorkerSettings(
+            redis_url="redis://unused",
+            model=str(image_model),
+            dtype=args.image_dtype,
+            threads=args.threads,
+            image_max_pixels=args.image_max_pixels,
+            prefix_cache=setting,
+        )
+        worker_main.configure_threads(args.threads)
+        loaded = worker_main.load_for_serving(settings)
+        engines[setting] = worker_main.build_engine(settings, loaded, worker_main.lora_catalog(settings))
+    runs = []
+    for round_index, setting in schedule(args.settings, args.rounds):
+        engine, seconds, cached = engines[setting], [], []
+        for index in range(-1 if round_index < 2 else 0, args.image_requests):  # -1: warm-up
+            image = Image.open(io.BytesIO(picture(20_000 + 100 * round_index + index, width, height)))
+            prompts = engine.encode_image_prompts(
+                questions,
+                [image.convert("RGB")],
+                use_chat_template=True,
+                images_key=(f"{round_index}-{index}",),
+            )
+            rows = [
+                RowRequest(
+                    key=i,
+                    prompt_ids=p.prompt_ids,
+                    params=GenerationParams(max_new_tokens=1),
+                    image_features=p.image_features,
+                )
+                for i, p in enumerate(prompts)
+            ]
+            started = time.perf_counter()
+            engine.add(rows)
+            if index >= 0:
+                seconds.append(time.perf_counter() - started)
+                cached.extend(row.cached_tokens for row in engine._batch.rows)
+            engine.clear()
+        runs.append(
+            {
+                "round": round_index,
+                "setting": setting,
+                "prefill_s": median_or_none(seconds),
+                "prefill_by_request_s": [round(s, 3) for s in seconds],
+                "prompt_tokens_per_row": len(prompts[0].prompt_ids),
+                "cached_prompt_tokens": cached_summary(cached),
+            }
+        )
+        log(f"    image prefill {setting}: {runs[-1]['prefill_s']} s for {len(rows)} rows")
+    return runs
+
+
 TEXT_SCENARIOS = {
     "chat": chat_scenario,
     "system_prompt": system_prompt_scenario,
@@ -783,7 +855,7 @@ def scenario_settings(args) -> dict:
         "image": {
             "model": str(args.image_model)
             if args.image_model
-            else f"tiny random {args.image_family} (bench/tiny_vlms.py)",
+            else f"random {args.image_family} (bench/tiny_vlms.py)",
             "dtype": args.image_dtype,
             "image_max_pixels": args.image_max_pixels,
             "image_size": args.image_size,
@@ -844,7 +916,10 @@ def parse_args():
     )
     image = parser.add_argument_group("image")
     image.add_argument(
-        "--image-family", default="qwen2_vl", help="bench/tiny_vlms.py family (default qwen2_vl)"
+        "--image-family",
+        default="qwen2_vl_smollm2",
+        help="a bench/tiny_vlms.py family or bench model (default qwen2_vl_smollm2: a Qwen2-VL whose "
+        "language model has the bundled model's shapes and depth, so prefills cost what they cost there)",
     )
     image.add_argument(
         "--image-model", type=Path, default=None, help="a vision-language model folder instead"
@@ -856,9 +931,7 @@ def parse_args():
         help=f"mmserve's --image-max-pixels (default: {QWEN_IMAGE_MAX_PIXELS} for a tiny Qwen family, "
         "else unset; 0: unset)",
     )
-    image.add_argument(
-        "--image-dtype", default="float32", help="the vision model's --dtype (default float32)"
-    )
+    image.add_argument("--image-dtype", default="auto", help="the vision model's --dtype (default auto)")
     image.add_argument("--image-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
     image.add_argument("--image-requests", type=int, default=3, help="requests per run, each its own picture")
     image.add_argument("--image-questions", type=int, default=8, help="questions (rows) per request (8)")
@@ -887,10 +960,11 @@ def parse_args():
         for key, value in QUICK.items():
             setattr(args, key, value)
     if "image" not in args.skip and args.image_model is None:
-        from bench.tiny_vlms import FAMILIES
+        from bench.tiny_vlms import BENCH_FAMILIES, FAMILIES
 
-        if args.image_family not in FAMILIES:
-            parser.error(f"unknown --image-family {args.image_family}: choose from {', '.join(FAMILIES)}")
+        if args.image_family not in {**FAMILIES, **BENCH_FAMILIES}:
+            known = ", ".join([*FAMILIES, *BENCH_FAMILIES])
+            parser.error(f"unknown --image-family {args.image_family}: choose from {known}")
     args.image_max_pixels = image_max_pixels(
         None if args.image_model else args.image_family, args.image_max_pixels
     )
@@ -926,15 +1000,20 @@ def main() -> None:
         if "image" not in args.skip:
             image_model = args.image_model
             if image_model is None:
-                from bench.tiny_vlms import FAMILIES
+                from bench.tiny_vlms import BENCH_FAMILIES, FAMILIES
 
-                log(f"building the tiny {args.image_family} model")
-                image_model = FAMILIES[args.image_family](Path(scratch) / args.image_family)
+                log(f"building the {args.image_family} model")
+                build = {**FAMILIES, **BENCH_FAMILIES}[args.image_family]
+                image_model = build(Path(scratch) / args.image_family)
         for round_index, setting in schedule(args.settings, args.rounds):
             for name, (figures, texts) in run_round(args, round_index, setting, image_model).items():
                 runs[name].append({"round": round_index, "setting": setting, **figures})
                 if "error" not in figures:
                     answers[name][(round_index, setting)] = texts
+        if image_model is not None:
+            log("image prefill, in-process")
+            runs["image_prefill"] = image_prefill_runs(args, image_model)
+            answers["image_prefill"] = {}
     report["scenarios"] = {name: scenario_report(name, runs[name], answers[name]) for name in runs}
     if "chat" in answers:
         report["scenarios"]["chat"]["answers"] = {

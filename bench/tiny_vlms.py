@@ -64,6 +64,8 @@ from transformers import (
 )
 
 from bench.tiny_models import (
+    SMOLLM2_SHAPED_STD,
+    SMOLLM2_SHAPES,
     WEIGHT_STD,
     default_tokenizer_cache_dir,
     smollm2_tokenizer,
@@ -132,12 +134,12 @@ def _text_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
 
 
 def _random_model(
-    model_class: type, config: Any, tokenizer: PreTrainedTokenizerBase, seed: int
+    model_class: type, config: Any, tokenizer: PreTrainedTokenizerBase, seed: int, std: float = WEIGHT_STD
 ) -> PreTrainedModel:
     """A model of `model_class` with random weights drawn from `seed` (the caller's RNG left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _randomise(model_class(config), tokenizer, seed)
+        return _randomise(model_class(config), tokenizer, seed, std)
 
 
 def _saved(directory: Path, model: PreTrainedModel, processor: Any) -> Path:
@@ -146,12 +148,14 @@ def _saved(directory: Path, model: PreTrainedModel, processor: Any) -> Path:
     return directory
 
 
-def _randomise(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+def _randomise(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, std: float = WEIGHT_STD
+) -> PreTrainedModel:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim >= 2:  # embeddings, projections, patch convolutions
-                parameter.normal_(0.0, WEIGHT_STD, generator=generator)
+                parameter.normal_(0.0, std, generator=generator)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -307,6 +311,31 @@ def build_tiny_qwen2_vl(directory: Path, *, seed: int = 0, tokenizer_cache_dir: 
     )
 
 
+def build_qwen2_vl_with_smollm2_text(
+    directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None
+) -> Path:
+    """Save a Qwen2-VL whose language model has the bundled SmolLM2-135M's shapes and depth (30
+    layers, random weights) behind the tiny vision tower: prefills cost what they cost on the model
+    users serve, for benchmarks (too slow for the tests)."""
+    text = {
+        **SMOLLM2_SHAPES,
+        "num_hidden_layers": 30,
+        # the head's 64 dimensions hold 32 rotary frequencies: 8 for time, 12 for height, 12 for width
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+    }
+    return _build_qwen(
+        directory,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        {"hidden_size": SMOLLM2_SHAPES["hidden_size"], "mlp_ratio": 2},  # the merger's output: text width
+        seed,
+        tokenizer_cache_dir,
+        text_settings=text,
+        std=SMOLLM2_SHAPED_STD,
+    )
+
+
 def build_tiny_qwen2_5_vl(directory: Path, *, seed: int = 0, tokenizer_cache_dir: Path | None = None) -> Path:
     """Save a tiny Qwen2_5_VLForConditionalGeneration (windowed vision attention
     over 2x2 merged windows) and its processor in `directory`."""
@@ -330,6 +359,8 @@ def _build_qwen(
     vision_settings: dict[str, Any],
     seed: int,
     tokenizer_cache_dir: Path | None,
+    text_settings: dict[str, Any] | None = None,
+    std: float = WEIGHT_STD,
 ) -> Path:
     directory = Path(directory)
     tokenizer = _tokenizer(tokenizer_cache_dir, QWEN_TOKENS)
@@ -337,6 +368,7 @@ def _build_qwen(
         **tiny_llama_settings(tokenizer),
         # the head's 16 dimensions hold 8 rotary frequencies: 2 for time, 3 for height, 3 for width
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        **(text_settings or {}),
     }
     vision = {
         "depth": 2,
@@ -359,7 +391,7 @@ def _build_qwen(
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    model = _random_model(model_class, config, tokenizer, seed)
+    model = _random_model(model_class, config, tokenizer, seed, std)
     processor = without_video_processor(processor_class)(
         image_processor=Qwen2VLImageProcessorPil(
             patch_size=QWEN_PATCH_SIZE,
@@ -433,3 +465,6 @@ FAMILIES: dict[str, Builder] = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "gemma3": build_tiny_gemma3,
 }
+
+# Vision-language models for benchmarks only, by name.
+BENCH_FAMILIES: dict[str, Builder] = {"qwen2_vl_smollm2": build_qwen2_vl_with_smollm2_text}

@@ -389,6 +389,8 @@ class Engine:
         """`rows` prefilled together, left-padded, in one forward."""
         batch = self._new_batch(rows, grammars)
         self._forward(batch, self._image_inputs(rows, batch.input_ids))
+        if self.prefix_cache is not None:
+            self.prefix_cache.count(0, sum(len(row.prompt_ids) for row in rows))
         self._store_prefixes(batch)
         return batch
 

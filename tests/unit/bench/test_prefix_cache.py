@@ -125,7 +125,7 @@ def test_every_scenario_states_its_targets():
         if c.at_least is not None
     }
     assert stated == {
-        ("image", "ttft_s", "off/on", 3.0),
+        ("image_prefill", "prefill_s", "off/on", 3.0),
         ("chat", "last_turn_ttft_s", "off/on", 3.0),
         ("system_prompt", "ttft_p50_s", "off/on", 3.0),
         ("system_prompt", "tokens_per_s", "on/off", 1.3),

@@ -122,6 +122,9 @@ def test_rows_of_one_request_prefill_their_shared_part_once_on_a_cold_cache(tiny
     assert all(value >= len(engine.encode_prompt(context)) - BLOCK for key, value in cached.items() if value)
     for request in rows:
         assert tokens[request.key] == hf_greedy(tiny_model, request.prompt_ids, 10, min_new_tokens=10)
+    counters = engine.prefix_cache.counters  # every prompt token counted once, as read or computed
+    assert counters.hit_tokens == sum(cached.values())
+    assert counters.hit_tokens + counters.missed_tokens == sum(len(r.prompt_ids) for r in rows)
 
 
 def test_rows_joining_a_running_batch_hit_the_cache(fused, tokenizer):
