@@ -108,6 +108,19 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "machine": platform.machine()}
 
 
+def served_facts(args) -> dict:
+    """The report's fields saying how the bundled model was served (add_model_flags' flags, resolved
+    threads, and --max-batch-size) and where."""
+    return {
+        "model": BUNDLED_MODEL,
+        "dtype": args.dtype,
+        "pack_weights": args.pack_weights,
+        "threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        **machine(),
+    }
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:

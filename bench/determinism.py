@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench.batch_invariance import first_divergence
-from bench.common import BUNDLED_MODEL, add_model_flags, bench_parser, machine, percentile
+from bench.common import add_model_flags, bench_parser, percentile
 
 PROBE_PROMPT = "Write a short story about a lighthouse keeper."
 WARM_UP_PROMPT = "Name three colours."
@@ -392,16 +392,11 @@ def main() -> None:
     args = parser.parse_args()
     interruptible()
 
-    from bench.common import threads_or_default
+    from bench.common import served_facts, threads_or_default
 
     args.threads = threads_or_default(args.threads)
     report: dict = {
-        "model": BUNDLED_MODEL,
-        "dtype": args.dtype,
-        "pack_weights": args.pack_weights,
-        "threads": args.threads,
-        "max_batch_size": args.max_batch_size,
-        **machine(),
+        **served_facts(args),
         "new_tokens": args.new_tokens,
         "settings": args.settings,
     }

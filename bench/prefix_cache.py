@@ -52,7 +52,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import BUNDLED_MODEL, add_model_flags, bench_parser, machine, percentile
+from bench.common import add_model_flags, bench_parser, percentile
 from bench.determinism import WORDS, interruptible, log
 from bench.sse import SseEvent
 
@@ -464,13 +464,14 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(args, setting: str, *flags: str, dtype: str, name: str) -> Iterator:
-    """`mmserve serve` with the setting in its environment, one worker, stopped on the way out."""
+def serving(args, settings: Mapping[str, str], *flags: str, dtype: str, name: str) -> Iterator:
+    """`mmserve serve` with `settings` in its environment, one worker (unless `flags` say more),
+    stopped on the way out."""
     from bench.serving import ServeProcess
 
-    with tempfile.TemporaryDirectory(prefix=f"mmserve-prefix-cache-{name}-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"mmserve-{name}-") as folder:
         started = time.perf_counter()
-        with environment(server_environment(setting, args.prefix_cache_bytes)):
+        with environment(settings):
             server = ServeProcess.for_benchmark(
                 *flags,
                 max_batch_size=args.max_batch_size,
@@ -659,8 +660,19 @@ def system_prompt_scenario(args, server, setting: str) -> tuple[dict, list[str]]
 
     results, seconds = concurrently(args.concurrency, args.system_requests, request)
     tokens = sum(r["completion_tokens"] or 0 for r in results)
-    ttfts = [r["ttft_s"] for r in results]
     figures = {
+        **load_figures(args, results, tokens, seconds),
+        "prompt_tokens_p50": percentile([r["prompt_tokens"] or 0 for r in results], 50),
+        "cached_tokens": cached_summary([r["cached_tokens"] for r in results]),
+    }
+    log(f"    system_prompt {setting}: {figures['tokens_per_s']} tok/s, TTFT p50 {figures['ttft_p50_s']} s")
+    return figures, [r["text"] for r in results]
+
+
+def load_figures(args, results: Sequence[dict], tokens: int, seconds: float) -> dict:
+    """Requests, tokens/s and TTFT of clients sending requests at once."""
+    ttfts = [r["ttft_s"] for r in results]
+    return {
         "requests": len(results),
         "concurrency": args.concurrency,
         "tokens": tokens,
@@ -668,11 +680,7 @@ def system_prompt_scenario(args, server, setting: str) -> tuple[dict, list[str]]
         "tokens_per_s": round(tokens / seconds, 2),
         "ttft_p50_s": round(percentile(ttfts, 50), 3),
         "ttft_p95_s": round(percentile(ttfts, 95), 3),
-        "prompt_tokens_p50": percentile([r["prompt_tokens"] or 0 for r in results], 50),
-        "cached_tokens": cached_summary([r["cached_tokens"] for r in results]),
     }
-    log(f"    system_prompt {setting}: {figures['tokens_per_s']} tok/s, TTFT p50 {figures['ttft_p50_s']} s")
-    return figures, [r["text"] for r in results]
 
 
 def unshared_scenario(args, server, setting: str) -> tuple[dict, list[str]]:
@@ -692,16 +700,9 @@ def unshared_scenario(args, server, setting: str) -> tuple[dict, list[str]]:
     results, seconds = concurrently(args.concurrency, args.unshared_requests, request)
     rows = [row for r in results for row in r["metadata"]]
     tokens = sum(row.get("completion_tokens", 0) for row in rows)
-    ttfts = [r["ttft_s"] for r in results]
     prompt_tokens = [row.get("prompt_tokens", 0) for row in rows]
     figures = {
-        "requests": len(results),
-        "concurrency": args.concurrency,
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 2),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3),
-        "ttft_p95_s": round(percentile(ttfts, 95), 3),
+        **load_figures(args, results, tokens, seconds),
         "prompt_tokens_min_max": [min(prompt_tokens), max(prompt_tokens)] if prompt_tokens else None,
         "cached_prompt_tokens": cached_summary([row.get("cached_prompt_tokens") for row in rows]),
     }
@@ -819,14 +820,16 @@ def run_round(
     text = [name for name in TEXT_SCENARIOS if name not in args.skip]
     if text:
         log(f"round {round_index + 1}, prefix cache {setting}: bundled model")
-        with serving(args, setting, dtype=args.dtype, name="text") as server:
+        settings = server_environment(setting, args.prefix_cache_bytes)
+        with serving(args, settings, dtype=args.dtype, name="prefix-cache-text") as server:
             warm_up_text(server)
             for name in text:
                 found[name] = guarded(TEXT_SCENARIOS[name], args, server, setting)
     if image_model is not None:
         log(f"round {round_index + 1}, prefix cache {setting}: vision model")
         flags = image_serve_flags(image_model, args.image_max_pixels)
-        with serving(args, setting, *flags, dtype=args.image_dtype, name="image") as server:
+        settings = server_environment(setting, args.prefix_cache_bytes)
+        with serving(args, settings, *flags, dtype=args.image_dtype, name="prefix-cache-image") as server:
             found["image"] = guarded(image_scenario, args, server, setting)
     return found
 
@@ -975,16 +978,11 @@ def main() -> None:
     args = parse_args()
     interruptible()
 
-    from bench.common import threads_or_default
+    from bench.common import served_facts, threads_or_default
 
     args.threads = threads_or_default(args.threads)
     report: dict = {
-        "model": BUNDLED_MODEL,
-        "dtype": args.dtype,
-        "pack_weights": args.pack_weights,
-        "threads": args.threads,
-        "max_batch_size": args.max_batch_size,
-        **machine(),
+        **served_facts(args),
         "settings": args.settings,
         "setting_env": ENV_SETTING,
         "prefix_cache_bytes": args.prefix_cache_bytes,

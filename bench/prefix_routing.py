@@ -18,19 +18,17 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from bench.common import BUNDLED_MODEL, add_model_flags, bench_parser, machine
 from bench.determinism import interruptible, log
 from bench.prefix_cache import (
     chat_messages,
     chat_user_message,
-    environment,
     openai_url,
     schedule,
+    serving,
     stream_chat,
 )
 
@@ -67,28 +65,17 @@ def conversation(url: str, topic: str, turns: int, max_tokens: int) -> list[dict
 
 
 def run(args, setting: str) -> dict:
-    from bench.serving import ServeProcess
-
-    with tempfile.TemporaryDirectory(prefix="mmserve-prefix-routing-") as folder:
-        with environment({ENV_SETTING: setting}):
-            server = ServeProcess.for_benchmark(
-                "--workers",
-                str(args.workers),
-                max_batch_size=args.max_batch_size,
-                dtype=args.dtype,
-                threads=args.threads,
-                pack_weights=args.pack_weights,
-                log_path=Path(folder) / "serve.log",
-            )
-        try:
-            url = openai_url(server)
-            topics = [topic_of(index) for index in range(args.conversations)]
-            started = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(args.conversations) as pool:
-                chats = list(pool.map(lambda t: conversation(url, t, args.turns, args.max_tokens), topics))
-            seconds = time.perf_counter() - started
-        finally:
-            server.stop()
+    settings = {ENV_SETTING: setting}
+    args.prefix_cache_bytes = None
+    with serving(
+        args, settings, "--workers", str(args.workers), dtype=args.dtype, name="prefix-routing"
+    ) as server:
+        url = openai_url(server)
+        topics = [topic_of(index) for index in range(args.conversations)]
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.conversations) as pool:
+            chats = list(pool.map(lambda t: conversation(url, t, args.turns, args.max_tokens), topics))
+        seconds = time.perf_counter() - started
     later = [turn for chat in chats for turn in chat[1:]]
     figures = {
         "setting": setting,
