@@ -181,8 +181,7 @@ class Engine:
             self.joint_prefill
             and self._batch is not None
             and self._batch.can_concatenate
-            and all(row.image_features is None and row.adapter is None for row in rows)
-            and (not self.batch_invariant or all(self._in_one_chunk(row) for row in rows))
+            and all(self._joinable(row) for row in rows)
         )
 
     def tokens_to_prefill(self, row: RowRequest) -> int:
@@ -369,12 +368,44 @@ class Engine:
         batches = []
         if together:
             batches.append(self._prefill([rows[i] for i in together], [grammars[i] for i in together]))
+        packed = [i for i in alone if self._packs(rows, keys, i)] if self.batch_invariant else []
+        if len(packed) > 1:
+            batches.extend(self._prefill_packed([rows[i] for i in packed], [grammars[i] for i in packed]))
+            alone = [i for i in alone if i not in packed]
         for i in alone:
             batch = self._prefill_alone(rows[i], grammars[i], keys[i])
             if not batch.can_concatenate and len(rows) > 1:
                 return [self._prefill(rows, grammars)]
             batches.append(batch)
         return batches
+
+    def _packs(self, rows: Sequence[RowRequest], keys: Sequence[list[bytes]], index: int) -> bool:
+        """Whether row `index` may be prefilled in one packed forward with other rows (as rows
+        joining a step are, worker.engine.joint) in the batch-invariant mode: what it computes
+        fits one chunk, and no other row of `rows` would find its prefix in the cache after it."""
+        row = rows[index]
+        shares = self.prefix_cache is not None and any(
+            other[:1] == keys[index][:1] for i, other in enumerate(keys) if i != index and other
+        )
+        return self._joinable(row) and not shares
+
+    def _joinable(self, row: RowRequest) -> bool:
+        """Whether the joint forward takes this row (see `can_join`), with running rows or without."""
+        return (
+            self.joint_prefill
+            and row.image_features is None
+            and row.adapter is None
+            and (not self.batch_invariant or self._in_one_chunk(row))
+        )
+
+    def _prefill_packed(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> list[Batch]:
+        """`rows` prefilled in one forward, each over its own cache (worker.engine.joint)."""
+        assert self._joint is not None
+        newcomers = [self._joining_batch(row, grammar) for row, grammar in zip(rows, grammars, strict=True)]
+        self._joint(None, newcomers)
+        for newcomer in newcomers:
+            self._store_prefixes(newcomer)
+        return newcomers
 
     def _may_reuse(self, keys: Sequence[list[bytes]], index: int) -> bool:
         """Whether row `index` (of rows whose block keys are `keys`) may start from a

@@ -137,3 +137,18 @@ def test_a_row_that_cannot_join_changes_nothing(fused, tokenizer):
         engine.step([running[0]])
     assert engine.keys == keys and engine._batch.logits is not None  # not sampled, not advanced
     assert all(row.completion_tokens == 0 for row in engine._batch.rows)
+
+
+def test_rows_added_together_in_the_batch_invariant_mode_are_prefilled_in_one_packed_forward(
+    plain, fused, tokenizer, monkeypatch
+):
+    engine = Engine(fused, tokenizer)  # batch invariant: no padded prefill of several rows
+    calls = CountingCalls(engine, monkeypatch)
+    added = rows(engine, PROMPTS)
+    engine.add(added)
+    assert (calls.joint_calls, calls.model_calls) == (1, 0)
+    completions: dict = {}
+    while engine.has_work:
+        collect(engine.step(), completions)
+    for row in added:
+        assert completions[row.key].tokens == hf_greedy(plain, row.prompt_ids, 12, min_new_tokens=12), row.key
