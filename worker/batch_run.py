@@ -266,18 +266,19 @@ class BatchRun:
         """The waiting rows as the scheduler sees them, in admission order."""
         joins = self._engine.can_join([])
         return {
-            request_id: [
-                WaitingRow(
-                    request_id=request_id,
-                    prompt_tokens=self._engine.tokens_to_prefill(row),
-                    prefill_width=self._engine.prefill_width(self._engine.tokens_to_prefill(row)),
-                    joins_step=joins and self._engine.can_join([row]),
-                    adapter=row.adapter,
-                )
-                for row in rows
-            ]
+            request_id: [self._waiting_row(request_id, row, joins) for row in rows]
             for request_id, rows in self._waiting.items()
         }
+
+    def _waiting_row(self, request_id: str, row: RowRequest, joins: bool) -> WaitingRow:
+        tokens = self._engine.tokens_to_prefill(row)  # those the prefix cache does not hold
+        return WaitingRow(
+            request_id=request_id,
+            prompt_tokens=tokens,
+            prefill_width=self._engine.prefill_width(tokens),
+            joins_step=joins and self._engine.can_join([row]),
+            adapter=row.adapter,
+        )
 
     def _take_waiting(self, request_id: str) -> RowRequest:
         """The next waiting row of a request, now counted as running."""

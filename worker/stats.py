@@ -38,12 +38,7 @@ class StatsRecorder:
     def snapshot(self, prefix_cache: PrefixCache | None = None) -> WorkerStats:
         """A copy, with rows_per_step as Prometheus-style cumulative bucket counts, and
         the prefix cache's counters (read without a lock: a count may lag by a prefill)."""
-        with self._lock:
-            cumulative, total = {}, 0
-            for bound, count in zip((*map(str, BATCH_ROWS_BUCKETS), "+Inf"), self._buckets, strict=True):
-                total += count
-                cumulative[bound] = total
-            update: dict[str, object] = {"rows_per_step": cumulative}
+        update: dict[str, object] = {}
         if prefix_cache is not None:
             counters = prefix_cache.counters
             update.update(
@@ -53,4 +48,8 @@ class StatsRecorder:
                 prefix_cache_evicted_blocks=counters.evicted_blocks,
             )
         with self._lock:
-            return self._stats.model_copy(update=update)
+            cumulative, total = {}, 0
+            for bound, count in zip((*map(str, BATCH_ROWS_BUCKETS), "+Inf"), self._buckets, strict=True):
+                total += count
+                cumulative[bound] = total
+            return self._stats.model_copy(update={**update, "rows_per_step": cumulative})

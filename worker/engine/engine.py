@@ -184,15 +184,11 @@ class Engine:
             and all(self._joinable(row) for row in rows)
         )
 
-    def tokens_to_prefill(self, row: RowRequest) -> int:
-        """The row's prompt tokens a prefill would compute now (those not in the prefix cache)."""
-        cached = self._cached_blocks(row, self._block_keys(row)) * self.prefix_block_tokens
-        return len(row.prompt_ids) - cached
-
-    def _in_one_chunk(self, row: RowRequest) -> bool:
-        """Whether the part of the row's prompt not in the prefix cache is prefilled in one
-        forward in the batch-invariant mode (the joint forward runs it as one)."""
-        return self.tokens_to_prefill(row) <= self.prefix_block_tokens
+    def tokens_to_prefill(self, row: RowRequest, keys: list[bytes] | None = None) -> int:
+        """The row's prompt tokens a prefill would compute now (those not in the prefix
+        cache); `keys` are the row's block keys, if already computed."""
+        keys = self._block_keys(row) if keys is None else keys
+        return len(row.prompt_ids) - self._cached_blocks(row, keys) * self.prefix_block_tokens
 
     @property
     def rows_ending_by_length(self) -> int:
@@ -367,10 +363,18 @@ class Engine:
         together = [i for i in range(len(rows)) if i not in alone]
         batches = []
         if together:
-            batches.append(self._prefill([rows[i] for i in together], [grammars[i] for i in together]))
-        packed = [i for i in alone if self._packs(rows, keys, i)] if self.batch_invariant else []
+            batches.append(
+                self._prefill(
+                    [rows[i] for i in together], [grammars[i] for i in together], [keys[i] for i in together]
+                )
+            )
+        packed = [i for i in alone if self._packs(rows[i], keys, i)] if self.batch_invariant else []
         if len(packed) > 1:
-            batches.extend(self._prefill_packed([rows[i] for i in packed], [grammars[i] for i in packed]))
+            batches.extend(
+                self._prefill_packed(
+                    [rows[i] for i in packed], [grammars[i] for i in packed], [keys[i] for i in packed]
+                )
+            )
             alone = [i for i in alone if i not in packed]
         for i in alone:
             batch = self._prefill_alone(rows[i], grammars[i], keys[i])
@@ -379,29 +383,32 @@ class Engine:
             batches.append(batch)
         return batches
 
-    def _packs(self, rows: Sequence[RowRequest], keys: Sequence[list[bytes]], index: int) -> bool:
-        """Whether row `index` may be prefilled in one packed forward with other rows (as rows
-        joining a step are, worker.engine.joint) in the batch-invariant mode: what it computes
-        fits one chunk, and no other row of `rows` would find its prefix in the cache after it."""
-        row = rows[index]
-        shares = self.prefix_cache is not None and any(
-            other[:1] == keys[index][:1] for i, other in enumerate(keys) if i != index and other
-        )
-        return self._joinable(row) and not shares
+    def _packs(self, row: RowRequest, keys: Sequence[list[bytes]], index: int) -> bool:
+        """Whether row `index` (`row`, of rows whose block keys are `keys`) may be prefilled
+        in one packed forward with other rows (as rows joining a step are,
+        worker.engine.joint) in the batch-invariant mode: what it computes fits one chunk,
+        and no other of the rows would find its prefix in the cache after it."""
+        return self._joinable(row, keys[index]) and not _shares_first_block(keys, index)
 
-    def _joinable(self, row: RowRequest) -> bool:
-        """Whether the joint forward takes this row (see `can_join`), with running rows or without."""
+    def _joinable(self, row: RowRequest, keys: list[bytes] | None = None) -> bool:
+        """Whether the joint forward takes this row (see `can_join`), with running rows or
+        without: in the batch-invariant mode, what it computes must fit one chunk."""
         return (
             self.joint_prefill
             and row.image_features is None
             and row.adapter is None
-            and (not self.batch_invariant or self._in_one_chunk(row))
+            and (not self.batch_invariant or self.tokens_to_prefill(row, keys) <= self.prefix_block_tokens)
         )
 
-    def _prefill_packed(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> list[Batch]:
+    def _prefill_packed(
+        self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None], keys: Sequence[list[bytes]]
+    ) -> list[Batch]:
         """`rows` prefilled in one forward, each over its own cache (worker.engine.joint)."""
         assert self._joint is not None
-        newcomers = [self._joining_batch(row, grammar) for row, grammar in zip(rows, grammars, strict=True)]
+        newcomers = [
+            self._joining_batch(row, grammar, row_keys)
+            for row, grammar, row_keys in zip(rows, grammars, keys, strict=True)
+        ]
         self._joint(None, newcomers)
         for newcomer in newcomers:
             self._store_prefixes(newcomer)
@@ -410,15 +417,19 @@ class Engine:
     def _may_reuse(self, keys: Sequence[list[bytes]], index: int) -> bool:
         """Whether row `index` (of rows whose block keys are `keys`) may start from a
         cached prefix: the cache holds its first block, or another row has that block."""
-        own = keys[index][:1]
-        if self.prefix_cache is None or not own:
+        if self.prefix_cache is None or not keys[index]:
             return False
-        shared = any(other[:1] == own for i, other in enumerate(keys) if i != index)
-        return shared or own[0] in self.prefix_cache
+        return _shares_first_block(keys, index) or keys[index][0] in self.prefix_cache
 
-    def _prefill(self, rows: Sequence[RowRequest], grammars: Sequence[Grammar | None]) -> Batch:
-        """`rows` prefilled together, left-padded, in one forward."""
-        batch = self._new_batch(rows, grammars)
+    def _prefill(
+        self,
+        rows: Sequence[RowRequest],
+        grammars: Sequence[Grammar | None],
+        keys: Sequence[list[bytes]] | None = None,
+    ) -> Batch:
+        """`rows` prefilled together, left-padded, in one forward (`keys`: their block keys,
+        if already computed)."""
+        batch = self._new_batch(rows, grammars, keys=keys)
         self._forward(batch, self._image_inputs(rows, batch.input_ids))
         if self.prefix_cache is not None:
             self.prefix_cache.count(0, sum(len(row.prompt_ids) for row in rows))
@@ -429,7 +440,7 @@ class Engine:
         """One row prefilled: from its longest cached prefix on, in the chunks of
         worker.engine.prefill."""
         cached, prefix = self._cached_prefix(row, keys)
-        batch = self._new_batch([row], [grammar], prefix=prefix, keys=keys, cached=cached)
+        batch = self._new_batch([row], [grammar], prefix=prefix, keys=[keys], cached=cached)
         if self.prefill_width_multiple > 1:  # left-padded, in one forward (and no prefix cache)
             self._forward(batch, self._image_inputs([row], batch.input_ids))
             return batch
@@ -446,12 +457,14 @@ class Engine:
         self._store_prefixes(batch)
         return batch
 
-    def _joining_batch(self, row: RowRequest, grammar: Grammar | None) -> Batch:
+    def _joining_batch(
+        self, row: RowRequest, grammar: Grammar | None, keys: list[bytes] | None = None
+    ) -> Batch:
         """A one-row batch ready to be prefilled in a step's own forward, from its
-        cached prefix on (see `can_join`)."""
-        keys = self._block_keys(row)
+        cached prefix on (see `can_join`); `keys`: its block keys, if already computed."""
+        keys = self._block_keys(row) if keys is None else keys
         cached, prefix = self._cached_prefix(row, keys)
-        batch = self._new_batch([row], [grammar], prefix=prefix, keys=keys, cached=cached)
+        batch = self._new_batch([row], [grammar], prefix=prefix, keys=[keys], cached=cached)
         full = batch.input_ids, batch.attention_mask, batch.position_ids
         _narrow(batch, full, cached, len(row.prompt_ids))
         return batch
@@ -535,12 +548,13 @@ class Engine:
         grammars: Sequence[Grammar | None],
         *,
         prefix: Sequence[LayerStates] = (),
-        keys: list[bytes] | None = None,
+        keys: Sequence[list[bytes]] | None = None,
         cached: int = 0,
     ) -> Batch:
         """A batch ready to prefill `rows` (left-padded, on a fresh cache holding
-        `prefix`, the keys and values of a single row's first `cached` tokens).
-        With a prefix cache, the forwards' keys and values are recorded for it."""
+        `prefix`, the keys and values of a single row's first `cached` tokens); `keys`
+        are the rows' block keys, if already computed. With a prefix cache, the
+        forwards' keys and values are recorded for it."""
         batch = Batch.from_rows(
             rows,
             tokenizer=self.tokenizer,
@@ -554,9 +568,11 @@ class Engine:
             if self.vision is not None
             else None,
         )
-        for row, request, grammar in zip(batch.rows, rows, grammars, strict=True):
+        if keys is None:
+            keys = [self._block_keys(request) for request in rows]
+        for row, grammar, row_keys in zip(batch.rows, grammars, keys, strict=True):
             row.grammar = grammar.start() if grammar is not None else None
-            row.block_keys = keys if keys is not None else self._block_keys(request)
+            row.block_keys = row_keys
         batch.rows[0].cached_tokens = cached
         if self.prefix_cache is not None and isinstance(batch.cache, RecordingCache):
             batch.cache.recorded = {}
@@ -713,6 +729,13 @@ class Engine:
             completion_tokens=row.completion_tokens,
             cached_prompt_tokens=row.cached_tokens,
         )
+
+
+def _shares_first_block(keys: Sequence[list[bytes]], index: int) -> bool:
+    """Whether another row of rows whose block keys are `keys` starts with row `index`'s
+    first block (so one of them would find it in the prefix cache after the other)."""
+    own = keys[index][:1]
+    return bool(own) and any(other[:1] == own for i, other in enumerate(keys) if i != index)
 
 
 def _narrow(batch: Batch, full: tuple[torch.Tensor, ...], start: int, end: int) -> None:
