@@ -19,11 +19,12 @@ from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import NotFound
 
 from api import openapi, probes
-from api.errors import Unauthorized, register_error_handlers
+from api.errors import PayloadTooLarge, Unauthorized, register_error_handlers
 from api.management import local_workers, loras, readers, tokenizer
 from api.metrics import ApiMetrics
 from api.openai import models as openai_models
 from api.openai import routes as openai_routes
+from api.oversize_bodies import OVERSIZE_KEY, OversizeBodies
 from api.relay import EventHub
 from api.state import AppState, app_state, install
 from api.takeoff import routes as takeoff_routes
@@ -76,7 +77,11 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
     for blueprint, _ in BLUEPRINTS:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    app.wsgi_app = OversizeBodies(
+        app.wsgi_app, settings.body_size_limit_bytes, settings.discard_body_limit_bytes
+    )
     app.before_request(_start_request)
+    app.before_request(_refuse_oversize_body)
     app.before_request(_check_api_key)
     app.before_request(_check_port)
     app.after_request(_finish_request)
@@ -87,6 +92,15 @@ def _start_request() -> None:
     g.started_at = time.monotonic()
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _refuse_oversize_body() -> None:
+    """413 for a body whose Content-Length is over the limit (api.oversize_bodies has read and
+    dropped it, so the client can read this answer)."""
+    length = request.environ.get(OVERSIZE_KEY)
+    if length is not None:
+        limit = app_state().settings.body_size_limit_bytes
+        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
 
 
 def _check_api_key() -> None:

@@ -221,6 +221,14 @@ class ApiSettings(ProcessSettings):
         "Largest request body accepted (413 beyond).",
         minimum=1,
     )
+    discard_body_limit_bytes: int = setting(
+        "--discard-body-limit-bytes",
+        defaults.DEFAULT_DISCARD_BODY_LIMIT_BYTES,
+        "A body over --body-size-limit-bytes is read and thrown away up to this many bytes before the 413 "
+        "goes out (clients that send a whole body before reading the answer then get it); past this, the "
+        "connection is closed at once.",
+        minimum=0,
+    )
     max_queue_depth: int | None = setting(
         "--max-queue-depth",
         None,
