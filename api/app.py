@@ -68,7 +68,7 @@ def create_app(settings: ApiSettings, *, connection: redis.Redis | None = None) 
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.body_size_limit_bytes + 1
     app.json.sort_keys = False
     if connection is None:
-        connection = shared_connection.connect(settings.redis_url)
+        connection = shared_connection.connect(settings.redis_connection_url)
     hub = EventHub(connection)
     install(
         app, AppState(settings=settings, connection=connection, hub=hub, metrics=ApiMetrics(connection, hub))

@@ -81,13 +81,22 @@ def _worker_argv(redis_url: str, worker: dict, log_level: str, log_format: str) 
 
 @main.command()
 @options.apply(
-    [options.REDIS_URL, *options.SERVE, *options.API, *options.WORKER, options.LOG_LEVEL, options.LOG_FORMAT]
+    [
+        options.REDIS_URL,
+        *options.REDIS_TLS,
+        *options.SERVE,
+        *options.API,
+        *options.WORKER,
+        options.LOG_LEVEL,
+        options.LOG_FORMAT,
+    ]
 )
 def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, **kwargs) -> None:
     """Everything on one machine: Redis (private unless --redis-url), the API and N workers."""
     from mmserve.redis_server import RedisServer
     from worker.main import default_threads
 
+    redis_url = options.redis_url_with_tls(redis_url, kwargs)
     logs.configure(log_level, log_format)
     api = options.pick(kwargs, options.API)
     worker = options.pick(kwargs, options.WORKER)
@@ -125,9 +134,10 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
 
 
 @main.command("api")
-@options.apply([options.REDIS_URL, *options.API, options.LOG_LEVEL, options.LOG_FORMAT])
+@options.apply([options.REDIS_URL, *options.REDIS_TLS, *options.API, options.LOG_LEVEL, options.LOG_FORMAT])
 def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -> None:
     """The API alone (gunicorn + gevent) on the inference, management and OpenAI ports."""
+    redis_url = options.redis_url_with_tls(redis_url, api)
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")
     env = _api_env(redis_url, api, log_level, log_format)
@@ -135,10 +145,14 @@ def api_command(redis_url: str | None, log_level: str, log_format: str, **api) -
 
 
 @main.command("worker")
-@options.apply([options.REDIS_URL, *options.WORKER, options.LOG_LEVEL, options.LOG_FORMAT])
+@options.apply(
+    [options.REDIS_URL, *options.REDIS_TLS, *options.WORKER, options.LOG_LEVEL, options.LOG_FORMAT]
+)
 def worker_command(redis_url: str | None, log_level: str, log_format: str, **worker) -> None:
     """One worker process: loads the model and serves its consumer group's queue."""
     from worker.main import run_worker
+
+    redis_url = options.redis_url_with_tls(redis_url, worker)
 
     if redis_url is None:
         raise click.UsageError("--redis-url (or MMSERVE_REDIS_URL) is required")

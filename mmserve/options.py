@@ -19,7 +19,12 @@ def _flagged(settings_class: type, leave_out: Iterable[Setting] = ()) -> tuple[S
     )
 
 
-REDIS_URL, LOG_LEVEL, LOG_FORMAT = COMMON = _flagged(ProcessSettings)
+COMMON = _flagged(ProcessSettings)
+REDIS_URL, LOG_LEVEL, LOG_FORMAT = (
+    next(one for one in COMMON if one.attribute == name) for name in ("redis_url", "log_level", "log_format")
+)
+REDIS_TLS = tuple(one for one in COMMON if one not in (REDIS_URL, LOG_LEVEL, LOG_FORMAT))
+"""--redis-ca-file, --redis-cert-file, --redis-key-file: each command folds them into the URL it hands on."""
 SERVE = _flagged(ServeSettings)
 API = _flagged(ApiSettings, leave_out=COMMON)
 WORKER = _flagged(WorkerSettings, leave_out=COMMON)
@@ -74,3 +79,19 @@ def apply(settings: Iterable[Setting]) -> Callable[[Callable], Callable]:
 def pick(values: dict, settings: Iterable[Setting]) -> dict:
     """The subset of a command's keyword arguments that belong to `settings`."""
     return {one.attribute: values[one.attribute] for one in settings}
+
+
+def redis_url_with_tls(redis_url: str | None, values: dict) -> str | None:
+    """`redis_url` carrying the REDIS_TLS files popped from a command's keyword arguments;
+    click.UsageError for files that do not fit the URL."""
+    from shared.connection import with_tls_files
+
+    files = {one.attribute.removeprefix("redis_"): values.pop(one.attribute) for one in REDIS_TLS}
+    if redis_url is None:
+        if any(files.values()):
+            raise click.UsageError("the --redis-*-file flags need a rediss:// --redis-url")
+        return None
+    try:
+        return with_tls_files(redis_url, **files)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None

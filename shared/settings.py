@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import defaults
+from shared.connection import with_tls_files
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -189,10 +190,33 @@ class ProcessSettings:
         "`api` and `worker` need it.",
         required=True,
     )
+    redis_ca_file: str | None = setting(
+        "--redis-ca-file",
+        None,
+        "rediss://: the CA certificate (PEM) the Redis server's certificate is checked against (unset = "
+        "the system's CAs). Also `?ssl_ca_certs=` in the URL.",
+    )
+    redis_cert_file: str | None = setting(
+        "--redis-cert-file",
+        None,
+        "rediss://: this process's client certificate (PEM), for a server that asks for one. Also "
+        "`?ssl_certfile=` in the URL.",
+    )
+    redis_key_file: str | None = setting(
+        "--redis-key-file",
+        None,
+        "rediss://: the private key of --redis-cert-file, when that file does not hold it. Also "
+        "`?ssl_keyfile=` in the URL.",
+    )
     log_level: str = setting("--log-level", "INFO", "Lowest level of log line written.", choices=LOG_LEVELS)
     log_format: str = setting(
         "--log-format", "text", "text, or json: one JSON object per line.", choices=LOG_FORMATS
     )
+
+    @property
+    def redis_connection_url(self) -> str:
+        """--redis-url with the TLS files in its query (shared.connection.with_tls_files)."""
+        return with_tls_files(self.redis_url, self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
 
 
 @dataclass(frozen=True)

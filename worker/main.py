@@ -126,7 +126,7 @@ def run_worker(settings: WorkerSettings) -> None:
     catalog = lora_catalog(settings)
     compute_dtype(settings, catalog)  # refuse bad flag combinations before anything starts
     check_image_pixels(settings)
-    connection = connect(settings.redis_url)
+    connection = connect(settings.redis_connection_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = Heartbeat(connection, registry_entry(settings, reader_id, threads))
     heartbeat.start()

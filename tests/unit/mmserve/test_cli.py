@@ -213,3 +213,41 @@ def test_an_unset_api_setting_is_taken_out_of_the_api_process_environment(monkey
         "DEBUG",
         "json",
     )
+
+
+def test_redis_tls_flags_are_folded_into_the_url_each_process_gets(monkeypatch, tmp_path):
+    from urllib.parse import parse_qs, urlsplit
+
+    from api import wsgi
+
+    seen = {}
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: seen.setdefault("env", env))
+    monkeypatch.setattr(worker_main, "run_worker", lambda settings: seen.setdefault("worker", settings))
+    flags = [
+        "--redis-url",
+        "rediss://u:p@redis:6380/1",
+        "--redis-ca-file",
+        "/ca.pem",
+        "--redis-cert-file",
+        "/c.pem",
+    ]
+    assert CliRunner().invoke(cli.main, ["api", *flags]).exit_code == 0
+    result = CliRunner().invoke(cli.main, ["worker", *flags], env={"MMSERVE_REDIS_KEY_FILE": "/k.pem"})
+    assert result.exit_code == 0, result.output
+    for url in (
+        wsgi.settings_from_env(seen["env"]).redis_connection_url,
+        seen["worker"].redis_connection_url,
+    ):
+        parts = urlsplit(url)
+        assert (parts.scheme, parts.netloc, parts.path) == ("rediss", "u:p@redis:6380", "/1")
+        query = parse_qs(parts.query)
+        assert query["ssl_ca_certs"] == ["/ca.pem"] and query["ssl_certfile"] == ["/c.pem"]
+    assert parse_qs(urlsplit(seen["worker"].redis_url).query)["ssl_keyfile"] == ["/k.pem"]
+
+
+def test_redis_tls_flags_without_a_rediss_url_are_a_usage_error():
+    result = CliRunner().invoke(
+        cli.main, ["worker", "--redis-url", "redis://x", "--redis-ca-file", "/ca.pem"]
+    )
+    assert result.exit_code == 2
+    assert "rediss://" in result.output
