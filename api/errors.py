@@ -16,6 +16,8 @@ import redis
 from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from shared import defaults
+
 log = logging.getLogger(__name__)
 
 
@@ -213,7 +215,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.exceptions.TimeoutError)
     def _redis_down(error: redis.exceptions.RedisError) -> Response:
         log.warning("redis unavailable: %s", error)
-        return error_response(f"redis is unavailable: {error}", RedisUnavailable.error_type, 503)
+        return error_response(
+            f"redis is unavailable: {error}",
+            RedisUnavailable.error_type,
+            503,
+            retry_after=defaults.RETRY_AFTER_REDIS_UNAVAILABLE_SECONDS,
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

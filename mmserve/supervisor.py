@@ -18,6 +18,7 @@ import redis
 import requests
 
 from shared import supervision
+from shared.connection import connect
 
 log = logging.getLogger("mmserve.serve")
 
@@ -63,7 +64,7 @@ class LocalWorkerCommands:
     """Carries out the API's POST /reader and DELETE /reader/{id} (shared.supervision)."""
 
     def __init__(self, redis_url: str, supervisor_id: str, make_worker: Callable[[dict], Child]):
-        self._connection = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=1)
+        self._connection = connect(redis_url, socket_timeout=5)
         self._supervisor_id = supervisor_id
         self._make_worker = make_worker
 

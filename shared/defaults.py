@@ -79,6 +79,7 @@ PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 
 RETRY_AFTER_NO_READER_SECONDS = 5
 RETRY_AFTER_QUEUE_FULL_SECONDS = 1
+RETRY_AFTER_REDIS_UNAVAILABLE_SECONDS = 2  # a Sentinel failover takes a few seconds
 
 # -- Lifetimes in Redis (seconds) --------------------------------------------------------------------------
 # Nothing in Redis lives without a TTL, except the set of group names (a handful of short strings) that

@@ -42,6 +42,15 @@ from worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
 
+
+def _while_redis_is_away(what: str, action: Callable[[], object]) -> None:
+    """Run `action`; when Redis cannot be reached, log that `what` was skipped."""
+    try:
+        action()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("%s skipped: Redis unavailable (%s)", what, exc)
+
+
 WORKER_TTL_SECONDS = 20  # RQ blocks up to WORKER_TTL - 15 s waiting for a job, then sweeps
 POLL_INTERVAL_SECONDS = 0.002
 OWN_QUEUE_POLL_SECONDS = 0.05  # an idle worker looks at its own queue this often
@@ -151,6 +160,31 @@ class BatchWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         """Short, so a dead worker's jobs are found abandoned within seconds."""
         return defaults.JOB_HEARTBEAT_TTL_SECONDS
+
+    # -- Redis going away ------------------------------------------------------
+    #
+    # RQ's work loop quits on any exception but those of its own dequeue, which
+    # waits for Redis to come back. A Redis restart or a Sentinel failover would
+    # then end the worker at its next bookkeeping write; these writes are skipped
+    # while Redis is away instead (each is made again later).
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        _while_redis_is_away(
+            f"recording the worker {state}", lambda: super(BatchWorker, self).set_state(state, pipeline)
+        )
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        _while_redis_is_away(
+            "the worker heartbeat", lambda: super(BatchWorker, self).heartbeat(timeout, pipeline)
+        )
+
+    def check_for_suspension(self, burst: bool) -> None:
+        _while_redis_is_away(
+            "looking for a suspension", lambda: super(BatchWorker, self).check_for_suspension(burst)
+        )
+
+    def run_maintenance_tasks(self) -> None:
+        _while_redis_is_away("RQ's maintenance", super().run_maintenance_tasks)
 
     # RQ calls this with the first job it dequeued.
     def execute_job(self, job: Job, queue: Queue) -> None:

@@ -17,6 +17,7 @@ import requests
 
 from mmserve.redis_server import RedisServer, free_port
 from shared import keys, registry
+from shared.connection import connect
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +167,7 @@ class Launcher:
             self.log_dir / f"worker-{index}.log",
         ).start()
         self.started.append(process)
-        client = redis.Redis.from_url(redis_url)
+        client = connect(redis_url)
         known = {reader.reader_id for reader in registry.live_readers(client, group)}
 
         def ready() -> bool:

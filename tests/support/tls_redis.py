@@ -13,18 +13,11 @@ from pathlib import Path
 
 import redis
 
+from bench.sentinel import SYSTEM_REDIS, system_binary
 from mmserve.redis_server import free_port
 from shared.connection import with_tls_files
 
-SYSTEM_REDIS = "/usr/bin/redis-server"
 USER, PASSWORD = "mmserve-test", "s3cret-pass"
-
-
-def system_redis_server() -> str:
-    """Debian's redis-server, which has TLS and Sentinel; AssertionError saying how to get it."""
-    if not Path(SYSTEM_REDIS).is_file():
-        raise AssertionError(f"{SYSTEM_REDIS} is missing: `make test` installs Debian's redis-server")
-    return SYSTEM_REDIS
 
 
 @dataclass
@@ -70,7 +63,7 @@ class TlsRedis:
     def start(self, timeout: float = 10.0) -> TlsRedis:
         self.process = subprocess.Popen(
             [
-                system_redis_server(),
+                system_binary(SYSTEM_REDIS),
                 "--port",
                 "0",
                 "--tls-port",

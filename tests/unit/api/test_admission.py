@@ -91,4 +91,5 @@ def test_unreachable_redis_is_a_fast_503(client, server, route):
     response = client.post(route, json={"text": "hi"})
     assert response.status_code == 503
     assert response.get_json()["error_type"] == "redis_unavailable"
+    assert response.headers["Retry-After"] == str(defaults.RETRY_AFTER_REDIS_UNAVAILABLE_SECONDS)
     assert time.monotonic() - started < defaults.REDIS_SOCKET_TIMEOUT_SECONDS
