@@ -5,8 +5,10 @@ process waits on, each given its own inbox. It starts lazily in each process
 
 `subscribe` returns only once the hub's subscription is confirmed, so a request
 registered before its job is enqueued misses no event. Events published while
-the hub is disconnected are lost for good: every request waiting then gets a
-`redis_unavailable` error event instead of waiting for events that never come."""
+the hub is disconnected are lost for good: once it is subscribed again, every
+request that was waiting gets `EventsMissed` in its inbox, ahead of any event
+that came after, and decides what it lost (api.submission: a job that is gone, or
+token numbers that skip, end it; a job re-run after the outage goes on)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,15 @@ log = logging.getLogger(__name__)
 
 Event = events.TokenEvent | events.DoneEvent | events.ErrorEvent
 
+
+@dataclass(frozen=True)
+class EventsMissed:
+    """Put in an inbox when the hub is subscribed again after losing Redis: events for the
+    request may have been published meanwhile and lost."""
+
+
+InboxItem = Event | EventsMissed
+
 _WAKE_CHANNEL = keys.events_channel("event-hub-wake-up")
 """Published to by `EventHub.stop` so the listener thread notices at once; nobody registers it."""
 
@@ -38,10 +49,9 @@ class Subscription:
         self.request_id = request_id
         self.channel = keys.events_channel(request_id)
         self._inboxes = inboxes
-        self._inbox: queue.Queue[Event] = queue.Queue()
-        self.broken = False
+        self._inbox: queue.Queue[InboxItem] = queue.Queue()
 
-    def get(self, timeout: float) -> Event | None:
+    def get(self, timeout: float) -> InboxItem | None:
         """The next event, or None when none arrived within `timeout` seconds."""
         try:
             if timeout <= 0:
@@ -54,14 +64,12 @@ class Subscription:
         """Stop receiving this request's events. Safe to call more than once."""
         self._inboxes.remove(self)
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: InboxItem) -> None:
         self._inbox.put(event)
 
     def break_off(self, reason: str) -> None:
-        """The hub lost events that may have been for this request: end it with an error."""
-        if not self.broken:
-            self.broken = True
-            self._inbox.put(events.ErrorEvent(error=reason, error_type="redis_unavailable", status=503))
+        """End the request with an error (the hub is stopping)."""
+        self._inbox.put(events.ErrorEvent(error=reason, error_type="redis_unavailable", status=503))
 
 
 @dataclass
@@ -86,10 +94,20 @@ class _Inboxes:
             return self.by_channel.get(channel)
 
     def break_all(self, reason: str) -> None:
-        with self.lock:
-            subscriptions = list(self.by_channel.values())
-        for subscription in subscriptions:
+        for subscription in self.snapshot():
             subscription.break_off(reason)
+
+    def snapshot(self) -> list[Subscription]:
+        with self.lock:
+            return list(self.by_channel.values())
+
+    def tell_missed(self, subscriptions: list[Subscription]) -> None:
+        """Put EventsMissed in the inboxes of those of `subscriptions` still registered."""
+        with self.lock:
+            registered = set(map(id, self.by_channel.values()))
+        for subscription in subscriptions:
+            if id(subscription) in registered:
+                subscription.deliver(EventsMissed())
 
     def __len__(self) -> int:
         with self.lock:
@@ -138,7 +156,7 @@ class EventHub:
         runtime = self._ensure_running()
         subscription = Subscription(request_id, runtime.inboxes)
         runtime.inboxes.add(subscription)
-        if not runtime.connected.wait(self._subscribe_timeout) or subscription.broken:
+        if not runtime.connected.wait(self._subscribe_timeout):
             subscription.close()
             raise redis.exceptions.ConnectionError("the event relay is not subscribed to Redis")
         return subscription
@@ -193,28 +211,30 @@ class EventHub:
 
     def _run(self, runtime: _Runtime) -> None:
         delay = self._reconnect_delay
+        waiting_through_gap: list[Subscription] = []  # waited while the hub was away
         while not runtime.stopping.is_set():
-            reason = "lost the connection to Redis while waiting for events"
             pubsub = self._connection.pubsub()
             try:
                 pubsub.psubscribe(keys.EVENTS_PATTERN)
                 self._await_confirmation(pubsub)
                 runtime.connected.set()
                 log.info("event hub subscribed to %s", keys.EVENTS_PATTERN)
+                runtime.inboxes.tell_missed(waiting_through_gap)
+                waiting_through_gap = []
                 delay = self._reconnect_delay
                 self._relay(pubsub, runtime)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
                 log.warning("event hub connection failed: %s", exc)
             except Exception:
                 log.exception("event hub failed")
-                reason = "the event relay failed"
             finally:
                 runtime.connected.clear()
                 with contextlib.suppress(Exception):
                     pubsub.close()
             if runtime.stopping.is_set():
                 break
-            runtime.inboxes.break_all(reason)
+            seen = set(map(id, waiting_through_gap))
+            waiting_through_gap += [s for s in runtime.inboxes.snapshot() if id(s) not in seen]
             runtime.stopping.wait(delay)
             delay = min(delay * 2, self._max_reconnect_delay)
 
@@ -237,7 +257,7 @@ class EventHub:
                 # redis-py reconnected inside the read and subscribed again:
                 # whatever was published in between is gone.
                 log.warning("event hub re-subscribed after a silent reconnect")
-                runtime.inboxes.break_all("lost events while reconnecting to Redis")
+                runtime.inboxes.tell_missed(runtime.inboxes.snapshot())
 
     @staticmethod
     def _route(channel: bytes | str, data: bytes | str, inboxes: _Inboxes) -> None:

@@ -22,7 +22,7 @@ from api.admission import admit, job_queue
 from api.constraints import check_constraint
 from api.images import CanonicalImage, ImageLease, check_image_count
 from api.metrics import ApiMetrics
-from api.relay import EventHub, Subscription
+from api.relay import EventHub, EventsMissed, Subscription
 from api.routing import routed_queue
 from api.schemas import RowMetadata
 from api.state import app_state
@@ -31,6 +31,8 @@ from shared.payload import ChatMessage, GenerateRequest, GenerationJob
 from shared.settings import ApiSettings
 
 log = logging.getLogger(__name__)
+
+LOST_EVENTS = "events of this request were lost while Redis was unavailable"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Generation:
         self._first_event_at: float | None = None
         self._last_event_at: float | None = None
         self._first_token_at: float | None = None
+        self._ended_unseen_by: float | None = None  # its job ended while the hub was away: wait until then
         self._worker_failed = False
         self._closed = False
 
@@ -132,9 +135,15 @@ class Generation:
                 limit = self._settings.next_event_timeout_seconds
                 deadline = self._last_event_at + limit
                 timeout_message = f"the worker sent nothing for {limit:g} s"
+            if self._ended_unseen_by is not None and self._ended_unseen_by < deadline:
+                deadline = self._ended_unseen_by
+                timeout_message = f"{LOST_EVENTS}: the request's job ended meanwhile"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                yield RequestFailed(timeout_message, "timeout", 504)
+                if self._ended_unseen_by is not None and deadline == self._ended_unseen_by:
+                    yield RequestFailed(timeout_message, "redis_unavailable", 503)
+                else:
+                    yield RequestFailed(timeout_message, "timeout", 504)
                 return
             event = self._subscription.get(remaining if tick is None else min(remaining, tick))
             if event is None:
@@ -147,7 +156,11 @@ class Generation:
                 if isinstance(item, RequestFailed):
                     return
 
-    def _apply(self, event: events.TokenEvent | events.DoneEvent | events.ErrorEvent) -> RelayItem | None:
+    def _apply(
+        self, event: events.TokenEvent | events.DoneEvent | events.ErrorEvent | EventsMissed
+    ) -> RelayItem | None:
+        if isinstance(event, EventsMissed):
+            return self._after_missed_events()
         now = time.monotonic()
         self._last_event_at = now
         if self._first_event_at is None:
@@ -164,19 +177,15 @@ class Generation:
         if row.done is not None:
             return None  # a re-run repeating a finished row
         if isinstance(event, events.DoneEvent):
+            if event.token_events is not None and event.token_events > row.next_seq:
+                return self._lost_tokens(event.row, row.next_seq, event.token_events)
             row.done = event
             row.finished_at = now
             return RowFinished(event.row, event)
         if event.seq < row.next_seq:
             return None  # already relayed (a re-run after a worker crash)
         if event.seq > row.next_seq:
-            log.warning(
-                "request %s row %d: expected token seq %d, got %d",
-                self.request_id,
-                event.row,
-                row.next_seq,
-                event.seq,
-            )
+            return self._lost_tokens(event.row, row.next_seq, event.seq)
         row.next_seq = event.seq + 1
         row.parts.append(event.text)
         if row.first_token_at is None:
@@ -186,6 +195,27 @@ class Generation:
             self._metrics.time_to_first_token.labels(self.consumer_group).observe(now - self._submitted_at)
         self._metrics.tokens_relayed.labels(self.consumer_group).inc()
         return TokenRelayed(event.row, event.text)
+
+    def _lost_tokens(self, row: int, expected: int, seen: int) -> RequestFailed:
+        """Token events `expected` up to `seen` of a row never came: the text would have a hole."""
+        log.warning(
+            "request %s row %d: token events %d to %d never came", self.request_id, row, expected, seen - 1
+        )
+        return RequestFailed(f"{LOST_EVENTS}: part of the answer is missing", "redis_unavailable", 503)
+
+    def _after_missed_events(self) -> RequestFailed | None:
+        """The hub was away from Redis and is back: go on waiting if the job can still send what
+        is missing (it waits, runs, or was put back to run again after losing Redis itself);
+        end the request if the job is gone, and give it a short grace if it has ended."""
+        try:
+            status = jobs.job_status(self._connection, self.request_id)
+        except redis.RedisError as exc:
+            return RequestFailed(f"{LOST_EVENTS}, and Redis is unavailable: {exc}", "redis_unavailable", 503)
+        if status is None:
+            return RequestFailed(f"{LOST_EVENTS}: the request's job is gone", "redis_unavailable", 503)
+        if status in jobs.ENDED_STATUSES:
+            self._ended_unseen_by = time.monotonic() + defaults.MISSED_EVENTS_GRACE_SECONDS
+        return None
 
     def count_error(self, error_type: str) -> None:
         """Count an error told to the client inside a stream (JSON errors are counted by the app)."""

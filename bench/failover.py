@@ -6,8 +6,10 @@ SIGKILLed at a random moment while they run.
 
 Counts how the streams ended (completed, ended with an error event, refused with an HTTP error,
 hung: still open --hang-seconds after they started), how long the sentinels took to name a new
-master, and how long after the kill a new request first succeeded (a probe sends one every
-0.25 s). Prints one JSON document. Needs Debian's redis-server and redis-sentinel."""
+master, and how long after the kill /readyz answered 200 again and a new request (queued behind
+what the streams left) was answered, and how many completed streams differ from the same prompt's
+answer asked again after the run (a stream resumed by a re-run job must not); --runs times, a
+fresh setup each. Prints one JSON document. Needs Debian's redis-server and redis-sentinel."""
 
 from __future__ import annotations
 
@@ -24,23 +26,26 @@ import requests
 from bench.common import add_model_flags, bench_parser, machine, threads_or_default
 from bench.sentinel import SentinelRedis
 from bench.serving import ServeProcess
-from bench.sse import iter_lines, parse_sse
+from bench.sse import iter_lines, parse_sse, sse_form
 
 PROBE_INTERVAL_SECONDS = 0.25
 
 
-def stream(url: str, index: int, new_tokens: int, hang_seconds: float) -> dict:
-    """One streamed request: how it ended and when (seconds on the monotonic clock)."""
-    payload = {
+def payload(index: int, new_tokens: int) -> dict:
+    return {
         "text": f"Write a short story about lighthouse number {index}.",
         "max_new_tokens": new_tokens,
         "min_new_tokens": new_tokens,
     }
+
+
+def stream(url: str, index: int, new_tokens: int, hang_seconds: float) -> dict:
+    """One streamed request: how it ended and when (seconds on the monotonic clock), and its text."""
     started = time.monotonic()
-    outcome, tokens = "completed", 0
+    outcome, tokens, parts = "completed", 0, []
     try:
         with requests.post(
-            url + "/generate_stream", json=payload, stream=True, timeout=hang_seconds
+            url + "/generate_stream", json=payload(index, new_tokens), stream=True, timeout=hang_seconds
         ) as response:
             if response.status_code != 200:
                 outcome = f"http_{response.status_code}"
@@ -50,6 +55,7 @@ def stream(url: str, index: int, new_tokens: int, hang_seconds: float) -> dict:
                         outcome = "error_event"
                         break
                     tokens += 1
+                    parts.append(event.data)
     except requests.Timeout:
         outcome = "hung"
     except requests.ConnectionError:
@@ -58,19 +64,17 @@ def stream(url: str, index: int, new_tokens: int, hang_seconds: float) -> dict:
         "index": index,
         "outcome": outcome,
         "tokens": tokens,
+        "text": "".join(parts),
         "started": started,
         "ended": time.monotonic(),
     }
 
 
-def probe_until_served(url: str, since: float, deadline: float) -> float | None:
-    """Seconds from `since` until a small request first succeeds (None: not before `deadline`)."""
+def probe_until(ok, since: float, deadline: float) -> float | None:
+    """Seconds from `since` until `ok()` (None: not before `deadline`), asked every 0.25 s."""
     while time.monotonic() < deadline:
         try:
-            response = requests.post(
-                url + "/generate", json={"text": "ping", "max_new_tokens": 1}, timeout=10
-            )
-            if response.status_code == 200:
+            if ok():
                 return round(time.monotonic() - since, 2)
         except requests.RequestException:
             pass
@@ -78,9 +82,22 @@ def probe_until_served(url: str, since: float, deadline: float) -> float | None:
     return None
 
 
-def run(args) -> dict:
-    rng = random.Random(args.seed)
-    kill_after = rng.uniform(*args.kill_between)
+def undisturbed(url: str, index: int, new_tokens: int) -> str:
+    """The same prompt's answer asked again after the failover, not streamed."""
+    return requests.post(url + "/generate", json=payload(index, new_tokens), timeout=120).json()["text"]
+
+
+def ready(url: str) -> bool:
+    return requests.get(url + "/readyz", timeout=5).status_code == 200
+
+
+def served(url: str) -> bool:
+    payload = {"text": "ping", "max_new_tokens": 1}
+    return requests.post(url + "/generate", json=payload, timeout=60).status_code == 200
+
+
+def run(args, seed: int | None) -> dict:
+    kill_after = random.Random(seed).uniform(*args.kill_between)
     with tempfile.TemporaryDirectory(prefix="mmserve-failover-") as folder:
         redis_setup = SentinelRedis(Path(folder) / "redis").start()
         server = None
@@ -107,9 +124,9 @@ def run(args) -> dict:
                 time.sleep(kill_after)
                 failover["killed_at"] = time.monotonic()
                 failover["sentinel_s"] = round(redis_setup.fail_over(), 2)
-                failover["served_again_s"] = probe_until_served(
-                    server.url, failover["killed_at"], failover["killed_at"] + args.hang_seconds
-                )
+                killed, give_up = failover["killed_at"], failover["killed_at"] + args.hang_seconds
+                failover["ready_again_s"] = probe_until(lambda: ready(server.url), killed, give_up)
+                failover["served_again_s"] = probe_until(lambda: served(server.url), killed, give_up)
 
             killer = threading.Thread(target=kill)
             started = time.monotonic()
@@ -122,6 +139,12 @@ def run(args) -> dict:
                     )
                 )
             killer.join()
+            differing = sum(
+                1
+                for result in results
+                if result["outcome"] == "completed"
+                and result["text"] != sse_form(undisturbed(server.url, result["index"], args.new_tokens))
+            )
         finally:
             if server is not None:
                 server.stop()
@@ -131,21 +154,17 @@ def run(args) -> dict:
     for result in results:
         counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
     return {
-        "bench": "failover",
-        **machine(),
-        "streams": args.streams,
-        "new_tokens": args.new_tokens,
-        "max_batch_size": args.max_batch_size,
-        "dtype": args.dtype,
-        "queue_timeout_s": args.queue_timeout,
+        "seed": seed,
         "kill_after_s": round(kill_after, 2),
         "outcomes": counts,
         "hung": counts.get("hung", 0),
         "tokens_streamed": sum(r["tokens"] for r in results),
+        "completed_differing_from_undisturbed": differing,
         "completed_before_kill": sum(
             1 for r in results if r["outcome"] == "completed" and r["ended"] < killed
         ),
         "sentinel_failover_s": failover["sentinel_s"],
+        "ready_again_after_kill_s": failover["ready_again_s"],
         "served_again_after_kill_s": failover["served_again_s"],
         "longest_stream_s": round(max(r["ended"] - r["started"] for r in results), 2),
         "run_s": round(time.monotonic() - started, 2),
@@ -169,7 +188,13 @@ def parse_args():
         "--kill-between", type=float, nargs=2, default=(1.0, 8.0), metavar=("MIN", "MAX"),
         help="the master is killed this many seconds after the streams start, drawn uniformly (1 8)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=None, help="the kill moment's seed (default: random)")
+    parser.add_argument("--runs", type=int, default=1, help="failovers, each on a fresh setup (1)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the first run's kill-moment seed, +1 per run (default: random)",
+    )
     parser.add_argument(
         "--queue-timeout", type=float, default=30.0, help="the API's queue and next-event timeouts (30 s)"
     )
@@ -181,7 +206,29 @@ def parse_args():
 
 
 def main() -> None:
-    print(json.dumps(run(parse_args()), indent=1))
+    args = parse_args()
+    runs = [run(args, None if args.seed is None else args.seed + index) for index in range(args.runs)]
+    report = {
+        "bench": "failover",
+        **machine(),
+        "streams": args.streams,
+        "new_tokens": args.new_tokens,
+        "max_batch_size": args.max_batch_size,
+        "dtype": args.dtype,
+        "queue_timeout_s": args.queue_timeout,
+        "runs": len(runs),
+        "hung": sum(r["hung"] for r in runs),
+        "completed_differing_from_undisturbed": sum(r["completed_differing_from_undisturbed"] for r in runs),
+        "outcomes": {
+            outcome: sum(r["outcomes"].get(outcome, 0) for r in runs)
+            for outcome in sorted({o for r in runs for o in r["outcomes"]})
+        },
+        "sentinel_failover_s": [r["sentinel_failover_s"] for r in runs],
+        "ready_again_after_kill_s": [r["ready_again_after_kill_s"] for r in runs],
+        "served_again_after_kill_s": [r["served_again_after_kill_s"] for r in runs],
+        "by_run": runs,
+    }
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

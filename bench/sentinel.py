@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from mmserve.redis_server import free_port
+from mmserve.redis_server import RedisServer, free_port
 
 MASTER_NAME = "mmserve-master"
 SYSTEM_REDIS = "/usr/bin/redis-server"
@@ -38,7 +38,8 @@ class SentinelRedis:
         self.folder = folder
         self.ports = [free_port(), free_port()]  # the master's, then the replica's
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
-        self.processes: dict[int, subprocess.Popen] = {}
+        self.servers: dict[int, RedisServer] = {}  # the master and the replica, by port
+        self.sentinels: dict[int, subprocess.Popen] = {}
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
         self.url = f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
 
@@ -67,8 +68,8 @@ class SentinelRedis:
         """Kill the master (SIGKILL) and wait until the sentinels name another; the seconds that took."""
         old = self.master_port()
         started = time.monotonic()
-        self.processes[old].send_signal(signal.SIGKILL)
-        self.processes[old].wait()
+        self.servers[old].process.send_signal(signal.SIGKILL)
+        self.servers[old].process.wait()
         while self.master_port() == old:
             if time.monotonic() - started > timeout:
                 raise RuntimeError("the sentinels did not fail over")
@@ -98,36 +99,7 @@ class SentinelRedis:
         return True
 
     def _start_server(self, port: int, *extra: str) -> None:
-        folder = self.folder / f"redis-{port}"
-        folder.mkdir(parents=True)
-        self.processes[port] = self._spawn(
-            [
-                system_binary(SYSTEM_REDIS),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-                "--loglevel",
-                "warning",
-                *extra,
-            ]
-        )
-        client = redis.Redis(port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
+        self.servers[port] = RedisServer(port, binary=system_binary(SYSTEM_REDIS), extra=extra).start()
 
     def _start_sentinel(self, port: int, master: int) -> None:
         config = self.folder / f"sentinel-{port}.conf"  # the sentinel rewrites it as it learns
@@ -146,23 +118,20 @@ class SentinelRedis:
                 ]
             )
         )
-        if not Path(SYSTEM_SENTINEL).is_file():
-            raise AssertionError(
-                f"{SYSTEM_SENTINEL} is missing: `make test` installs Debian's redis-sentinel"
-            )
-        self.processes[port] = self._spawn([SYSTEM_SENTINEL, str(config)])
-
-    def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.sentinels[port] = subprocess.Popen(
+            [system_binary(SYSTEM_SENTINEL), str(config)], stdout=subprocess.DEVNULL, start_new_session=True
+        )
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
+        for sentinel in self.sentinels.values():
+            if sentinel.poll() is None:
+                sentinel.terminate()
+        for sentinel in self.sentinels.values():
             try:
-                process.wait(5)
+                sentinel.wait(5)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                sentinel.kill()
+                sentinel.wait()
+        for server in self.servers.values():
+            server.stop()
         shutil.rmtree(self.folder, ignore_errors=True)

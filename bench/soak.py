@@ -25,7 +25,7 @@ import requests
 
 from bench.common import bench_parser, percentile
 from bench.serving import ServeProcess
-from bench.sse import iter_lines, parse_sse
+from bench.sse import iter_lines, parse_sse, sse_form
 from bench.tiny_models import build_tiny_llama
 from mmserve.redis_server import RedisServer
 
@@ -51,11 +51,6 @@ def stream(url: str, payload: dict) -> tuple[str | None, float | None, str | Non
     except requests.RequestException as exc:
         return None, None, str(exc)
     return "".join(parts), first, None
-
-
-def sse_form(text: str) -> str:
-    """SSE has no way to carry a bare \r: a streamed token's \r and \r\n arrive as \n."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def keys_without_ttl(connection: redis.Redis) -> list[str]:

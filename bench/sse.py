@@ -60,3 +60,8 @@ def read_stream(response) -> list[SseEvent]:
     buffer = b"".join(response.iter_content(chunk_size=None))
     text = buffer.decode("utf-8")
     return list(parse_sse(text.split("\n")))
+
+
+def sse_form(text: str) -> str:
+    """SSE has no way to carry a bare \r: a streamed token's \r and \r\n arrive as \n."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")

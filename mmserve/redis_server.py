@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -35,22 +36,38 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a loopback port, no persistence."""
+    """A throwaway redis-server on a loopback port, no persistence: `find_binary()`'s, or `binary`
+    with `extra` arguments (the tests' TLS and Sentinel setups subclass it)."""
 
-    def __init__(self, port: int | None = None, password: str | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        *,
+        binary: str | None = None,
+        extra: Sequence[str] = (),
+    ):
         self.port = port or free_port()
         self.password = password
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.binary = binary
+        self.extra = list(extra)
         self._workdir = tempfile.mkdtemp(prefix="mmserve-redis-")
         self.process: subprocess.Popen | None = None
+
+    def listen_arguments(self) -> list[str]:
+        return ["--port", str(self.port)]
+
+    def client(self) -> redis.Redis:
+        """A client for the start-up check."""
+        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.process = subprocess.Popen(
             [
-                find_binary(),
-                "--port",
-                str(self.port),
+                self.binary or find_binary(),
+                *self.listen_arguments(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -62,11 +79,12 @@ class RedisServer:
                 "--loglevel",
                 "warning",
                 *(["--requirepass", self.password] if self.password else []),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = self.client()
         deadline = time.monotonic() + timeout
         while True:
             try:

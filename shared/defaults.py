@@ -113,6 +113,9 @@ JOB_MAX_ATTEMPTS = 3
 # -- Connections -------------------------------------------------------------------------------------------
 
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+# After the event relay reconnected, a request whose job has ended waits this long for events
+# still on their way before it ends as lost.
+MISSED_EVENTS_GRACE_SECONDS = 2.0
 REDIS_MAX_CONNECTIONS = 256  # redis-py's pool
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0

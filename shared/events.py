@@ -28,13 +28,15 @@ class TokenEvent(BaseModel):
 
 
 class DoneEvent(BaseModel):
-    """A row has finished; no more events for it follow."""
+    """A row has finished; no more events for it follow. `token_events` is how many token
+    events the row had (its last `seq` + 1), so a relay that may have missed some can tell."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["done"] = "done"
     row: int
     finish_reason: FinishReason
     usage: Usage
+    token_events: int | None = None
 
 
 class ErrorEvent(BaseModel):

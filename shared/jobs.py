@@ -92,3 +92,14 @@ def requeue_orphans(connection: redis.Redis, consumer_group: str, live_readers: 
     back to the group's queue; how many moved."""
     known = {reader.decode() for reader in connection.smembers(keys.reader_queues_key(consumer_group))}
     return sum(close_reader_queue(connection, consumer_group, reader) for reader in known - set(live_readers))
+
+
+ENDED_STATUSES = frozenset({"finished", "failed", "stopped", "canceled"})
+"""RQ job statuses after which the job's worker publishes no more events."""
+
+
+def job_status(connection: redis.Redis, request_id: str) -> str | None:
+    """The RQ status of a request's job ("queued", "started", "finished", ...); None when Redis
+    no longer has the job (its result expired, or it was lost with a Redis that failed over)."""
+    status = connection.hget(rq.job.Job.key_for(request_id), "status")
+    return status.decode() if isinstance(status, bytes) else status

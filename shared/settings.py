@@ -186,8 +186,9 @@ class ProcessSettings:
     redis_url: str = setting(
         "--redis-url",
         None,
-        "Redis to use (redis://, rediss://, unix://). `serve` starts a private redis-server when unset; "
-        "`api` and `worker` need it.",
+        "Redis to use: redis://, rediss:// (TLS), unix://, or redis+sentinel://host:port[,host:port...]/"
+        "<master-name>[/db] (the master named by Redis Sentinel, followed through failovers). `serve` starts "
+        "a private redis-server when unset; `api` and `worker` need it.",
         required=True,
     )
     redis_ca_file: str | None = setting(

@@ -456,7 +456,15 @@ class BatchRun:
                 outcome.finish_reasons[row] = output.finish_reason
                 outcome.usage[row] = usage
                 batch.append(
-                    (request_id, DoneEvent(row=row, finish_reason=output.finish_reason, usage=usage))
+                    (
+                        request_id,
+                        DoneEvent(
+                            row=row,
+                            finish_reason=output.finish_reason,
+                            usage=usage,
+                            token_events=outcome.token_events[row],
+                        ),
+                    )
                 )
                 self._running[request_id] -= 1
                 if outcome.finished:

@@ -38,7 +38,7 @@ def test_generation_over_tls_with_an_acl_user(tls_redis, tls_launcher):
         str(files.client_cert_only),
         "--redis-key-file",
         str(files.client_key),
-        redis_url=tls_redis.url(),
+        redis_url=tls_redis.acl_url(),
     )
     assert requests.get(api.url + "/readyz", timeout=10).status_code == 200
     response = requests.post(api.url + "/generate", json={"text": "hello", "max_new_tokens": 4}, timeout=60)
@@ -50,20 +50,20 @@ def test_generation_over_tls_with_an_acl_user(tls_redis, tls_launcher):
 
 def test_the_server_certificate_is_checked(tls_redis):
     """Without the CA that signed it, the server's certificate is refused."""
-    url = with_tls_files(tls_redis.url(), cert_file=str(tls_redis.files.client_cert))
+    url = with_tls_files(tls_redis.acl_url(), cert_file=str(tls_redis.files.client_cert))
     with pytest.raises(redis.ConnectionError):
         connect(url).ping()
 
 
 def test_a_client_without_a_certificate_is_refused(tls_redis):
-    url = with_tls_files(tls_redis.url(), ca_file=str(tls_redis.files.ca))
+    url = with_tls_files(tls_redis.acl_url(), ca_file=str(tls_redis.files.ca))
     with pytest.raises(redis.ConnectionError):
         connect(url).ping()
 
 
 def test_a_wrong_password_is_refused(tls_redis):
     url = with_tls_files(
-        tls_redis.url(password=PASSWORD + "x"), str(tls_redis.files.ca), str(tls_redis.files.client_cert)
+        tls_redis.acl_url(password=PASSWORD + "x"), str(tls_redis.files.ca), str(tls_redis.files.client_cert)
     )
     with pytest.raises(redis.AuthenticationError):
         connect(url).ping()

@@ -1,6 +1,7 @@
 """The per-process event hub: one pattern subscription routing events to per-request inboxes."""
 
 import os
+import time
 
 import fakeredis
 import pytest
@@ -64,19 +65,20 @@ def test_malformed_messages_are_dropped(hub, connection):
     assert subscription.get(1.0) == done(0, 1)
 
 
-def test_a_broken_connection_ends_waiting_requests_and_the_hub_reconnects(hub, server, connection):
+def test_after_losing_redis_the_hub_reconnects_and_tells_waiting_requests(hub, server, connection):
     waiting = hub.subscribe("r1")
     server.connected = False
-    event = waiting.get(2.0)
-    assert isinstance(event, events.ErrorEvent)
-    assert event.error_type == "redis_unavailable"
-    assert event.status == 503
     assert wait_for(lambda: not hub.connected)
+    assert waiting.get(0.2) is None  # nothing yet: the request waits for Redis
     server.connected = True
     assert wait_for(lambda: hub.connected)
+    assert waiting.get(1.0) == relay.EventsMissed()
+    publish(connection, "r1", token(0, 0, "after"))
+    assert waiting.get(1.0) == token(0, 0, "after")
     fresh = hub.subscribe("r2")
     publish(connection, "r2", done(0, 0))
     assert fresh.get(1.0) == done(0, 0)
+    assert fresh.get(0.05) is None  # it was not waiting through the outage
 
 
 def test_subscribing_while_redis_is_down_fails_within_the_subscribe_timeout(server, connection):
@@ -125,13 +127,73 @@ def test_one_pubsub_connection_serves_many_requests(hub, server):
         subscription.close()
 
 
-def test_generate_fails_with_503_when_the_hub_loses_redis_mid_request(
-    client, connection, server, app, worker
-):
+def outage(server, seconds: float = 1.5):
+    """A fake-worker step: Redis is away for `seconds` (the hub notices and reconnects)."""
+
+    def step(job) -> None:
+        server.connected = False
+        time.sleep(seconds)
+        server.connected = True
+
+    return step
+
+
+def done_after(row: int, token_events: int) -> events.DoneEvent:
+    event = done(row, token_events)
+    return event.model_copy(update={"token_events": token_events})
+
+
+def test_a_job_run_again_after_redis_came_back_completes_the_answer(client, connection, server, worker):
     add_reader(connection)
-    worker.serve(lambda job: [token(0, 0, "a"), lambda job: setattr(server, "connected", False)])
-    response = client.post("/generate", json={"text": "a"})
-    server.connected = True
-    worker.join()
+    rerun = [token(0, 0, "a"), token(0, 1, "b"), token(0, 2, "c"), done_after(0, 3)]
+    worker.serve(lambda job: [token(0, 0, "a"), outage(server), 0.3, *rerun])
+    response = client.post("/generate", json={"text": "x"})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["text"] == "abc"
+
+
+def test_tokens_lost_while_redis_was_away_end_the_request(client, connection, server, worker):
+    add_reader(connection)
+    worker.serve(lambda job: [token(0, 0, "a"), outage(server), 0.3, token(0, 2, "c"), done_after(0, 3)])
+    response = client.post("/generate", json={"text": "x"})
     assert response.status_code == 503
     assert response.get_json()["error_type"] == "redis_unavailable"
+    assert "missing" in response.get_json()["error"]
+
+
+def test_a_last_token_lost_while_redis_was_away_ends_the_request(client, connection, server, worker):
+    add_reader(connection)
+    worker.serve(lambda job: [token(0, 0, "a"), outage(server), 0.3, done_after(0, 2)])
+    response = client.post("/generate", json={"text": "x"})
+    assert response.status_code == 503
+    assert response.get_json()["error_type"] == "redis_unavailable"
+
+
+def test_a_job_gone_after_redis_came_back_ends_the_request_at_once(client, connection, server, worker):
+    add_reader(connection)
+
+    def lose_the_job(job) -> None:
+        connection.delete(f"rq:job:{job.request_id}")
+
+    worker.serve(lambda job: [token(0, 0, "a"), lose_the_job, outage(server)])
+    started = time.monotonic()
+    response = client.post("/generate", json={"text": "x"})
+    assert response.status_code == 503
+    assert "gone" in response.get_json()["error"]
+    assert time.monotonic() - started < 5.0  # not the 5 s next-event timeout
+
+
+def test_a_job_that_ended_while_redis_was_away_ends_the_request_after_a_grace(
+    client, connection, server, worker
+):
+    add_reader(connection)
+
+    def finish(job) -> None:
+        connection.hset(f"rq:job:{job.request_id}", "status", "finished")
+
+    worker.serve(lambda job: [token(0, 0, "a"), finish, outage(server)])
+    started = time.monotonic()
+    response = client.post("/generate", json={"text": "x"})
+    assert response.status_code == 503
+    assert "ended" in response.get_json()["error"]
+    assert time.monotonic() - started < 5.0
