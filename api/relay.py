@@ -8,7 +8,9 @@ registered before its job is enqueued misses no event. Events published while
 the hub is disconnected are lost for good: once it is subscribed again, every
 request that was waiting gets `EventsMissed` in its inbox, ahead of any event
 that came after, and decides what it lost (api.submission: a job that is gone, or
-token numbers that skip, end it; a job re-run after the outage goes on)."""
+token numbers that skip, end it; a job re-run after the outage goes on). When the
+hub stays away longer than its outage patience, the requests waiting end with a
+`redis_unavailable` error instead."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class Subscription:
         self._inbox.put(event)
 
     def break_off(self, reason: str) -> None:
-        """End the request with an error (the hub is stopping)."""
+        """End the request with an error (the hub is stopping, or Redis is away for long)."""
         self._inbox.put(events.ErrorEvent(error=reason, error_type="redis_unavailable", status=503))
 
 
@@ -137,8 +139,10 @@ class EventHub:
         poll_seconds: float = 1.0,
         reconnect_delay_seconds: float = 0.1,
         max_reconnect_delay_seconds: float = 5.0,
+        outage_patience_seconds: float = defaults.EVENT_HUB_OUTAGE_PATIENCE_SECONDS,
     ) -> None:
         self._connection = connection
+        self._outage_patience = outage_patience_seconds
         self._subscribe_timeout = subscribe_timeout_seconds
         self._poll_seconds = poll_seconds
         self._reconnect_delay = reconnect_delay_seconds
@@ -212,6 +216,7 @@ class EventHub:
     def _run(self, runtime: _Runtime) -> None:
         delay = self._reconnect_delay
         waiting_through_gap: list[Subscription] = []  # waited while the hub was away
+        away_since = time.monotonic()
         while not runtime.stopping.is_set():
             pubsub = self._connection.pubsub()
             try:
@@ -233,8 +238,14 @@ class EventHub:
                     pubsub.close()
             if runtime.stopping.is_set():
                 break
+            if not waiting_through_gap:
+                away_since = time.monotonic()
             seen = set(map(id, waiting_through_gap))
             waiting_through_gap += [s for s in runtime.inboxes.snapshot() if id(s) not in seen]
+            if waiting_through_gap and time.monotonic() - away_since > self._outage_patience:
+                # a long outage: the requests that waited through it end now, not at their timeouts
+                runtime.inboxes.break_all(f"Redis has been unavailable for over {self._outage_patience:g} s")
+                waiting_through_gap = []
             runtime.stopping.wait(delay)
             delay = min(delay * 2, self._max_reconnect_delay)
 

@@ -116,6 +116,9 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # After the event relay reconnected, a request whose job has ended waits this long for events
 # still on their way before it ends as lost.
 MISSED_EVENTS_GRACE_SECONDS = 2.0
+# Requests wait through a Redis outage (a Sentinel failover takes a few seconds) up to this long,
+# then end with a redis_unavailable error.
+EVENT_HUB_OUTAGE_PATIENCE_SECONDS = 30.0
 REDIS_MAX_CONNECTIONS = 256  # redis-py's pool
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0

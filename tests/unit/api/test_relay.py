@@ -81,6 +81,21 @@ def test_after_losing_redis_the_hub_reconnects_and_tells_waiting_requests(hub, s
     assert fresh.get(0.05) is None  # it was not waiting through the outage
 
 
+def test_requests_waiting_through_a_long_outage_end_with_an_error(server, connection):
+    hub = EventHub(connection, subscribe_timeout_seconds=1.0, poll_seconds=0.05, outage_patience_seconds=0.3)
+    try:
+        waiting = hub.subscribe("r1")
+        server.connected = False
+        event = waiting.get(3.0)
+        assert isinstance(event, events.ErrorEvent)
+        assert event.error_type == "redis_unavailable" and event.status == 503
+        server.connected = True
+        assert wait_for(lambda: hub.connected)
+        assert waiting.get(0.2) is None  # no EventsMissed after it was ended
+    finally:
+        hub.stop()
+
+
 def test_subscribing_while_redis_is_down_fails_within_the_subscribe_timeout(server, connection):
     server.connected = False
     hub = EventHub(connection, subscribe_timeout_seconds=0.2, poll_seconds=0.05)
