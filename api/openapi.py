@@ -13,6 +13,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from api.schemas import ErrorBody, GenerateResponse, Health, ReaderSummary, Readiness
 from api.state import app_state
 from shared.payload import GenerateRequest
@@ -31,6 +32,8 @@ _SCHEMA_MODELS: list[tuple[type[BaseModel], str]] = [
     (Readiness, "serialization"),
     (ReaderSpec, "validation"),
     (Health, "serialization"),
+    (ChatCompletionRequest, "validation"),
+    (CompletionRequest, "validation"),
 ]
 
 _ERROR_MEANINGS = {
@@ -132,7 +135,7 @@ def _generation_paths(settings: ApiSettings) -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "An SSE stream of tokens.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {}},
                     },
                     **generate_errors,
                 },
@@ -174,7 +177,7 @@ def _generation_paths(settings: ApiSettings) -> dict[str, Any]:
                     "200": (
                         {
                             "description": "An SSE stream of tokens.",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "content": {"text/event-stream": {}},
                         }
                         if streamed
                         else {
@@ -357,27 +360,37 @@ def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
             503: "No live, ready worker for the group, or Redis is unavailable.",
         }.items()
     }
+    body_errors = {
+        **errors,
+        **{
+            str(status): {"description": meaning, "content": {"application/json": {}}}
+            for status, meaning in {413: "Body over the size limit.", 415: "Not application/json."}.items()
+        },
+    }
     shape = '`{"error": {"message", "type", "param", "code"}}`. '
-    body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    def body(name: str) -> dict[str, Any]:
+        return {"required": True, "content": _json_content(name)}
+
     answer = {
         "description": "JSON, or with stream: true an SSE stream of chunks ending in `data: [DONE]`.",
-        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"application/json": {}, "text/event-stream": {}},
     }
     return {
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI chat completions (text and image_url parts)",
                 "description": port + shape + "The supported parameters are listed in docs/api/openai.md.",
-                "requestBody": body,
-                "responses": {"200": answer, **errors},
+                "requestBody": body("ChatCompletionRequest"),
+                "responses": {"200": answer, **body_errors},
             }
         },
         "/v1/completions": {
             "post": {
                 "summary": "OpenAI text completions",
                 "description": port + shape,
-                "requestBody": body,
-                "responses": {"200": answer, **errors},
+                "requestBody": body("CompletionRequest"),
+                "responses": {"200": answer, **body_errors},
             }
         },
         "/v1/models": {

@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
 
 from shared import defaults
 
@@ -24,11 +33,28 @@ class NullMeansDefault(BaseModel):
             }
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The JSON schema says so too: every key with a default also takes null."""
+        schema = handler(core_schema)
+        described = handler.resolve_ref_schema(schema)
+        required = set(described.get("required", ()))
+        for name, prop in described.get("properties", {}).items():
+            if name not in required and not _takes_null(prop):
+                kept = {key: prop[key] for key in ("title", "description", "default") if key in prop}
+                rest = {key: value for key, value in prop.items() if key not in kept}
+                described["properties"][name] = {**kept, "anyOf": [rest, {"type": "null"}]}
+        return schema
+
+
+def _takes_null(schema: dict) -> bool:
+    return schema.get("type") == "null" or any(_takes_null(option) for option in schema.get("anyOf", ()))
+
 
 class GenerateRequest(NullMeansDefault):
     """JSON body of /generate and /generate_stream. `null` means "default" for every key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # JSON types: no true for 1
 
     text: str | list[str] = Field(description="A prompt, or a list of prompts (a batch).")
     consumer_group: str = Field(
