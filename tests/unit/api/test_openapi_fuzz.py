@@ -6,6 +6,7 @@ schema-violating requests refused. A fake worker answers every job; the reader s
 from __future__ import annotations
 
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -20,7 +21,7 @@ from api.openapi import build_openapi
 from shared import events, keys
 from shared.payload import GenerationJob
 from shared.settings import ApiSettings
-from tests.support.api_fakes import INFERENCE_URL, MANAGEMENT_URL, add_reader, done, token
+from tests.support.api_fakes import INFERENCE_URL, MANAGEMENT_URL, add_reader, done, token, wait_for
 
 OPENAI_URL = "http://localhost:3003"
 EXAMPLES = 40  # generated requests per operation
@@ -30,16 +31,20 @@ SETTINGS = ApiSettings(
 
 _server = fakeredis.FakeServer()
 _connection = fakeredis.FakeRedis(server=_server)
-add_reader(_connection, model_type="VISION")
 schema = schemathesis.openapi.from_dict(build_openapi(SETTINGS))
 schema.app = create_app(SETTINGS, connection=_connection)  # requests go to the app in-process
 
 
 def answer_every_job(server: fakeredis.FakeServer, stop: threading.Event) -> None:
-    """A worker that answers each job of the primary group with one token and a done event per row."""
+    """A worker that keeps its reader registered (a vision model) and answers each job of the
+    primary group with one token and a done event per row."""
     connection = fakeredis.FakeRedis(server=server)
     queue = f"rq:queue:{keys.queue_name('primary')}"
+    registered = 0.0
     while not stop.is_set():
+        if time.monotonic() - registered > 2:
+            add_reader(connection, model_type="VISION")
+            registered = time.monotonic()
         popped = connection.blpop([queue], timeout=0.2)
         if popped is None or not connection.exists(f"rq:job:{popped[1].decode()}"):
             continue
@@ -56,6 +61,7 @@ def fake_worker():
     stop = threading.Event()
     worker = threading.Thread(target=answer_every_job, args=(_server, stop), daemon=True)
     worker.start()
+    assert wait_for(lambda: _connection.exists(keys.reader_key("reader-1")))
     yield
     stop.set()
     worker.join(2)
