@@ -352,21 +352,21 @@ def _management_paths(settings: ApiSettings) -> dict[str, Any]:
 def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
     """The OpenAI-compatible routes (api.openai.routes): OpenAI's own shapes, described briefly."""
     port = f"OpenAI port ({settings.openai_port}). OpenAI's request and answer shapes; errors are "
-    errors = {
-        str(status): {"description": meaning, "content": {"application/json": {}}}
-        for status, meaning in {
+
+    def answers(meanings: dict[int, str]) -> dict[str, Any]:
+        return {
+            str(status): {"description": meaning, "content": {"application/json": {}}}
+            for status, meaning in meanings.items()
+        }
+
+    errors = answers(
+        {
             400: "Invalid or unsupported parameter (named in error.param).",
             404: "Unknown model (consumer group, or group/lora_id): error.code model_not_found.",
             503: "No live, ready worker for the group, or Redis is unavailable.",
-        }.items()
-    }
-    body_errors = {
-        **errors,
-        **{
-            str(status): {"description": meaning, "content": {"application/json": {}}}
-            for status, meaning in {413: "Body over the size limit.", 415: "Not application/json."}.items()
-        },
-    }
+        }
+    )
+    body_errors = {**errors, **answers({413: "Body over the size limit.", 415: "Not application/json."})}
     shape = '`{"error": {"message", "type", "param", "code"}}`. '
 
     def body(name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pydantic
@@ -103,12 +104,11 @@ class _Inboxes:
         with self.lock:
             return list(self.by_channel.values())
 
-    def tell_missed(self, subscriptions: list[Subscription]) -> None:
+    def tell_missed(self, subscriptions: Iterable[Subscription]) -> None:
         """Put EventsMissed in the inboxes of those of `subscriptions` still registered."""
-        with self.lock:
-            registered = set(map(id, self.by_channel.values()))
+        registered = set(self.snapshot())
         for subscription in subscriptions:
-            if id(subscription) in registered:
+            if subscription in registered:
                 subscription.deliver(EventsMissed())
 
     def __len__(self) -> int:
@@ -215,7 +215,7 @@ class EventHub:
 
     def _run(self, runtime: _Runtime) -> None:
         delay = self._reconnect_delay
-        waiting_through_gap: list[Subscription] = []  # waited while the hub was away
+        waiting_through_gap: set[Subscription] = set()  # waited while the hub was away
         away_since = time.monotonic()
         while not runtime.stopping.is_set():
             pubsub = self._connection.pubsub()
@@ -225,7 +225,7 @@ class EventHub:
                 runtime.connected.set()
                 log.info("event hub subscribed to %s", keys.EVENTS_PATTERN)
                 runtime.inboxes.tell_missed(waiting_through_gap)
-                waiting_through_gap = []
+                waiting_through_gap = set()
                 delay = self._reconnect_delay
                 self._relay(pubsub, runtime)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
@@ -240,12 +240,11 @@ class EventHub:
                 break
             if not waiting_through_gap:
                 away_since = time.monotonic()
-            seen = set(map(id, waiting_through_gap))
-            waiting_through_gap += [s for s in runtime.inboxes.snapshot() if id(s) not in seen]
+            waiting_through_gap.update(runtime.inboxes.snapshot())
             if waiting_through_gap and time.monotonic() - away_since > self._outage_patience:
                 # a long outage: the requests that waited through it end now, not at their timeouts
                 runtime.inboxes.break_all(f"Redis has been unavailable for over {self._outage_patience:g} s")
-                waiting_through_gap = []
+                waiting_through_gap = set()
             runtime.stopping.wait(delay)
             delay = min(delay * 2, self._max_reconnect_delay)
 
