@@ -1,9 +1,11 @@
 """Checks of a payload's constraint (`regex_string`, `json_schema`,
 `constrained_decoding_backend`) before it is queued. A constraint is either
 enforced exactly or refused: 400 for an unknown backend, a regex outside the
-shared dialect, an invalid schema, or a keyword the chosen backend would ignore
+shared dialect, an invalid schema, a keyword the chosen backend would ignore
 or enforce wrongly (the tables below, found by sampling through each backend's
-masks and validating the results); 501 when the backend is not installed.
+masks and validating the results), or answers longer than max_new_tokens on a
+backend that cannot finish them early (answer_bounds.py); 501 when the backend
+is not installed.
 Nothing here imports torch: outlines-core and llguidance are asked directly
 where they can say more than the tables."""
 
@@ -17,8 +19,9 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
+from api.answer_bounds import longest_json_answer, longest_regex_answer
 from api.errors import InvalidConstraint, NotImplementedYet
-from shared import constraints
+from shared import constraints, defaults
 from shared.constraints import InvalidRegex, UnknownBackend
 from shared.payload import GenerateRequest
 
@@ -220,10 +223,34 @@ def check_constraint(payload: GenerateRequest) -> None:
             f"choose one of: {', '.join(b for b in constraints.BACKENDS if _installed(b))}"
         )
     if payload.regex_string is not None:
-        check_regex(payload.regex_string)
+        pattern = check_regex(payload.regex_string)
+        if backend not in constraints.CLOSING_BACKENDS:
+            _check_fits(longest_regex_answer(pattern), "regex_string", backend, payload.max_new_tokens)
     else:
         assert isinstance(payload.json_schema, dict)
         check_schema(payload.json_schema, backend)
+        if backend not in constraints.CLOSING_BACKENDS:
+            longest = longest_json_answer(constraints.normalize_schema(payload.json_schema), backend)
+            _check_fits(longest, "json_schema", backend, payload.max_new_tokens)
+
+
+def _check_fits(longest: int | None, key: str, backend: str, max_new_tokens: int) -> None:
+    """InvalidConstraint unless every answer fits in max_new_tokens (for backends that
+    cannot finish an answer early, an answer cut short would not parse)."""
+    if longest is not None and longest <= max_new_tokens:
+        return
+    size = "have no length bound" if longest is None else f"may take up to {longest} tokens"
+    raise_to = (
+        f", or raise max_new_tokens to {longest}"
+        if longest is not None and longest <= defaults.MAX_NEW_TOKENS_LIMIT
+        else ""
+    )
+    closing = " or ".join(f'"{b}"' for b in constraints.CLOSING_BACKENDS)
+    raise InvalidConstraint(
+        f"the {backend} backend cannot finish an answer early, so max_new_tokens ({max_new_tokens}) "
+        f"could cut it: this {key}'s answers {size}. Use constrained_decoding_backend {closing}, "
+        f"which completes answers within max_new_tokens{raise_to}"
+    )
 
 
 def _installed(backend: str) -> bool:

@@ -24,6 +24,12 @@ class RowMetadata(BaseModel):
         None, description="Prompt tokens the worker read from its prefix cache instead of prefilling them."
     )
     finish_reason: FinishReason | None
+    closed_early: bool | None = Field(
+        None,
+        description="True when max_new_tokens was about to cut a regex_string or json_schema answer and "
+        "the answer was completed by the shortest way the constraint allows (finish_reason is then "
+        "length).",
+    )
     queue_time_ms: float | None = Field(description="Enqueued until the first event from a worker.")
     time_to_first_token_ms: float | None = Field(description="Enqueued until this row's first token.")
     total_time_ms: float | None = Field(description="Enqueued until this row finished.")

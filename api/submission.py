@@ -236,6 +236,7 @@ class Generation:
                 cached_prompt_tokens=row.done.usage.cached_prompt_tokens if row.done else None,
                 completion_tokens=row.done.usage.completion_tokens if row.done else None,
                 finish_reason=row.done.finish_reason if row.done else None,
+                closed_early=row.done.closed_early if row.done else None,
                 queue_time_ms=since_submit(self._first_event_at),
                 time_to_first_token_ms=since_submit(row.first_token_at),
                 total_time_ms=since_submit(row.finished_at),

@@ -18,6 +18,11 @@ DEFAULT_BACKEND = OUTLINES
 REGEX = "regex"
 JSON_SCHEMA = "json_schema"
 
+# Backends that finish an answer early when max_new_tokens would cut it (their
+# grammars are token automata whose shortest completions the worker knows). The
+# others get only constraints whose every answer fits in max_new_tokens.
+CLOSING_BACKENDS: tuple[str, ...] = (OUTLINES,)
+
 
 class UnknownBackend(ValueError):
     """A `constrained_decoding_backend` this server does not have."""

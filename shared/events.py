@@ -37,6 +37,7 @@ class DoneEvent(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     token_events: int | None = None
+    closed_early: bool = False  # the token budget narrowed a constrained answer so it finished in time
 
 
 class ErrorEvent(BaseModel):

@@ -463,6 +463,7 @@ class BatchRun:
                             finish_reason=output.finish_reason,
                             usage=usage,
                             token_events=outcome.token_events[row],
+                            closed_early=output.closed_early,
                         ),
                     )
                 )

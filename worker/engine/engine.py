@@ -25,13 +25,20 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from shared import defaults
+from shared import constraints, defaults
 from shared.events import FinishReason
 from worker.engine import attention
 from worker.engine.adapters import LoraAdapters, UnknownAdapter
 from worker.engine.attention import AlignedKeys, plan_windows
 from worker.engine.batch import Batch, Row, padded_width
-from worker.engine.grammar import Grammar, GrammarCompiler, compiler_for, grammar_mask, merge_bans
+from worker.engine.grammar import (
+    ConstraintError,
+    Grammar,
+    GrammarCompiler,
+    compiler_for,
+    grammar_mask,
+    merge_bans,
+)
 from worker.engine.invariance import Coverage, other_limits, pad_single_rows, unpadded
 from worker.engine.joint import JointForward
 from worker.engine.kv_cache import RecordingCache, growing_cache, holds_prefixes
@@ -63,6 +70,7 @@ class Engine:
         batch_invariant: bool = True,
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = defaults.PREFIX_CACHE_BLOCK_TOKENS,
+        close_in_time: bool = True,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
@@ -76,7 +84,10 @@ class Engine:
         what it covers for this model). `prefix_cache_bytes` > 0 keeps that many bytes
         of prompt prefixes' keys and values, in blocks of `prefix_block_tokens`
         tokens (worker.engine.prefix_cache); the batch-invariant mode prefills in chunks
-        of that many tokens, cache or not (worker.engine.prefill)."""
+        of that many tokens, cache or not (worker.engine.prefill). `close_in_time`
+        makes a constrained row whose grammar can tell its shortest completion
+        finish its answer within max_new_tokens (worker.engine.grammar.closing);
+        such a row whose shortest answer is longer is refused."""
         self.device = torch.device(device)
         model = _on_device(model, self.device)
         self.model = model.eval()
@@ -108,6 +119,7 @@ class Engine:
         if prefix_block_tokens < 1:
             raise ValueError("prefix_block_tokens must be at least 1")
         self.prefix_block_tokens = prefix_block_tokens
+        self.close_in_time = close_in_time
         self.prefix_cache_off_reason = self._prefix_cache_off_reason(prefix_cache_bytes)
         self.prefix_cache = None
         if self.prefix_cache_off_reason is None:
@@ -540,7 +552,23 @@ class Engine:
             if request.key in known:
                 raise ValueError(f"row key {request.key!r} is already in the batch")
             known.add(request.key)
-        return [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
+        grammars = [self.prepare_constraint(r.constraint) if r.constraint is not None else None for r in rows]
+        if self.close_in_time:
+            for request, grammar in zip(rows, grammars, strict=True):
+                self._check_budget(request, grammar)
+        return grammars
+
+    @staticmethod
+    def _check_budget(request: RowRequest, grammar: Grammar | None) -> None:
+        """ConstraintError when no complete answer fits in the row's max_new_tokens."""
+        shortest = grammar.shortest_answer() if grammar is not None else None
+        if shortest is not None and shortest > request.params.max_new_tokens:
+            assert request.constraint is not None
+            kind = "regex_string" if request.constraint.kind == constraints.REGEX else "json_schema"
+            raise ConstraintError(
+                f"max_new_tokens {request.params.max_new_tokens} is too few for this {kind}: "
+                f"its shortest complete answer takes {shortest} tokens"
+            )
 
     def _new_batch(
         self,
@@ -571,7 +599,8 @@ class Engine:
         if keys is None:
             keys = [self._block_keys(request) for request in rows]
         for row, grammar, row_keys in zip(batch.rows, grammars, keys, strict=True):
-            row.grammar = grammar.start() if grammar is not None else None
+            budget = row.stopping.max_new_tokens if self.close_in_time else None
+            row.grammar = grammar.start(budget) if grammar is not None else None
             row.block_keys = row_keys
         batch.rows[0].cached_tokens = cached
         if self.prefix_cache is not None and isinstance(batch.cache, RecordingCache):
@@ -728,6 +757,7 @@ class Engine:
             prompt_tokens=row.prompt_length,
             completion_tokens=row.completion_tokens,
             cached_prompt_tokens=row.cached_tokens,
+            closed_early=row.grammar is not None and row.grammar.closed_early,
         )
 
 
@@ -757,13 +787,15 @@ def _image_ids(content_key: Hashable | None) -> list[str] | None:
 def _follow_grammar(row: Row, token: int, finish_reason: FinishReason | None) -> FinishReason | None:
     """Advance a constrained row's grammar by its new token. The row stops
     ("stop") once the grammar is complete, or on EOS, which the mask only
-    allowed because the grammar accepted; at max_new_tokens it stays "length"."""
+    allowed because the grammar accepted; at max_new_tokens it stays "length".
+    A row whose budget closed its answer early ends as "length" however it ends."""
     assert row.grammar is not None
-    if finish_reason == "eos":
-        return row.stopping.stop()
-    row.grammar.advance(token)
-    if row.grammar.complete:
-        return row.stopping.stop()
+    if finish_reason != "eos":
+        row.grammar.advance(token)
+    if finish_reason == "eos" or row.grammar.complete:
+        finish_reason = row.stopping.stop()
+    if finish_reason is not None and row.grammar.closed_early:
+        return row.stopping.closed_by_budget()
     return finish_reason
 
 

@@ -71,3 +71,4 @@ class RowOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
+    closed_early: bool = False  # the token budget narrowed the row's constrained answer to finish in time

@@ -87,6 +87,11 @@ class Stopping:
         self.finish_reason = "stop"
         return self.finish_reason
 
+    def closed_by_budget(self) -> FinishReason:
+        """The row's constraint was completed early to fit max_new_tokens."""
+        self.finish_reason = "length"
+        return self.finish_reason
+
     def cancel(self) -> FinishReason:
         self.finish_reason = "cancelled"
         return self.finish_reason

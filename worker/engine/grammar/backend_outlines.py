@@ -1,6 +1,8 @@
 """The outlines-core backend: a regex (or the regex outlines-core derives from a
 JSON Schema) becomes a token-level index of the whole vocabulary; each step is
-a table lookup. Compiling is the expensive part, hence the cache (compiler.py)."""
+a table lookup. Compiling is the expensive part, hence the cache (compiler.py).
+The index is a token automaton, so its grammars close answers within a budget
+(closing.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared import constraints
 from worker.engine.grammar.base import Backend, ConstraintError, Grammar, Matcher
+from worker.engine.grammar.closing import ClosingTable
 from worker.engine.grammar.vocabulary import token_bytes
 
 
@@ -35,12 +38,19 @@ class _OutlinesMatcher(Matcher):
     def accepting(self) -> bool:
         return self._guide.is_finished()
 
+    @property
+    def automaton_state(self) -> int:
+        return self._guide.get_state()
+
 
 class _OutlinesGrammar(Grammar):
     backend = constraints.OUTLINES
 
-    def __init__(self, index: Any, vocab_size: int, not_eos_bits: torch.Tensor):
-        super().__init__(vocab_size, not_eos_bits)
+    def __init__(self, index: Any, vocab_size: int, not_eos_bits: torch.Tensor, eos_token_ids: Sequence[int]):
+        closing = ClosingTable(
+            index.get_transitions(), index.get_final_states(), index.get_initial_state(), eos_token_ids
+        )
+        super().__init__(vocab_size, not_eos_bits, closing)
         self.index = index
 
     def _matcher(self) -> Matcher:
@@ -66,7 +76,7 @@ class OutlinesBackend(Backend):
             index = self._outlines_core.Index(pattern, self.vocabulary)
         except (ValueError, RuntimeError) as exc:
             raise ConstraintError(f"the outlines backend cannot compile this regex: {exc}") from None
-        return _OutlinesGrammar(index, self.vocab_size, self.not_eos_bits)
+        return _OutlinesGrammar(index, self.vocab_size, self.not_eos_bits, self.eos_token_ids)
 
     def json_schema(self, schema: str) -> Grammar:
         # outlines-core's JSON regex allows one optional space after separators, never more.

@@ -6,6 +6,10 @@ each row a `Matcher` (allowed tokens, advance, finished) wrapped in a
 `GrammarState`. Backends never decide end of sequence: the state masks EOS out
 of the backend's allowed tokens and the batch mask (masks.py) lets it back in
 only while the grammar accepts.
+
+A grammar that is a token automaton has a `ClosingTable` (closing.py): a row
+started with a token budget then closes its answer in time, its choices
+narrowed to the shortest completions once the budget comes down to them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from worker.engine.grammar.bitmask import ids_to_bits, words_for
+from worker.engine.grammar.closing import ClosingTable
 
 
 class ConstraintError(ValueError):
@@ -48,6 +53,11 @@ class Matcher(ABC):
     def accepting(self) -> bool:
         """Whether the text so far is a complete match."""
 
+    @property
+    def automaton_state(self) -> int | None:
+        """The state of the grammar's token automaton, for backends that have one."""
+        return None
+
 
 class Grammar(ABC):
     """A compiled constraint for one tokenizer: shared by every row that uses
@@ -55,12 +65,20 @@ class Grammar(ABC):
 
     backend: str
 
-    def __init__(self, vocab_size: int, not_eos_bits: torch.Tensor):
+    def __init__(self, vocab_size: int, not_eos_bits: torch.Tensor, closing: ClosingTable | None = None):
         self.vocab_size = vocab_size
         self.not_eos_bits = not_eos_bits
+        self.closing = closing  # None: this backend cannot close answers within a budget
 
-    def start(self) -> GrammarState:
-        return GrammarState(self, self._matcher())
+    def start(self, budget: int | None = None) -> GrammarState:
+        """A row's state at the grammar's start. With a `budget` (the tokens the
+        row may generate) and a closing table, the row's answer is complete
+        when the budget runs out."""
+        return GrammarState(self, self._matcher(), budget if self.closing is not None else None)
+
+    def shortest_answer(self) -> int | None:
+        """The fewest tokens of a complete answer; None if this backend cannot tell."""
+        return None if self.closing is None else self.closing.shortest(self.closing.start)
 
     @abstractmethod
     def _matcher(self) -> Matcher: ...
@@ -71,14 +89,18 @@ class GrammarState:
 
     `bits` always holds the current allowed tokens (EOS excluded), so the
     batch mask needs no backend call, and `complete` is known right after
-    the token that completed the grammar."""
+    the token that completed the grammar. `budget`, when set, is how many
+    tokens the row may still generate; `closed_early` says whether it ever
+    narrowed the row's choices."""
 
-    def __init__(self, grammar: Grammar, matcher: Matcher):
+    def __init__(self, grammar: Grammar, matcher: Matcher, budget: int | None = None):
         self.grammar = grammar
         self._matcher = matcher
         self.bits = torch.zeros((1, words_for(grammar.vocab_size)), dtype=torch.int32)
         self.accepting = False
         self.complete = False
+        self.budget = budget
+        self.closed_early = False
         self._refresh()
 
     def advance(self, token_id: int) -> None:
@@ -87,16 +109,30 @@ class GrammarState:
             raise RuntimeError(
                 f"the {self.grammar.backend} grammar rejected token {token_id}, which its own mask allowed"
             )
+        if self.budget is not None:
+            self.budget -= 1
         self._refresh()
 
     def _refresh(self) -> None:
         self.bits.zero_()
         self._matcher.fill(self.bits)
         self.bits &= self.grammar.not_eos_bits
+        self._close_in_time()
         self.accepting = self._matcher.accepting
         # Nothing but EOS left: the grammar is complete. (A dead end that does
         # not accept cannot happen with a backend's own mask; stop it anyway.)
         self.complete = not bool(self.bits.any())
+
+    def _close_in_time(self) -> None:
+        """Leave only the tokens after which the answer can still be complete
+        within the budget."""
+        closing, state = self.grammar.closing, self._matcher.automaton_state
+        if closing is None or self.budget is None or self.budget < 1 or state is None:
+            return
+        tokens = closing.within(closing.state(state), self.budget)
+        if tokens is not None:
+            self.bits &= ids_to_bits(tokens.tolist(), self.grammar.vocab_size)[None, :]
+            self.closed_early = True
 
 
 class Backend(ABC):
