@@ -73,8 +73,9 @@ def served_model(catalog=None, **settings):
     return load_for_serving(WorkerSettings(redis_url="", **settings), catalog)
 
 
-def engine_for(loaded, adapters=None, batch_invariant: bool = True):
-    """An Engine over a loaded model, on its device (batch invariant, as workers run by default)."""
+def engine_for(loaded, adapters=None, batch_invariant: bool = True, close_in_time: bool = True):
+    """An Engine over a loaded model, on its device (batch invariant and closing constrained
+    answers in time, as workers run by default)."""
     from worker.engine.engine import Engine
 
     return Engine(
@@ -83,6 +84,7 @@ def engine_for(loaded, adapters=None, batch_invariant: bool = True):
         device=loaded.device,
         adapters=adapters,
         batch_invariant=batch_invariant,
+        close_in_time=close_in_time,
     )
 
 

@@ -1,12 +1,16 @@
 """Constrained decoding with the bundled model in-process: compile time per grammar backend
-(cold and cached) and decode tokens/s constrained vs unconstrained.
+(cold and cached), decode tokens/s constrained vs unconstrained, and tokens/s with
+budget-aware closing vs without.
 
     .venv/bin/python -m bench.constrained --help
 
-The constrained rows' schema (a list of at least 8 products) cannot be complete within
---new-tokens, so every row, with or without a grammar, makes exactly --new-tokens tokens
-(unconstrained rows get min_new_tokens). Greedy; grammars are compiled before timing starts.
-Prints one JSON document."""
+Decode: the constrained rows' schema (a list of at least 8 products) cannot be complete
+within --new-tokens, so every row, with or without a grammar, makes exactly --new-tokens
+tokens (unconstrained rows get min_new_tokens; the engine does not close answers here, as
+no complete answer fits). Budget: the answer `{"ok": boolean, "note": string|null}` under
+--budget tokens (the model runs on inside "note"), outlines, with and without closing
+answers in time, alternating; how many answers parse and validate, how many were closed
+early. Greedy; grammars are compiled before timing starts. Prints one JSON document."""
 
 from __future__ import annotations
 
@@ -121,6 +125,21 @@ def bench_compile(compiler, backend: str) -> dict:
     return {"tokenizer_setup_ms": round(setup * 1000, 1), "schemas": schemas}
 
 
+BUDGET_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+    "required": ["ok", "note"],
+}
+BUDGET_PROMPTS = [  # each runs on inside "note" until the budget (measured, greedy)
+    "Is the service healthy? Answer as JSON with ok and a note explaining in detail every check you ran.",
+    "Did the backup succeed? Answer as JSON with ok and a note describing in detail every step of the "
+    "backup.",
+    "Is the disk nearly full? Answer as JSON with ok and a note explaining in detail what uses the space.",
+    "Was the deploy clean? Answer as JSON with ok and a note describing in detail every service that was "
+    "restarted.",
+]
+
+
 def bench_decode(engine, backend: str | None, batch: int, new_tokens: int, repeats: int) -> dict:
     from worker.engine.rows import Constraint, GenerationParams, RowRequest
 
@@ -161,12 +180,74 @@ def bench_decode(engine, backend: str | None, batch: int, new_tokens: int, repea
     }
 
 
+def run_rows(engine, rows) -> tuple[float, dict, dict]:
+    """Decode `rows` to the end: seconds taken, texts and last outputs by key."""
+    started = time.perf_counter()
+    engine.add(rows)
+    texts: dict = {}
+    last: dict = {}
+    while engine.has_work:
+        for output in engine.step():
+            texts[output.key] = texts.get(output.key, "") + output.text
+            last[output.key] = output
+    return time.perf_counter() - started, texts, last
+
+
+def bench_budget(engines: dict, batch: int, budget: int, repeats: int) -> dict:
+    """Tokens/s with closing answers in time ("on") and without ("off"), alternating."""
+    import jsonschema
+
+    from worker.engine.rows import Constraint, GenerationParams, RowRequest
+
+    constraint = Constraint(constraints.JSON_SCHEMA, json.dumps(BUDGET_SCHEMA), constraints.OUTLINES)
+    params = GenerationParams(max_new_tokens=budget)
+    prompts = [
+        engines["on"].encode_prompt(BUDGET_PROMPTS[i % len(BUDGET_PROMPTS)], use_chat_template=True)
+        for i in range(batch)
+    ]
+    results: dict = {
+        setting: {"rates": [], "valid": 0, "answers": 0, "closed_early": 0} for setting in engines
+    }
+    for repeat in range(repeats):
+        order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
+        for setting in order:
+            engine = engines[setting]
+            engine.prepare_constraint(constraint)
+            rows = [
+                RowRequest(key=(repeat, i), prompt_ids=p, params=params, constraint=constraint)
+                for i, p in enumerate(prompts)
+            ]
+            seconds, texts, last = run_rows(engine, rows)
+            result = results[setting]
+            result["rates"].append(sum(o.completion_tokens for o in last.values()) / seconds)
+            result["answers"] += len(texts)
+            result["closed_early"] += sum(o.closed_early for o in last.values())
+            for text in texts.values():
+                try:
+                    jsonschema.validate(json.loads(text), BUDGET_SCHEMA)
+                    result["valid"] += 1
+                except (ValueError, jsonschema.ValidationError):
+                    pass
+            result["sample"] = texts[(repeat, 0)][-80:]
+    report: dict = {"batch": batch, "budget": budget}
+    for setting, result in results.items():
+        report[setting] = {
+            "tokens_per_s": round(statistics.median(result.pop("rates")), 2),
+            **result,
+        }
+    report["ratio_on_to_off"] = round(report["on"]["tokens_per_s"] / report["off"]["tokens_per_s"], 3)
+    return report
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=list(constraints.BACKENDS))
+    parser.add_argument("--budget", type=int, default=160, help="max_new_tokens of the budget case")
+    parser.add_argument("--budget-repeats", type=int, default=6)
+    parser.add_argument("--skip-decode", action="store_true", help="only compile and budget cases")
     add_model_flags(parser, pack_weights=False)
     args = parser.parse_args()
 
@@ -175,7 +256,7 @@ def main() -> None:
 
     threads = configure_threads(threads_or_default(args.threads))
     loaded = served_model(dtype=args.dtype)
-    engine = engine_for(loaded)
+    engine = engine_for(loaded, close_in_time=False)  # no complete answer fits in the decode case
     report: dict = {
         "model": BUNDLED_MODEL,
         "dtype": dtype_name(loaded.dtype),
@@ -191,13 +272,17 @@ def main() -> None:
 
     bench_decode(engine, None, 1, 8, 1)  # warm-up
     report["decode"] = []
-    for batch in args.batch:
+    for batch in [] if args.skip_decode else args.batch:
         plain = bench_decode(engine, None, batch, args.new_tokens, args.repeats)
         report["decode"].append(plain)
         for backend in args.backends:
             row = bench_decode(engine, backend, batch, args.new_tokens, args.repeats)
             row["ratio_to_unconstrained"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
             report["decode"].append(row)
+    engines = {"on": engine_for(loaded), "off": engine}
+    report["budget"] = [
+        bench_budget(engines, batch, args.budget, args.budget_repeats) for batch in args.batch
+    ]
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 

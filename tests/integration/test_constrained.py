@@ -23,6 +23,18 @@ SCHEMA = {
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }
+# xgrammar and llguidance cannot finish an answer early: they get constraints whose answers are bounded.
+BOUNDED_SCHEMA = {
+    **SCHEMA,
+    "properties": {**SCHEMA["properties"], "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+}
+BOUNDED_BUDGET = 100
+# The example: a free string the model can run on with.
+NOTE_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+    "required": ["ok", "note"],
+}
 DATE = r"\d{4}-\d{2}-\d{2}"
 SAMPLED = {"sampling_temperature": 1.0, "sampling_topk": 0}
 
@@ -42,16 +54,17 @@ def streamed(url: str, payload: dict) -> tuple[str, dict | None]:
 
 
 def test_json_schema_output_validates_stops_and_streams_the_same(server):
-    for backend in ("outlines", "xgrammar", "llguidance"):
-        check_json_schema(server, backend)
+    check_json_schema(server, "outlines", SCHEMA, 60)
+    for backend in ("xgrammar", "llguidance"):
+        check_json_schema(server, backend, BOUNDED_SCHEMA, BOUNDED_BUDGET)
 
 
-def check_json_schema(server, backend: str) -> None:
+def check_json_schema(server, backend: str, schema: dict, max_new_tokens: int) -> None:
     payload = {
         "text": "Describe a person as JSON.",
-        "json_schema": SCHEMA,
+        "json_schema": schema,
         "constrained_decoding_backend": backend,
-        "max_new_tokens": 60,
+        "max_new_tokens": max_new_tokens,
         "return_metadata": True,
         "seed": 3,
         **SAMPLED,
@@ -60,7 +73,8 @@ def check_json_schema(server, backend: str) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["metadata"]["finish_reason"] == "stop", body
-    jsonschema.validate(json.loads(body["text"]), SCHEMA)
+    assert body["metadata"]["closed_early"] is False
+    jsonschema.validate(json.loads(body["text"]), schema)
     text, metadata = streamed(server.url, payload)
     assert text == body["text"]
     assert metadata["finish_reason"] == "stop"
@@ -92,11 +106,11 @@ def test_regex_stream_equals_generate_for_a_batch(server):
     }
     body = requests.post(server.url + "/generate", json=both).json()
     assert body["text"] in ("yes", "no") and body["metadata"]["finish_reason"] == "stop"
-    # max_new_tokens before the grammar completes: "length", output possibly incomplete
-    short = {"text": "x", "regex_string": "[a-z]{30}", "max_new_tokens": 3, "return_metadata": True}
-    body = requests.post(server.url + "/generate", json=short).json()
-    assert body["metadata"]["finish_reason"] == "length"
-    assert re.fullmatch("[a-z]*", body["text"])
+    # max_new_tokens below the shortest answer: refused by the worker, naming both numbers
+    short = {"text": "x", "regex_string": "(ab ){30}", "max_new_tokens": 3, "return_metadata": True}
+    response = requests.post(server.url + "/generate", json=short)
+    assert response.status_code == 400, response.text
+    assert "max_new_tokens 3 is too few" in response.json()["error"]
     # a schema the backend would not enforce never reaches the worker
     response = requests.post(
         server.url + "/generate", json={"text": "x", "json_schema": {"type": "integer", "minimum": 3}}
@@ -104,3 +118,40 @@ def test_regex_stream_equals_generate_for_a_batch(server):
     assert response.status_code == 400
     assert response.json()["error_type"] == "invalid_constraint"
     assert "minimum" in response.json()["error"]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_an_answer_max_new_tokens_would_cut_is_closed_and_parses(server, route):
+    # Sampled at temperature 1.0 the tiny random model runs on inside "note";
+    # the budget makes every answer finish as valid JSON, reported as length.
+    payload = {
+        "text": [f"Is it fine? ({seed})" for seed in range(6)],
+        "json_schema": NOTE_SCHEMA,
+        "max_new_tokens": 16,
+        "return_metadata": True,
+        "seed": 11,
+        **SAMPLED,
+    }
+    if route == "/generate":
+        body = requests.post(server.url + route, json=payload).json()
+        texts, metadata = body["text"], body["metadata"]
+    else:
+        with requests.post(server.url + route, json=payload, stream=True) as response:
+            events = read_stream(response)
+        texts = [""] * 6
+        for event in events:
+            if event.event == "message":
+                texts[event.json()["batch_id"]] += event.json()["text"]
+        metadata = next(event.json() for event in events if event.event == "metadata")
+    for text in texts:
+        jsonschema.validate(json.loads(text), NOTE_SCHEMA)
+    closed = [row for row in metadata if row["closed_early"]]
+    assert closed, metadata
+    assert all(row["finish_reason"] == "length" and row["completion_tokens"] <= 16 for row in closed)
+
+
+def test_a_backend_that_cannot_close_is_refused_an_unbounded_schema(server):
+    payload = {"text": "x", "json_schema": NOTE_SCHEMA, "constrained_decoding_backend": "xgrammar"}
+    response = requests.post(server.url + "/generate", json=payload)
+    assert response.status_code == 400
+    assert "outlines" in response.json()["error"] and "no length bound" in response.json()["error"]

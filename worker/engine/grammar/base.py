@@ -131,7 +131,7 @@ class GrammarState:
             return
         tokens = closing.within(closing.state(state), self.budget)
         if tokens is not None:
-            self.bits &= ids_to_bits(tokens.tolist(), self.grammar.vocab_size)[None, :]
+            self.bits &= ids_to_bits(tokens, self.grammar.vocab_size)[None, :]
             self.closed_early = True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import numpy as np
 import torch
 
 _BITS = 32
@@ -19,15 +20,14 @@ def words_for(vocab_size: int) -> int:
     return (vocab_size + _BITS - 1) // _BITS
 
 
-def ids_to_bits(token_ids: Collection[int], vocab_size: int) -> torch.Tensor:
+def ids_to_bits(token_ids: Collection[int] | np.ndarray, vocab_size: int) -> torch.Tensor:
     """A [W] int32 bitmask with the bits of `token_ids` set."""
-    allowed = torch.zeros(words_for(vocab_size) * _BITS, dtype=torch.bool)
-    ids = [t for t in token_ids if 0 <= t < vocab_size]
-    if ids:
-        allowed[torch.tensor(ids, dtype=torch.long)] = True
-    weights = torch.ones(_BITS, dtype=torch.int64) << _SHIFTS.long()
-    packed = (allowed.view(-1, _BITS).long() * weights).sum(dim=1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    allowed = np.zeros(words_for(vocab_size) * _BITS, dtype=bool)
+    ids = np.asarray(token_ids if isinstance(token_ids, np.ndarray) else list(token_ids), dtype=np.int64)
+    allowed[ids[(ids >= 0) & (ids < vocab_size)]] = True
+    # Little-endian bit and byte order: bit i of word w is token 32*w + i.
+    words = np.packbits(allowed, bitorder="little").view("<i4").astype(np.int32)
+    return torch.from_numpy(words)
 
 
 def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:

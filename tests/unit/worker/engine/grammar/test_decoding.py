@@ -186,7 +186,9 @@ def test_every_completed_output_matches_its_constraint(engine, backend):
     if backend in constraints.CLOSING_BACKENDS:
         complete = completions
     else:
-        complete = {key: c for key, c in completions.items() if _fits(*cases[key], backend, max_new_tokens=48)}
+        complete = {
+            key: c for key, c in completions.items() if _fits(*cases[key], backend, max_new_tokens=48)
+        }
         assert complete, "no constraint of the corpus is bounded within the budget"
         assert all(c.finish_reason == "stop" for c in complete.values()), complete
     invalid = {key: c.text for key, c in {**stopped, **complete}.items() if not valid(*cases[key], c.text)}
