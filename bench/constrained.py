@@ -9,8 +9,10 @@ within --new-tokens, so every row, with or without a grammar, makes exactly --ne
 tokens (unconstrained rows get min_new_tokens; the engine does not close answers here, as
 no complete answer fits). Budget: the answer `{"ok": boolean, "note": string|null}` under
 --budget tokens (the model runs on inside "note"), outlines, with and without closing
-answers in time, alternating; how many answers parse and validate, how many were closed
-early. Greedy; grammars are compiled before timing starts. Prints one JSON document."""
+answers in time, in pairs of runs whose order alternates (the ratio is the median of the
+pairs' ratios); how many answers parse and validate, how many were closed early, and the
+share of the closing runs' time spent narrowing choices (measured around the one method
+that does it). Greedy; grammars are compiled before timing starts. Prints one JSON document."""
 
 from __future__ import annotations
 
@@ -194,9 +196,11 @@ def run_rows(engine, rows) -> tuple[float, dict, dict]:
 
 
 def bench_budget(engines: dict, batch: int, budget: int, repeats: int) -> dict:
-    """Tokens/s with closing answers in time ("on") and without ("off"), alternating."""
+    """Tokens/s with closing answers in time ("on") and without ("off"), in pairs of runs
+    whose order alternates, and the share of the "on" runs' time spent narrowing choices."""
     import jsonschema
 
+    from worker.engine.grammar.base import GrammarState
     from worker.engine.rows import Constraint, GenerationParams, RowRequest
 
     constraint = Constraint(constraints.JSON_SCHEMA, json.dumps(BUDGET_SCHEMA), constraints.OUTLINES)
@@ -205,9 +209,12 @@ def bench_budget(engines: dict, batch: int, budget: int, repeats: int) -> dict:
         engines["on"].encode_prompt(BUDGET_PROMPTS[i % len(BUDGET_PROMPTS)], use_chat_template=True)
         for i in range(batch)
     ]
+    closing = _timed(GrammarState, "_close_in_time")
     results: dict = {
-        setting: {"rates": [], "valid": 0, "answers": 0, "closed_early": 0} for setting in engines
+        setting: {"rates": [], "seconds": 0.0, "valid": 0, "answers": 0, "closed_early": 0}
+        for setting in engines
     }
+    closing_seconds = 0.0
     for repeat in range(repeats):
         order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
         for setting in order:
@@ -217,9 +224,13 @@ def bench_budget(engines: dict, batch: int, budget: int, repeats: int) -> dict:
                 RowRequest(key=(repeat, i), prompt_ids=p, params=params, constraint=constraint)
                 for i, p in enumerate(prompts)
             ]
+            closing.seconds = 0.0
             seconds, texts, last = run_rows(engine, rows)
+            if setting == "on":
+                closing_seconds += closing.seconds
             result = results[setting]
             result["rates"].append(sum(o.completion_tokens for o in last.values()) / seconds)
+            result["seconds"] += seconds
             result["answers"] += len(texts)
             result["closed_early"] += sum(o.closed_early for o in last.values())
             for text in texts.values():
@@ -229,14 +240,38 @@ def bench_budget(engines: dict, batch: int, budget: int, repeats: int) -> dict:
                 except (ValueError, jsonschema.ValidationError):
                     pass
             result["sample"] = texts[(repeat, 0)][-80:]
+    closing.restore()
+    pairs = [on / off for on, off in zip(results["on"]["rates"], results["off"]["rates"], strict=True)]
     report: dict = {"batch": batch, "budget": budget}
+    report["closing_share_of_time"] = round(closing_seconds / results["on"]["seconds"], 5)
     for setting, result in results.items():
-        report[setting] = {
-            "tokens_per_s": round(statistics.median(result.pop("rates")), 2),
-            **result,
-        }
-    report["ratio_on_to_off"] = round(report["on"]["tokens_per_s"] / report["off"]["tokens_per_s"], 3)
+        rates = result.pop("rates")
+        result.pop("seconds")
+        report[setting] = {"tokens_per_s": round(statistics.median(rates), 2), **result}
+    report["pair_ratios_on_to_off"] = [round(ratio, 3) for ratio in pairs]
+    report["ratio_on_to_off"] = round(statistics.median(pairs), 3)
     return report
+
+
+class _timed:
+    """Adds up the time spent in one method of a class until `restore`."""
+
+    def __init__(self, owner: type, name: str):
+        self.owner, self.name, self.seconds = owner, name, 0.0
+        self.original = getattr(owner, name)
+        timer = self
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return timer.original(*args, **kwargs)
+            finally:
+                timer.seconds += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.owner, self.name, self.original)
 
 
 def main() -> None:
