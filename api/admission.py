@@ -31,20 +31,26 @@ def admit(
 ) -> list[registry.ReaderInfo]:
     """Raise the ApiError that stops this request, or return the group's live
     readers that can serve it (those with its lora_id, when it names one).
-    `with_images`: the request carries images, which only a VISION model accepts."""
-    live = _ready_readers(connection, payload.consumer_group)
-    live = _readers_able_to_serve(live, payload, with_images=with_images)
+    `with_images`: the request carries images, which only a VISION model accepts.
+    With --scale-from-zero on, a group with no ready reader admits the request
+    (no readers returned): the worker that starts checks what the readers would."""
+    live = _ready_readers(connection, payload.consumer_group, wait=settings.scale_from_zero == "on")
+    if live:
+        live = _readers_able_to_serve(live, payload, with_images=with_images)
     if settings.max_queue_depth is not None:
         _check_queue_depth(connection, payload.consumer_group, settings.max_queue_depth)
     return live
 
 
-def _ready_readers(connection: redis.Redis, group: str) -> list[registry.ReaderInfo]:
+def _ready_readers(connection: redis.Redis, group: str, *, wait: bool) -> list[registry.ReaderInfo]:
     """The group's live readers, when at least one has loaded its model: 404 for a
-    group no worker ever served, 503 (with Retry-After) for one with none ready."""
+    group no worker ever served; for one with none ready, 503 (with Retry-After), or
+    none when the request is to `wait` for a worker."""
     if group not in registry.known_groups(connection):
         raise UnknownConsumerGroup(f"unknown consumer_group '{group}': no worker has ever served it")
     live = registry.live_readers(connection, group)
+    if wait and not any(reader.ready for reader in live):
+        return []
     if not live:
         raise NoLiveReader(
             f"consumer_group '{group}' has no live worker", retry_after=defaults.RETRY_AFTER_NO_READER_SECONDS

@@ -20,8 +20,10 @@ def healthz() -> Response:
 @blueprint.get("/readyz")
 def readyz() -> Response:
     """200 when Redis answers and every group that had a worker in the last
-    IDLE_GROUP_SECONDS has a live, ready one."""
+    IDLE_GROUP_SECONDS has a live, ready one (with --scale-from-zero on, Redis
+    answering is enough: requests wait for workers)."""
     state = app_state()
+    waits_for_workers = state.settings.scale_from_zero == "on"
     reasons: list[str] = []
     ready_readers: dict[str, int] = {}
     try:
@@ -32,12 +34,14 @@ def readyz() -> Response:
         reasons.append(f"redis is unreachable: {exc}")
         groups = None
     if groups is not None:
-        if not groups:
+        if not groups and not waits_for_workers:
             reasons.append("no worker has registered")
         for group, live in groups.items():
             if not live and group not in recent:
                 continue  # idle: no worker for a long time; its requests still get 503
             ready_readers[group] = sum(reader.ready for reader in live)
+            if waits_for_workers:
+                continue
             if not live:
                 reasons.append(f"consumer_group '{group}' has no live worker")
             elif not ready_readers[group]:

@@ -268,6 +268,15 @@ class ApiSettings(ProcessSettings):
         "batch's worth waiting; off = every request on the group's queue, for any worker.",
         choices=ON_OR_OFF,
     )
+    scale_from_zero: str = setting(
+        "--scale-from-zero",
+        "off",
+        "on = a request for a consumer group whose workers are all gone (scaled to zero) or still "
+        "loading is queued and waits up to --queue-timeout-seconds for one (an autoscaler such as "
+        "KEDA starts it on the queue's length), and such a group does not make /readyz fail; off = "
+        "it is answered 503 with Retry-After.",
+        choices=ON_OR_OFF,
+    )
     api_key: str | None = setting(
         "--api-key",
         None,

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from shared import defaults, keys
-from tests.support.api_fakes import add_reader, done
+from tests.support.api_fakes import add_reader, done, token
 
 ROUTES = ["/generate", "/generate_stream"]
 
@@ -93,3 +93,25 @@ def test_unreachable_redis_is_a_fast_503(client, server, route):
     assert response.get_json()["error_type"] == "redis_unavailable"
     assert response.headers["Retry-After"] == str(defaults.RETRY_AFTER_REDIS_UNAVAILABLE_SECONDS)
     assert time.monotonic() - started < defaults.REDIS_SOCKET_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize("ready", [False, None])  # loading, or scaled to zero (no live worker)
+def test_with_scale_from_zero_a_group_without_a_ready_worker_queues_and_waits(
+    make_app, connection, worker, ready
+):
+    client = make_app(scale_from_zero="on").test_client()
+    add_reader(connection, ready=bool(ready))
+    if ready is None:
+        connection.delete(keys.reader_key("reader-1"))  # its heartbeat expired: scaled to zero
+    # The worker that starts later answers; checks the readers would make wait for it.
+    worker.serve(lambda job: [0.3, token(0, 0, "woken"), done(0, 1, "stop")])
+    response = client.post("/generate", json={"text": "hi", "max_new_tokens": 5000})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["text"] == "woken"
+    worker.join()
+
+
+def test_with_scale_from_zero_an_unknown_group_is_still_404(make_app, connection):
+    client = make_app(scale_from_zero="on").test_client()
+    add_reader(connection)
+    assert client.post("/generate", json={"text": "hi", "consumer_group": "nope"}).status_code == 404

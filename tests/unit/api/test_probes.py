@@ -92,3 +92,14 @@ def test_a_group_without_workers_for_a_long_time_no_longer_fails_readiness(clien
     response = client.get("/readyz")
     assert response.status_code == 503
     assert any("restarting" in reason for reason in response.get_json()["reasons"])
+
+
+def test_readyz_with_scale_from_zero_needs_only_redis(make_app, connection):
+    client = make_app(scale_from_zero="on").test_client()
+    assert client.get("/readyz").status_code == 200  # a fresh install: no worker yet
+    add_reader(connection, ready=False)
+    add_reader(connection, reader_id="gone", consumer_group="old")
+    connection.delete(keys.reader_key("gone"))
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["ready_readers"] == {"primary": 0, "old": 0}

@@ -62,6 +62,7 @@ TARGETS = {
     "cpu": DEPLOY / "overlays" / "cpu",
     "gpu": DEPLOY / "overlays" / "gpu",
     "base+ingress": None,  # made in a temporary folder: the base with components/ingress
+    "cpu+scale-to-zero": None,  # the cpu overlay with components/scale-to-zero
 }
 
 
@@ -84,19 +85,28 @@ def render(directory: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def target_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    with_ingress = tmp_path_factory.mktemp("base-with-ingress")
-    relative = functools.partial(os.path.relpath, start=with_ingress)  # kustomize refuses absolute paths
-    (with_ingress / "kustomization.yaml").write_text(
+    made = {
+        "base+ingress": with_component(tmp_path_factory, DEPLOY / "base", "ingress"),
+        "cpu+scale-to-zero": with_component(tmp_path_factory, DEPLOY / "overlays" / "cpu", "scale-to-zero"),
+    }
+    return {name: directory or made[name] for name, directory in TARGETS.items()}
+
+
+def with_component(tmp_path_factory: pytest.TempPathFactory, resource: Path, component: str) -> Path:
+    """A kustomization in a temporary folder: `resource` with one of components/."""
+    folder = tmp_path_factory.mktemp(f"{resource.name}-with-{component}")
+    relative = functools.partial(os.path.relpath, start=folder)  # kustomize refuses absolute paths
+    (folder / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [relative(DEPLOY / "base")],
-                "components": [relative(DEPLOY / "components" / "ingress")],
+                "resources": [relative(resource)],
+                "components": [relative(DEPLOY / "components" / component)],
             }
         )
     )
-    return {name: directory or with_ingress for name, directory in TARGETS.items()}
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +341,12 @@ def test_each_scaled_object_watches_its_workers_group_queue(renders, monkeypatch
             assert trigger["metadata"]["listName"] == queue_list_key(params["consumer_group"]), name
             # one batch's worth waiting per worker (see worker-primary-scaledobject.yaml)
             assert int(trigger["metadata"]["listLength"]) == params["max_batch_size"], name
-            # The API answers 503 and queues nothing for a group without a live worker, so a
-            # queue-length trigger cannot wake a group from zero.
-            assert scaled["spec"]["minReplicaCount"] >= 1, name
+            # Unless the API queues for a group without a ready worker (--scale-from-zero), it
+            # answers 503 and queues nothing, so a queue-length trigger could not wake it from zero.
+            (api,) = containers(deployments[("Deployment", "mmserve-api")])
+            waits = mmserve_params(objects, api, monkeypatch)["scale_from_zero"] == "on"
+            assert scaled["spec"]["minReplicaCount"] >= (0 if waits else 1), name
+            assert waits == (name == "cpu+scale-to-zero"), name
             assert scaled["spec"]["maxReplicaCount"] >= scaled["spec"]["minReplicaCount"]
 
 
@@ -597,7 +610,7 @@ def test_workers_serve_the_primary_group_on_their_device(renders, monkeypatch):
             assert pod["nodeSelector"]
         else:
             assert GPU not in limits and "tolerations" not in pod
-            assert params["device"] == ("cpu" if name == "cpu" else "auto")
+            assert params["device"] == ("cpu" if name.startswith("cpu") else "auto")
 
 
 def test_a_pod_disruption_budget_covers_each_worker_group(renders):
