@@ -171,3 +171,23 @@ def test_a_redis_url_with_a_password_works(start_api, start_worker):
             redis.Redis(port=server.port).ping()
     finally:
         server.stop()
+
+
+def test_with_scale_from_zero_a_request_waits_for_the_next_worker(start_api, start_worker, redis_client):
+    """What an autoscaler at zero workers sees: the last worker stops (SIGTERM, as Kubernetes
+    sends), a request arrives and is queued, a new worker starts and answers it."""
+    first = start_worker()
+    api = start_api("--scale-from-zero", "on")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(30) == 0
+    wait_until(
+        lambda: requests.get(api.url + "/readyz").json()["ready_readers"] == {"primary": 0}, 30, "no worker"
+    )
+    assert requests.get(api.url + "/readyz").status_code == 200  # only Redis is needed
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(stream_text, api.url, {"text": "wake up", "max_new_tokens": 8})
+        queue = Queue(keys.queue_name("primary"), connection=redis_client, serializer=JSONSerializer)
+        wait_until(lambda: queue.count == 1, 30, "the request to be queued")  # what KEDA counts
+        start_worker()
+        text, kinds = waiting.result(timeout=120)
+    assert text and "error" not in kinds
