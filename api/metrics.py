@@ -65,6 +65,11 @@ class WorkerFamilies:
         self.prefix_bytes = GaugeMetricFamily(
             "mmserve_worker_prefix_cache_bytes", "Bytes a worker's prefix cache holds.", labels=self.LABELS
         )
+        self.max_batch_size = GaugeMetricFamily(
+            "mmserve_worker_max_batch_size",
+            "Rows a worker decodes together at most (--max-batch-size).",
+            labels=self.LABELS,
+        )
         self.prefix_evictions = CounterMetricFamily(
             "mmserve_worker_prefix_cache_evicted_blocks",
             "Prefix-cache blocks a worker dropped to make room.",
@@ -79,6 +84,7 @@ class WorkerFamilies:
         self.requests.add_metric([*labels, "failed"], stats.requests_failed)
         self.steps.add_metric(labels, stats.decode_steps)
         self.step_seconds.add_metric(labels, stats.decode_seconds)
+        self.max_batch_size.add_metric(labels, reader.max_batch_size)
         if stats.rows_per_step:
             self.batch_rows.add_metric(labels, list(stats.rows_per_step.items()), sum_value=stats.rows_sum)
         self.prefix_hit_tokens.add_metric(labels, stats.prefix_cache_hit_tokens)
@@ -87,7 +93,8 @@ class WorkerFamilies:
         self.prefix_evictions.add_metric(labels, stats.prefix_cache_evicted_blocks)
 
     def families(self) -> Iterator[Metric]:
-        yield from (self.tokens, self.requests, self.steps, self.step_seconds, self.batch_rows)
+        yield from (self.tokens, self.requests, self.steps, self.step_seconds)
+        yield from (self.batch_rows, self.max_batch_size)
         yield from (self.prefix_hit_tokens, self.prefix_missed_tokens)
         yield from (self.prefix_bytes, self.prefix_evictions)
 

@@ -82,3 +82,4 @@ def test_worker_counters_from_the_reader_registry_are_exported(client, connectio
     assert sample(client, "mmserve_worker_requests_total", **labels, outcome="failed") == 1
     assert sample(client, "mmserve_worker_batch_rows_count", **labels) == 40
     assert sample(client, "mmserve_worker_batch_rows_bucket", **labels, le="4") == 25
+    assert sample(client, "mmserve_worker_max_batch_size", **labels) == 8
