@@ -121,7 +121,8 @@ class _Bounds:
 def _integer(node: dict[str, Any]) -> int | None:
     low = node.get("minimum", node.get("exclusiveMinimum"))
     high = node.get("maximum", node.get("exclusiveMaximum"))
-    if not isinstance(low, int | float) or not isinstance(high, int | float):
+    numbers = [v for v in (low, high) if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(numbers) < 2:  # unbounded on a side (draft 4's boolean exclusive bounds are no bound)
         return None
     return max(len(str(math.floor(low))), len(str(math.ceil(high))))
 

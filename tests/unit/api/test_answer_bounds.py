@@ -70,6 +70,7 @@ def test_a_bound_is_never_below_an_answer(schema, instance, backend):
         {"type": "string"},
         {"type": "number", "minimum": 0, "maximum": 1},
         {"type": "integer", "minimum": 0},
+        {"type": "integer", "exclusiveMinimum": True, "maximum": 9},
         {"type": "array", "items": {"type": "boolean"}},
         {"type": "array", "items": {"type": "string"}, "maxItems": 2},
         {"type": "string", "pattern": "[a-z]{3}"},  # unanchored: anything around it
