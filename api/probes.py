@@ -38,7 +38,7 @@ def readyz() -> Response:
             reasons.append("no worker has registered")
         for group, live in groups.items():
             if not live and group not in recent:
-                continue  # idle: no worker for a long time; its requests still get 503
+                continue  # idle: no worker for a long time (its requests get 503, or wait for one)
             ready_readers[group] = sum(reader.ready for reader in live)
             if waits_for_workers:
                 continue
