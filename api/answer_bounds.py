@@ -27,8 +27,8 @@ KNOWN_FORMAT_BYTES = {"uuid": 36}
 
 def longest_regex_answer(pattern: str) -> int | None:
     """Bytes of the longest full match of `pattern` (in the shared dialect)."""
-    width = _sre_parse.parse(pattern).getwidth()[1]
-    return None if width >= _sre.MAXREPEAT else width * UTF8_MAX_BYTES
+    width = _widest(pattern)
+    return None if width is None else width * UTF8_MAX_BYTES
 
 
 def longest_json_answer(schema: Any, backend: str) -> int | None:
@@ -133,10 +133,16 @@ def _string(node: dict[str, Any]) -> int | None:
         return quotes + node["maxLength"] * ESCAPED_CHAR_MAX_BYTES
     pattern = node.get("pattern")
     if isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$"):
-        width = _sre_parse.parse(pattern).getwidth()[1]
-        return None if width >= _sre.MAXREPEAT else quotes + width * ESCAPED_CHAR_MAX_BYTES
+        width = _widest(pattern)
+        return None if width is None else quotes + width * ESCAPED_CHAR_MAX_BYTES
     length = KNOWN_FORMAT_BYTES.get(node.get("format", ""))
     return None if length is None else quotes + length
+
+
+def _widest(pattern: str) -> int | None:
+    """Characters of the longest match of `pattern`; None if unbounded."""
+    width = _sre_parse.parse(pattern).getwidth()[1]
+    return None if width >= _sre.MAXREPEAT else width
 
 
 def _implied_type(node: dict[str, Any]) -> str | None:

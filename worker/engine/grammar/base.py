@@ -126,10 +126,11 @@ class GrammarState:
     def _close_in_time(self) -> None:
         """Leave only the tokens after which the answer can still be complete
         within the budget."""
-        closing, state = self.grammar.closing, self._matcher.automaton_state
-        if closing is None or self.budget is None or self.budget < 1 or state is None:
+        closing = self.grammar.closing  # never None while there is a budget (Grammar.start)
+        if self.budget is None or self.budget < 1 or closing is None:
             return
-        tokens = closing.within(closing.state(state), self.budget)
+        state = self._matcher.automaton_state
+        tokens = closing.within(state, self.budget) if state is not None else None
         if tokens is not None:
             self.bits &= ids_to_bits(tokens, self.grammar.vocab_size)[None, :]
             self.closed_early = True

@@ -46,7 +46,7 @@ class ClosingTable:
         source = np.searchsorted(self._states, source)
         target = np.searchsorted(self._states, target)
         self._distance = _distances(count, source, target, np.searchsorted(self._states, finals))
-        self.start = self.state(start)
+        self.start = start
 
         # Each state's tokens, sorted by how far the state they lead to is from accepting.
         after = self._distance[target]
@@ -60,25 +60,26 @@ class ClosingTable:
         busy = self._first[:-1] < self._first[1:]
         self._farthest[busy] = np.maximum.reduceat(finite, self._first[:-1][busy]) if len(finite) else []
 
-    def state(self, automaton_state: int) -> int:
-        """The table's index of one of the automaton's states."""
-        return int(np.searchsorted(self._states, automaton_state))
-
     def shortest(self, state: int) -> int | None:
-        """The fewest tokens that take `state` (a table index) to an accepting
+        """The fewest tokens that take the automaton's `state` to an accepting
         state; None if none can be reached."""
-        distance = int(self._distance[state])
+        distance = int(self._distance[self._row(state)])
         return None if distance == UNREACHABLE else distance
 
     def within(self, state: int, budget: int) -> np.ndarray | None:
-        """The tokens a row in `state` may pick with `budget` tokens left
-        (this one included) and still accept when they run out; None when the
-        budget narrows nothing."""
-        if budget - 1 >= self._farthest[state]:
+        """The tokens a row in the automaton's `state` may pick with `budget`
+        tokens left (this one included) and still accept when they run out;
+        None when the budget narrows nothing."""
+        row = self._row(state)
+        if budget - 1 >= self._farthest[row]:
             return None
-        first, end = int(self._first[state]), int(self._first[state + 1])
+        first, end = int(self._first[row]), int(self._first[row + 1])
         keep = first + int(np.searchsorted(self._after[first:end], budget - 1, side="right"))
         return None if keep == end else self._tokens[first:keep]
+
+    def _row(self, state: int) -> int:
+        """The table's index of one of the automaton's states."""
+        return int(np.searchsorted(self._states, state))
 
 
 def _distances(count: int, source: np.ndarray, target: np.ndarray, accepting: np.ndarray) -> np.ndarray:

@@ -29,14 +29,14 @@ AUTOMATON = {0: {A: 1, X: 0, E: 4}, 1: {B: 2, Y: 3}, 3: {Z: 2}, 2: {EOS: 2}}
 
 def test_shortest_completions_are_counted_backwards_from_accepting_states():
     table = ClosingTable(AUTOMATON, accepting=[2], start=0, ignore=[EOS])
-    assert [table.shortest(table.state(s)) for s in (0, 1, 2, 3)] == [2, 1, 0, 1]
-    assert table.shortest(table.state(4)) is None
+    assert [table.shortest(s) for s in (0, 1, 2, 3)] == [2, 1, 0, 1]
+    assert table.shortest(4) is None
     assert table.shortest(table.start) == 2
 
 
 def test_a_budget_keeps_only_the_tokens_that_still_reach_an_accepting_state():
     table = ClosingTable(AUTOMATON, accepting=[2], start=0, ignore=[EOS])
-    start, middle = table.state(0), table.state(1)
+    start, middle = 0, 1
     # Far from the budget nothing is narrowed (the dead end 4 is the grammar's business).
     assert table.within(middle, 3) is None
     # 2 tokens left in state 1: b (then done) or y (then z) both fit.
@@ -44,7 +44,7 @@ def test_a_budget_keeps_only_the_tokens_that_still_reach_an_accepting_state():
     assert table.within(middle, 1).tolist() == [B]
     assert table.within(start, 2).tolist() == [A]
     assert table.within(start, 3) is None  # x then a, b still fits
-    assert table.within(table.state(2), 1) is None  # EOS is ignored: nothing to narrow
+    assert table.within(2, 1) is None  # EOS is ignored: nothing to narrow
 
 
 # -- the engine ----------------------------------------------------------------
