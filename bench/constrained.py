@@ -161,17 +161,9 @@ def bench_decode(engine, backend: str | None, batch: int, new_tokens: int, repea
             RowRequest(key=(repeat, i), prompt_ids=p, params=params, constraint=constraint)
             for i, p in enumerate(prompts)
         ]
-        started = time.perf_counter()
-        engine.add(rows)
-        tokens = 0
-        texts: dict = {}
-        while engine.has_work:
-            for output in engine.step():
-                tokens += output.token_id is not None
-                texts[output.key] = texts.get(output.key, "") + output.text
-                if output.finish_reason:
-                    finish_reasons.add(output.finish_reason)
-        rates.append(tokens / (time.perf_counter() - started))
+        seconds, texts, last = run_rows(engine, rows)
+        rates.append(sum(output.completion_tokens for output in last.values()) / seconds)
+        finish_reasons.update(output.finish_reason for output in last.values())
         sample = texts[(repeat, 0)]
     return {
         "backend": backend or "none",
