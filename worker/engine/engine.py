@@ -398,9 +398,11 @@ class Engine:
     def _packs(self, row: RowRequest, keys: Sequence[list[bytes]], index: int) -> bool:
         """Whether row `index` (`row`, of rows whose block keys are `keys`) may be prefilled
         in one packed forward with other rows (as rows joining a step are,
-        worker.engine.joint) in the batch-invariant mode: what it computes fits one chunk,
-        and no other of the rows would find its prefix in the cache after it."""
-        return self._joinable(row, keys[index]) and not _shares_first_block(keys, index)
+        worker.engine.joint) in the batch-invariant mode: what it computes fits one chunk.
+        Such a row already finds every block the cache may give it (at least one token
+        is left to compute, and at most one chunk is), so no other row prefilled before
+        it would leave it more: rows sharing a cached system prompt pack together."""
+        return self._joinable(row, keys[index])
 
     def _joinable(self, row: RowRequest, keys: list[bytes] | None = None) -> bool:
         """Whether the joint forward takes this row (see `can_join`), with running rows or

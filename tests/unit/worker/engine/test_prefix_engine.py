@@ -147,6 +147,29 @@ def test_rows_joining_a_running_batch_hit_the_cache(fused, tokenizer):
         assert tokens[key] == hf_greedy(fused, ids, 10, min_new_tokens=10)
 
 
+def test_rows_sharing_a_cached_system_prompt_are_prefilled_in_one_packed_forward(
+    fused, tokenizer, monkeypatch
+):
+    engine = cached_engine(fused, tokenizer)
+    rng = random.Random(9)
+    system = words(rng, 40)
+
+    def asking(key) -> RowRequest:
+        ids = engine.encode_prompt(f"{system} {words(rng, 3)}")
+        return RowRequest(key=key, prompt_ids=ids, params=GREEDY)
+
+    run(engine, [asking("first")])
+    burst = [asking(i) for i in range(4)]
+    forwards = []
+    joint = engine._joint
+    monkeypatch.setattr(engine, "_joint", lambda *args, **kw: forwards.append(1) or joint(*args, **kw))
+    tokens, cached = run(engine, burst)
+    assert len(forwards) == 1  # the four prefills, in one forward
+    assert all(cached[request.key] >= len(engine.encode_prompt(system)) - BLOCK for request in burst)
+    for request in burst:
+        assert tokens[request.key] == hf_greedy(fused, request.prompt_ids, 10, min_new_tokens=10)
+
+
 def test_constrained_rows_use_the_cache_too(tiny_model, tokenizer):
     engine = cached_engine(tiny_model, tokenizer)
     plain = Engine(tiny_model, tokenizer)
@@ -269,3 +292,6 @@ def test_in_bfloat16_a_hit_answers_exactly_what_a_cold_prefill_answers(served):
     tokens, cached = run(warm, [rows[0], *company], {2: rows[1:3], 4: rows[3:]})
     assert {i: tokens[i] for i in range(len(prompts))} == expected
     assert all(cached[i] > 0 for i in range(1, len(prompts)))
+    burst = [RowRequest(key=i, prompt_ids=ids, params=GREEDY) for i, ids in enumerate(prompts)]
+    tokens, cached = run(warm, burst)  # added at once to an idle engine: packed in one forward
+    assert tokens == expected and all(cached.values())
