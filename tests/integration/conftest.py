@@ -57,8 +57,17 @@ class Process:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
+        self.signal_stop()
+        self.wait_stopped(timeout)
+
+    def signal_stop(self) -> None:
+        """Ask the process to stop (SIGTERM), without waiting for it."""
         if self.alive():
             self.process.terminate()
+
+    def wait_stopped(self, timeout: float = 20.0) -> None:
+        """Wait for a process asked to stop; killed after `timeout` seconds."""
+        if self.process is not None:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -180,8 +189,11 @@ class Launcher:
         return process
 
     def stop_all(self) -> None:
+        """Stop every process started, all asked at once (each drains on its own)."""
         for process in self.started:
-            process.stop()
+            process.signal_stop()
+        for process in self.started:
+            process.wait_stopped()
 
 
 @pytest.fixture

@@ -42,10 +42,21 @@ Windows = tuple[tuple[int, int, int], ...]  # (first row, end row, tokens), rows
 @dataclass
 class AlignedKeys:
     """A decode step's batch-invariant attention (`aligned_keys`): each row's real tokens
-    (known on the host), and the masks built for them, shared by the step's layers."""
+    (known on the host) up to the last one the step feeds, and the masks built for them,
+    shared by the step's layers."""
 
     lengths: tuple[int, ...]
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _earlier: dict[int, AlignedKeys] = field(default_factory=dict)
+
+    def earlier(self, tokens: int) -> AlignedKeys:
+        """The same rows `tokens` tokens before (a step feeding several tokens per row:
+        its earlier queries see fewer keys), kept for the step's other layers."""
+        if tokens == 0:
+            return self
+        if tokens not in self._earlier:
+            self._earlier[tokens] = AlignedKeys(tuple(length - tokens for length in self.lengths))
+        return self._earlier[tokens]
 
     def counts(self, key_width: int) -> list[int]:
         """Each row's keys among `key_width` columns (a sliding-window layer holds fewer)."""
@@ -106,8 +117,8 @@ def windowed_sdpa(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     decode = query.shape[2] == 1 and kwargs.get("position_bias") is None
-    if decode and aligned_keys is not None:
-        return _aligned_sdpa(module, query, key, value, aligned_keys, kwargs.get("scaling")), None
+    if aligned_keys is not None and kwargs.get("position_bias") is None:
+        return _aligned_steps_sdpa(module, query, key, value, aligned_keys, kwargs.get("scaling")), None
     if not decode or row_windows is None:
         # prefill, or a model adding a per-position bias (which the groups would have to slice too)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -123,6 +134,40 @@ def windowed_sdpa(
 def aligned_width(count: int) -> int:
     """The key columns a row with `count` keys is attended over in the batch-invariant mode."""
     return -(-count // ALIGNED_WIDTH_MULTIPLE) * ALIGNED_WIDTH_MULTIPLE
+
+
+def _aligned_steps_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    aligned: AlignedKeys,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Batch-invariant attention of rows feeding one token each (a decode step) or
+    several (a step checking drafted tokens, worker.engine.speculation): each query is
+    attended as a decode step feeding that token would attend it, over the keys up to
+    its own (those of the row's later tokens are the cache's last columns, left out),
+    so its result does not depend on how many tokens the step fed.
+    [rows, tokens, heads, head_dim]."""
+    fed = query.shape[2]
+    if fed == 1:
+        return _aligned_sdpa(module, query, key, value, aligned, scaling)
+    width = key.shape[2]
+    outputs = []
+    for position in range(fed):
+        later = fed - 1 - position  # the row's tokens after this one, at the end of the cache
+        outputs.append(
+            _aligned_sdpa(
+                module,
+                query[:, :, position : position + 1],
+                key[:, :, : width - later],
+                value[:, :, : width - later],
+                aligned.earlier(later),
+                scaling,
+            )
+        )
+    return torch.cat(outputs, dim=1)
 
 
 def _aligned_sdpa(

@@ -110,6 +110,30 @@ class GrowingLayer(DynamicLayer):
                 self._value_buffer[target, :, start:end] = self._value_buffer[source, :, start:end]
         self._view(len(keep), start, end)
 
+    def drop_last(self, dropped: Sequence[int]) -> None:
+        """Forget each row's last `dropped[row]` token columns (tokens a step fed but
+        did not keep, e.g. rejected drafts), keeping every row's last token in the
+        last column: the columns all rows drop leave the view, a row dropping more
+        moves its tokens right by the difference (zeros take their place in front)."""
+        rows, _, width, _ = self.keys.shape
+        if len(dropped) != rows or not all(0 <= count <= width for count in dropped):
+            raise ValueError(f"cannot drop {list(dropped)} of {width} columns from {rows} rows")
+        owned = self._owns_views()
+        keys, values = (self.keys, self.values) if owned else (self.keys.clone(), self.values.clone())
+        common = min(dropped)
+        kept = width - common
+        for row, count in enumerate(dropped):
+            shift = count - common
+            if shift == 0:
+                continue
+            for states in (keys, values):
+                states[row, :, shift:kept] = states[row, :, : kept - shift].clone()
+                states[row, :, :shift].zero_()
+        if owned:
+            self._view(rows, self._start, self._start + kept)
+        else:
+            self.keys, self.values = keys[:, :, :kept], values[:, :, :kept]
+
     @classmethod
     def merged(cls, layers: Sequence[DynamicLayer], width: int, order: Sequence[int]) -> GrowingLayer:
         """One layer holding the rows of `layers` (numbered across them, in
@@ -217,6 +241,15 @@ def select_rows(cache: DynamicCache, keep: Sequence[int], drop_left: int = 0) ->
             _keep_window_rows(layer, keep, drop_left)
         else:
             copy_rows(layer, keep, drop_left)
+
+
+def drop_last_tokens(cache: DynamicCache, dropped: Sequence[int]) -> None:
+    """Forget each row's last `dropped[row]` token columns in every layer of `cache`
+    (see GrowingLayer.drop_last); only growing full-attention layers can."""
+    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+        raise NotImplementedError("only growing full-attention cache layers can drop their last tokens")
+    for layer in cache.layers:
+        layer.drop_last(dropped)
 
 
 def copy_rows(layer: DynamicLayer, keep: Sequence[int], drop_left: int) -> None:

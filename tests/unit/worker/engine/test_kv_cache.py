@@ -177,3 +177,47 @@ def test_sliding_windows_shrink_with_the_mask_when_rows_leave():
     (kept,) = cache.layers
     assert kept.cumulative_length == 3
     assert torch.equal(kept.keys, before[[2, 0], :, 2:])
+
+
+def right_aligned(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Rows of [heads, tokens, dim] states, left-padded with zeros to `width` tokens."""
+    padded = torch.zeros(len(rows), rows[0].shape[0], width, rows[0].shape[-1])
+    for index, states in enumerate(rows):
+        padded[index, :, width - states.shape[1] :] = states
+    return padded
+
+
+def test_rows_drop_their_last_tokens_and_stay_right_aligned():
+    growing = GrowingLayer()
+    keys, values = states(3, 9, 0)
+    keys[1, :, :2] = values[1, :, :2] = 0  # row 1 is left-padded by two
+    growing.update(keys, values)
+    added_keys, added_values = states(3, 4, 1)  # a step feeding four tokens a row
+    growing.update(added_keys, added_values)
+    full_keys, full_values = torch.cat([keys, added_keys], 2), torch.cat([values, added_values], 2)
+    buffer = growing.keys.data_ptr()
+    dropped = [3, 1, 2]  # row 0 keeps 1 of the 4, row 1 keeps 3, row 2 keeps 2
+    growing.drop_last(dropped)
+    assert growing.keys.shape[2] == 13 - 1 and growing.keys.data_ptr() == buffer  # in place
+    width = growing.keys.shape[2]
+    kept = [13 - count for count in dropped]
+    for name, full, held in (("keys", full_keys, growing.keys), ("values", full_values, growing.values)):
+        expected = right_aligned([full[row, :, : kept[row]] for row in range(3)], width)
+        expected[1, :, : width - kept[1] + 2] = 0  # row 1's own padding stays zeros
+        assert torch.equal(held, expected), name
+    more_keys, more_values = states(3, 1, 2)  # the next step appends after every row's last token
+    growing.update(more_keys, more_values)
+    assert torch.equal(growing.keys[:, :, -1:], more_keys)
+    assert torch.equal(growing.keys[0, :, -3:-1], full_keys[0, :, 8:10])
+
+
+def test_dropping_from_keys_set_from_outside_copies_them():
+    growing = GrowingLayer()
+    growing.update(*states(2, 5, 0))
+    outside_keys, outside_values = states(2, 6, 1)
+    growing.keys, growing.values = outside_keys, outside_values
+    kept_keys = outside_keys.clone()
+    growing.drop_last([0, 2])
+    assert torch.equal(outside_keys, kept_keys)  # the outside tensors are not changed
+    assert torch.equal(growing.keys[0], kept_keys[0])
+    assert torch.equal(growing.keys[1, :, 2:], kept_keys[1, :, :4]) and not growing.keys[1, :, :2].any()

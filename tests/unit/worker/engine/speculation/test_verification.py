@@ -1,0 +1,71 @@
+"""A step that feeds several tokens per row (checking drafted tokens) computes, for
+each of them, exactly what a decode step feeding that token computes: in bfloat16,
+in the batch-invariant mode, bit for bit (worker.engine.attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine.attention import AlignedKeys
+from worker.engine.engine import Engine
+from worker.engine.rows import GenerationParams, RowRequest
+
+PROMPTS = ([1000 + 37 * i for i in range(150)], [2000 + 11 * i for i in range(23)])
+FED = [[4321, 17, 905, 77, 3], [12, 9000, 456, 31337, 8]]  # each row's next tokens
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_shaped_model_dir):
+    from shared.settings import WorkerSettings
+    from worker import main as worker_main
+
+    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
+    return worker_main.load_for_serving(settings)
+
+
+def prefilled(served) -> Engine:
+    engine = Engine(served.model, served.tokenizer)
+    assert engine.batch_invariant
+    params = GenerationParams(max_new_tokens=50)
+    engine.add([RowRequest(key=i, prompt_ids=list(p), params=params) for i, p in enumerate(PROMPTS)])
+    return engine
+
+
+@torch.inference_mode()
+def test_tokens_fed_together_get_the_logits_they_get_one_step_at_a_time(served):
+    assert served.dtype == torch.bfloat16
+    stepwise = prefilled(served)
+    batch = stepwise._batch
+    order = [batch.keys.index(i) for i in range(len(PROMPTS))]  # rows are sorted longest first
+    fed = torch.tensor([FED[key] for key in batch.keys])
+    expected = []
+    for position in range(fed.shape[1]):
+        batch.append(fed[:, position])
+        lengths = tuple(length + position + 1 for length in batch.lengths)
+        out = served.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            cache=batch.cache,
+            use_cache=True,
+            aligned_keys=AlignedKeys(lengths),
+        )
+        expected.append(out.logits[:, -1])
+    expected = torch.stack(expected, dim=1)
+
+    together = prefilled(served)._batch
+    tokens = fed.shape[1]
+    positions = together.position_ids[..., -1:] + torch.arange(1, tokens + 1)
+    mask = torch.cat([together.attention_mask, together.attention_mask.new_ones((len(order), tokens))], 1)
+    out = served.model(
+        input_ids=fed,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=together.cache,
+        use_cache=True,
+        aligned_keys=AlignedKeys(tuple(length + tokens for length in together.lengths)),
+    )
+    assert out.logits.shape == expected.shape
+    assert torch.equal(out.logits, expected)
+    assert torch.equal(together.cache.layers[0].keys, batch.cache.layers[0].keys)

@@ -1,0 +1,1 @@
+"""Speculative decoding: drafting tokens cheaply and checking them against the model."""
