@@ -118,7 +118,7 @@ def windowed_sdpa(
 ) -> tuple[torch.Tensor, None]:
     decode = query.shape[2] == 1 and kwargs.get("position_bias") is None
     if aligned_keys is not None and kwargs.get("position_bias") is None:
-        return _aligned_steps_sdpa(module, query, key, value, aligned_keys, kwargs.get("scaling")), None
+        return _aligned_sdpa(module, query, key, value, aligned_keys, kwargs.get("scaling")), None
     if not decode or row_windows is None:
         # prefill, or a model adding a per-position bias (which the groups would have to slice too)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -136,40 +136,6 @@ def aligned_width(count: int) -> int:
     return -(-count // ALIGNED_WIDTH_MULTIPLE) * ALIGNED_WIDTH_MULTIPLE
 
 
-def _aligned_steps_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    aligned: AlignedKeys,
-    scaling: float | None,
-) -> torch.Tensor:
-    """Batch-invariant attention of rows feeding one token each (a decode step) or
-    several (a step checking drafted tokens, worker.engine.speculation): each query is
-    attended as a decode step feeding that token would attend it, over the keys up to
-    its own (those of the row's later tokens are the cache's last columns, left out),
-    so its result does not depend on how many tokens the step fed.
-    [rows, tokens, heads, head_dim]."""
-    fed = query.shape[2]
-    if fed == 1:
-        return _aligned_sdpa(module, query, key, value, aligned, scaling)
-    width = key.shape[2]
-    outputs = []
-    for position in range(fed):
-        later = fed - 1 - position  # the row's tokens after this one, at the end of the cache
-        outputs.append(
-            _aligned_sdpa(
-                module,
-                query[:, :, position : position + 1],
-                key[:, :, : width - later],
-                value[:, :, : width - later],
-                aligned.earlier(later),
-                scaling,
-            )
-        )
-    return torch.cat(outputs, dim=1)
-
-
 def _aligned_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -178,25 +144,35 @@ def _aligned_sdpa(
     aligned: AlignedKeys,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Decode attention whose result for a row does not depend on its batch
-    (worker.engine.invariance): each row is attended over the last `aligned_width(count)`
-    columns of the cache, its `count` keys at their end, as it is when alone. Rows
-    sharing that width (neighbours, the rows being sorted by length) go in one call;
-    a width the cache does not have yet is made up of zero columns in front.
-    [rows, 1, heads, head_dim], as transformers' sdpa returns."""
-    rows = key.shape[0]
-    counts = aligned.counts(key.shape[2])
-    outputs, first = [], 0
-    while first < rows:
-        columns = aligned_width(counts[first])
-        end = first + 1
-        while end < rows and aligned_width(counts[end]) == columns:
-            end += 1
-        group = slice(first, end)
-        mask = aligned.mask(counts[group], columns, key.device)
-        outputs.append(_attend_last_columns(module, query[group], key[group], value[group], mask, scaling))
-        first = end
-    return torch.cat(outputs)
+    """Attention whose result for a row does not depend on its batch
+    (worker.engine.invariance), for rows feeding one token each (a decode step) or
+    several (a step checking drafted tokens, worker.engine.speculation). Each query is
+    attended as a decode step feeding that token attends it alone: over the keys up to
+    its own (the row's later tokens are the cache's last columns, left out), the last
+    `aligned_width(count)` columns, its `count` keys at their end. Rows sharing that
+    width (neighbours, the rows being sorted by length) go in one call; a width the
+    cache does not have yet is made up of zero columns in front.
+    [rows, tokens, heads, head_dim], as transformers' sdpa returns."""
+    fed, width = query.shape[2], key.shape[2]
+    by_position = []
+    for position in range(fed):
+        later = fed - 1 - position  # the row's tokens after this one, at the end of the cache
+        keys, values = key[:, :, : width - later], value[:, :, : width - later]
+        earlier = aligned.earlier(later)
+        counts = earlier.counts(keys.shape[2])
+        outputs, first = [], 0
+        while first < len(counts):
+            columns = aligned_width(counts[first])
+            end = first + 1
+            while end < len(counts) and aligned_width(counts[end]) == columns:
+                end += 1
+            group = slice(first, end)
+            mask = earlier.mask(counts[group], columns, key.device)
+            queries = query[group, :, position : position + 1]
+            outputs.append(_attend_last_columns(module, queries, keys[group], values[group], mask, scaling))
+            first = end
+        by_position.append(torch.cat(outputs))
+    return by_position[0] if fed == 1 else torch.cat(by_position, dim=1)
 
 
 def _attend_last_columns(
