@@ -74,6 +74,22 @@ ROUTING_PREFIX_CHARS = 1024
 PREFIX_CACHE_MEMORY_SHARE = 0.05
 PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 
+# Speculative decoding (worker.engine.speculation): --speculative modes, the tokens drafted
+# per row and step (--draft-tokens), and what `auto` weighs: it drafts only while a step's
+# rows times the tokens they feed stay within SPECULATION_AUTO_MAX_FED_TOKENS (a CPU's step
+# costs about one weight read up to a few dozen tokens, more past it), for rows whose recent
+# drafts were mostly kept (a row's kept share, averaged over its recent checks, at least
+# SPECULATION_AUTO_MIN_KEPT_SHARE; below it the row rests SPECULATION_AUTO_REST_STEPS steps).
+SPECULATIVE_MODES = ("auto", "ngram", "off")
+DEFAULT_SPECULATIVE = "auto"
+DEFAULT_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 16
+SPECULATION_MIN_NGRAM = 2  # the shortest run of tokens whose earlier occurrence a draft follows
+SPECULATION_MAX_NGRAM = 4
+SPECULATION_AUTO_MAX_FED_TOKENS = 16
+SPECULATION_AUTO_MIN_KEPT_SHARE = 0.3
+SPECULATION_AUTO_REST_STEPS = 16
+
 # -- Retry-After hints (seconds) ---------------------------------------------------------------------------
 # A worker loading its model is usually ready within a few seconds; a full queue drains quickly.
 

@@ -22,10 +22,11 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from worker.engine.detokenizer import Detokenizer
 from worker.engine.grammar import GrammarState
-from worker.engine.kv_cache import is_plain, merge_caches, select_rows
+from worker.engine.kv_cache import drop_last_tokens, is_plain, merge_caches, select_rows
 from worker.engine.positions import merged_position_ids, next_position_ids, prompt_position_ids
 from worker.engine.rows import RowRequest
 from worker.engine.sampler import Sampler
+from worker.engine.speculation.drafting import RowDrafts
 from worker.engine.stopping import Stopping
 
 
@@ -54,6 +55,8 @@ class Row:
     adapter: str | None = None  # the row's LoRA adapter (None = the base model)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     block_keys: list[bytes] | None = None  # the prompt's blocks' prefix-cache keys, while it prefills
+    drafts: RowDrafts | None = None  # speculative decoding: the row's text indexed, its drafts
+    fed_tokens: int = 1  # tokens the row fed its last forward (its drafts and fillers too)
 
     @property
     def completion_tokens(self) -> int:
@@ -68,7 +71,7 @@ class Batch:
     position_ids: torch.Tensor  # [B, T] long, or [axes, B, T] (worker.engine.positions)
     cache: DynamicCache
     sampler: Sampler
-    logits: torch.Tensor | None = None  # [B, V] once the forward has run
+    logits: torch.Tensor | None = None  # [B, V] once the forward has run; [B, T, V] after `feed`
 
     @classmethod
     def from_rows(
@@ -160,6 +163,42 @@ class Batch:
         )
         self.logits = None
 
+    def feed(self, tokens: Sequence[Sequence[int]]) -> None:
+        """Feed each row its chosen token and, after it, tokens to check (drafts) in the
+        next forward, which then gives logits after each ([B, T, V]). Rows feeding fewer
+        are filled up with their last token (what the model makes of those is unused)."""
+        if len(tokens) != len(self) or not all(tokens):
+            raise ValueError(f"expected at least one token for each of {len(self)} rows")
+        fed = max(len(row) for row in tokens)
+        filled = [list(row) + [row[-1]] * (fed - len(row)) for row in tokens]
+        self.input_ids = torch.tensor(filled, dtype=torch.long, device=self.input_ids.device)
+        for row in self.rows:
+            row.fed_tokens = fed
+        steps = torch.arange(fed, device=self.position_ids.device)
+        self.position_ids = next_position_ids(self.position_ids) + steps
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((len(self), fed))], dim=1
+        )
+        self.logits = None
+
+    def retract(self, dropped: Sequence[int]) -> None:
+        """Forget each row's last `dropped[row]` fed tokens (drafts the model did not
+        keep, and fillers) from the cache, the mask and the positions, keeping every
+        row's last kept token in the last column. Call it before `feed`."""
+        if len(dropped) != len(self):
+            raise ValueError(f"expected {len(self)} counts, got {len(dropped)}")
+        if not any(dropped):
+            return
+        drop_last_tokens(self.cache, dropped)
+        device = self.attention_mask.device
+        counts = self.attention_mask.sum(dim=1) - torch.tensor(list(dropped), device=device)
+        width = self.attention_mask.shape[1] - min(dropped)
+        columns = torch.arange(width, device=device)
+        self.attention_mask = (columns[None] >= width - counts[:, None]).to(self.attention_mask.dtype)
+        last = self.position_ids[..., -1:]
+        back = torch.tensor(list(dropped), dtype=last.dtype, device=last.device)[:, None]
+        self.position_ids = last - back
+
     def filter(self, keep: Sequence[int]) -> Batch:
         """The rows `keep` (indices into this batch, in that order) of a batch
         that is ready to sample. Padding columns no kept row uses are trimmed
@@ -219,7 +258,7 @@ class Batch:
         order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
         index = torch.tensor(order, dtype=torch.long, device=batches[0].attention_mask.device)
         rows = [row for b in batches for row in b.rows]
-        logits = torch.cat([b.logits for b in batches if b.logits is not None])
+        logits = _stacked_logits([b.logits for b in batches if b.logits is not None])
         return cls(
             rows=[rows[i] for i in order],
             input_ids=torch.cat([b.input_ids[:, -1:] for b in batches])[index],
@@ -229,3 +268,19 @@ class Batch:
             sampler=Sampler.concatenate([b.sampler for b in batches]).filter(order),
             logits=logits[index],
         )
+
+
+def _stacked_logits(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Batches' logits in one tensor: [B, V] when all are, else [B, T, V] with each
+    part's positions first (what follows them is never read: those rows fed fewer)."""
+    if all(part.ndim == 2 for part in parts):
+        return torch.cat(list(parts))
+    positions = max(part.shape[1] if part.ndim == 3 else 1 for part in parts)
+    stacked = []
+    for part in parts:
+        part = part[:, None] if part.ndim == 2 else part
+        if part.shape[1] < positions:
+            missing = part.new_zeros((part.shape[0], positions - part.shape[1], part.shape[2]))
+            part = torch.cat([part, missing], dim=1)
+        stacked.append(part)
+    return torch.cat(stacked)

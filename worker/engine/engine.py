@@ -41,11 +41,12 @@ from worker.engine.grammar import (
 )
 from worker.engine.invariance import Coverage, other_limits, pad_single_rows, unpadded
 from worker.engine.joint import JointForward
-from worker.engine.kv_cache import RecordingCache, growing_cache, holds_prefixes
+from worker.engine.kv_cache import RecordingCache, growing_cache, holds_prefixes, takes_back_tokens
 from worker.engine.prefill import cached_blocks_allowed, chunks
 from worker.engine.prefix_cache import LayerStates, PrefixCache, block_keys
 from worker.engine.prompts import ImagesNotAccepted, PromptError, image_prompts, text_prompt_ids
 from worker.engine.rows import Constraint, RowOutput, RowRequest
+from worker.engine.speculation.drafting import Drafting
 from worker.engine.stopping import banned_tokens
 from worker.engine.vision import VisionPrompt, VisionPrompter
 
@@ -71,6 +72,8 @@ class Engine:
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = defaults.PREFIX_CACHE_BLOCK_TOKENS,
         close_in_time: bool = True,
+        speculative: str = "off",
+        draft_tokens: int = defaults.DEFAULT_DRAFT_TOKENS,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
@@ -87,7 +90,10 @@ class Engine:
         of that many tokens, cache or not (worker.engine.prefill). `close_in_time`
         makes a constrained row whose grammar can tell its shortest completion
         finish its answer within max_new_tokens (worker.engine.grammar.closing);
-        such a row whose shortest answer is longer is refused."""
+        such a row whose shortest answer is longer is refused. `speculative` (auto, ngram,
+        off) lets rows draft up to `draft_tokens` tokens from their own text, checked in
+        the next step (worker.engine.speculation); a row's tokens stay what they are
+        without it."""
         self.device = torch.device(device)
         model = _on_device(model, self.device)
         self.model = model.eval()
@@ -124,6 +130,15 @@ class Engine:
         self.prefix_cache = None
         if self.prefix_cache_off_reason is None:
             self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
+        self.speculation_off_reason = self._speculation_off_reason(speculative)
+        self.drafting = Drafting(speculative if self.speculation_off_reason is None else "off", draft_tokens)
+
+    def _speculation_off_reason(self, mode: str) -> str | None:
+        if mode == "off":
+            return "off"
+        if not takes_back_tokens(self.model.config):
+            return "this model's cache has layers other than full attention"
+        return None
 
     def _prefix_cache_off_reason(self, max_bytes: int) -> str | None:
         if max_bytes <= 0:
@@ -600,10 +615,11 @@ class Engine:
         )
         if keys is None:
             keys = [self._block_keys(request) for request in rows]
-        for row, grammar, row_keys in zip(batch.rows, grammars, keys, strict=True):
+        for row, request, grammar, row_keys in zip(batch.rows, rows, grammars, keys, strict=True):
             budget = row.stopping.max_new_tokens if self.close_in_time else None
             row.grammar = grammar.start(budget) if grammar is not None else None
             row.block_keys = row_keys
+            row.drafts = self.drafting.row(request.prompt_ids)
         batch.rows[0].cached_tokens = cached
         if self.prefix_cache is not None and isinstance(batch.cache, RecordingCache):
             batch.cache.recorded = {}
@@ -647,35 +663,19 @@ class Engine:
         before_forward: Callable[[list[RowOutput]], None] | None = None,
     ) -> list[RowOutput]:
         assert batch.logits is not None
-        banned = merge_bans(
-            banned_tokens([row.stopping for row in batch.rows], self.vocab_size, self.device),
-            grammar_mask(
-                [row.grammar for row in batch.rows], self.vocab_size, self.eos_token_ids, self.device
-            ),
-        )
-        tokens = batch.sampler(batch.logits, banned)
-        batch.sampler.record(tokens)
-        token_list = tokens.tolist()
-
-        outputs: list[RowOutput] = []
-        keep: list[int] = []
-        for index, (row, token) in enumerate(zip(batch.rows, token_list, strict=True)):
-            finish_reason = row.stopping.update(token)
-            if row.grammar is not None:
-                finish_reason = _follow_grammar(row, token, finish_reason)
-            text = row.detokenizer.push(token)
-            if finish_reason is None:
-                keep.append(index)
-            else:
-                text += row.detokenizer.flush()
-            outputs.append(self._output(row, token, text, finish_reason))
+        outputs, keep, last_tokens, dropped = self._choose(batch)
         if before_forward is not None:
             before_forward(outputs)
 
         running: Batch | None = None
         if keep:
             running = batch.filter(keep)
-            running.append(tokens[keep])
+            running.retract([dropped[i] for i in keep])
+            drafts = self._drafts(running) if not newcomers else [[] for _ in keep]
+            for row, draft in zip(running.rows, drafts, strict=True):
+                if row.drafts is not None:
+                    row.drafts.fed = draft
+            running.feed([[last_tokens[i], *draft] for i, draft in zip(keep, drafts, strict=True)])
         if newcomers:
             assert self._joint is not None
             self._joint(running, newcomers, self._decode_kwargs(running) if running is not None else None)
@@ -683,11 +683,65 @@ class Engine:
                 self._store_prefixes(newcomer)
             self._batch = Batch.concatenate([*([running] if running is not None else []), *newcomers])
         elif running is not None:
-            self._forward(running)
+            self._forward(running, positions=running.input_ids.shape[1])
             self._batch = running
         else:
             self._batch = None
         return outputs
+
+    def _choose(self, batch: Batch) -> tuple[list[RowOutput], list[int], dict[int, int], list[int]]:
+        """Each row's tokens from the last forward's logits: one, or, for a row that fed
+        drafted tokens, one per position while the token chosen there equals the draft
+        fed after it (the same choice, the same random draw, as steps without drafts
+        would make, so drafting never changes what a row says). The outputs (in order
+        per row), the rows still running, each row's last token, and each row's fed
+        tokens to forget (its drafts not kept, and fillers)."""
+        assert batch.logits is not None
+        logits = batch.logits if batch.logits.ndim == 3 else batch.logits[:, None]
+        positions = logits.shape[1]
+        fed = [row.drafts.fed if row.drafts is not None else [] for row in batch.rows]
+        outputs: list[RowOutput] = []
+        last_tokens: dict[int, int] = {}
+        kept = [0] * len(batch)
+        finished: set[int] = set()
+        choosing = list(range(len(batch)))
+        for position in range(positions):
+            here = [i for i in choosing if position <= len(fed[i])]
+            if not here:
+                break
+            rows = [batch.rows[i] for i in here]
+            banned = merge_bans(
+                banned_tokens([row.stopping for row in rows], self.vocab_size, self.device),
+                grammar_mask([row.grammar for row in rows], self.vocab_size, self.eos_token_ids, self.device),
+            )
+            tokens = batch.sampler.choose(here, logits[here, position], banned).tolist()
+            choosing = []
+            for index, row, token in zip(here, rows, tokens, strict=True):
+                finish_reason = row.stopping.update(token)
+                if row.grammar is not None:
+                    finish_reason = _follow_grammar(row, token, finish_reason)
+                text = row.detokenizer.push(token)
+                if row.drafts is not None:
+                    row.drafts.lookup.append(token)
+                last_tokens[index] = token
+                if finish_reason is not None:
+                    text += row.detokenizer.flush()
+                    finished.add(index)
+                elif position < len(fed[index]) and token == fed[index][position]:
+                    kept[index] += 1
+                    choosing.append(index)
+                outputs.append(self._output(row, token, text, finish_reason))
+        for index, row in enumerate(batch.rows):
+            if row.drafts is not None:
+                self.drafting.checked(row.drafts, kept[index])
+        keep = [i for i in range(len(batch)) if i not in finished]
+        dropped = [row.fed_tokens - 1 - kept[i] for i, row in enumerate(batch.rows)]
+        return outputs, keep, last_tokens, dropped
+
+    def _drafts(self, batch: Batch) -> list[list[int]]:
+        """Each running row's drafted tokens for the next forward."""
+        room = [row.stopping.max_new_tokens - row.completion_tokens - 1 for row in batch.rows]
+        return self.drafting.drafts([row.drafts for row in batch.rows], room)
 
     @torch.inference_mode()
     def cancel(self, keys: Iterable[Hashable]) -> list[RowOutput]:
@@ -715,38 +769,49 @@ class Engine:
         """Drop every row without a word (after a failed forward left the batch unusable)."""
         self._batch = None
 
-    def _forward(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None) -> None:
-        """Run the model on the batch's pending tokens; `prefill_inputs` (images) go with a prefill only."""
+    def _forward(
+        self, batch: Batch, prefill_inputs: Mapping[str, Any] | None = None, *, positions: int = 1
+    ) -> None:
+        """Run the model on the batch's pending tokens: a prefill with `prefill_inputs`
+        (images; empty without), a decode step without (None). The logits after the last
+        token ([B, V]), or after each of the last `positions` > 1 (a step checking
+        drafts: [B, positions, V])."""
         applied = (
             self.adapters.applied(batch.adapters) if self.adapters is not None else contextlib.nullcontext()
         )
         with applied:
-            out = self._run_model(batch, prefill_inputs)
+            out = self._run_model(batch, prefill_inputs, positions=positions)
         cache = getattr(out, "cache", None)
         batch.cache = cache if cache is not None else out.past_key_values
-        batch.logits = out.logits[:, -1, :]
+        batch.logits = out.logits[:, -positions:, :] if positions > 1 else out.logits[:, -1, :]
 
     def _decode_kwargs(self, batch: Batch) -> dict[str, Any]:
         """What a decode step's attention takes beyond transformers' arguments: the
-        rows' lengths for the batch-invariant attention, or else the rows' windows
-        (worker.engine.attention), when they save anything."""
-        if not self._windowed_attention or batch.input_ids.shape[1] != 1:
+        rows' lengths for the batch-invariant attention (each row's last fed token
+        counted, drafts too), or else the rows' windows (worker.engine.attention), when
+        they save anything."""
+        if not self._windowed_attention:
             return {}
+        fed = batch.input_ids.shape[1]
         if self.batch_invariant:
-            return {"aligned_keys": AlignedKeys(tuple(batch.lengths))}
+            return {"aligned_keys": AlignedKeys(tuple(length + fed - 1 for length in batch.lengths))}
+        if fed != 1:
+            return {}
         windows = plan_windows(batch.lengths, batch.attention_mask.shape[1])
         return {"row_windows": windows} if windows is not None else {}
 
-    def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None) -> Any:
+    def _run_model(self, batch: Batch, prefill_inputs: Mapping[str, Any] | None, positions: int = 1) -> Any:
+        kept = {"logits_to_keep": positions} if "logits_to_keep" in self._forward_kwargs else {}
+        decode = {} if prefill_inputs is not None else self._decode_kwargs(batch)
         return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=True,
             **{self._cache_argument: batch.cache},
-            **self._forward_kwargs,
+            **{**self._forward_kwargs, **kept},
             **(prefill_inputs or {}),
-            **self._decode_kwargs(batch),
+            **decode,
         )
 
     @staticmethod

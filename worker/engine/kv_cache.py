@@ -215,6 +215,13 @@ def holds_prefixes(config: PretrainedConfig) -> bool:
     return bool(layers) and all(type(layer) in (GrowingLayer, DynamicSlidingWindowLayer) for layer in layers)
 
 
+def takes_back_tokens(config: PretrainedConfig) -> bool:
+    """Whether a model's cache can forget tokens a step fed (`drop_last_tokens`): every
+    layer full attention."""
+    layers = growing_cache(config).layers
+    return bool(layers) and all(type(layer) is GrowingLayer for layer in layers)
+
+
 def is_plain(cache: DynamicCache) -> bool:
     """True when every layer is a full-attention DynamicLayer (or a growing
     one) or a sliding-window one, holding tensors: the layers `select_rows` can

@@ -205,6 +205,20 @@ class Sampler:
             tokens[group.rows] = group.draw(uniforms[group.rows])
         return tokens
 
+    def choose(self, rows: Sequence[int], logits: torch.Tensor, banned: Bans = None) -> torch.Tensor:
+        """One token for each of `rows` (indices into this sampler) from their logits
+        ([len(rows), V]), recorded as seen: a step choosing for some rows only (a row
+        checking drafted tokens chooses once per token it keeps, each choice drawing the
+        row's next number, as a step without drafts would)."""
+        if list(rows) == list(range(len(self))):
+            tokens = self(logits, banned)
+            self.record(tokens)
+            return tokens
+        tokens = self.filter(rows)(logits, banned)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.seen.device)
+        self.seen[index, tokens.to(self.seen.device)] = True
+        return tokens
+
     # -- per-row state -----------------------------------------------------
 
     def record(self, tokens: torch.Tensor) -> None:
