@@ -74,21 +74,25 @@ ROUTING_PREFIX_CHARS = 1024
 PREFIX_CACHE_MEMORY_SHARE = 0.05
 PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 
-# Speculative decoding (worker.engine.speculation): --speculative modes, the tokens drafted
-# per row and step (--draft-tokens), and what `auto` weighs: it drafts only while a step's
-# rows times the tokens they feed stay within SPECULATION_AUTO_MAX_FED_TOKENS (a CPU's step
-# costs about one weight read up to a few dozen tokens, more past it), for rows whose recent
-# drafts were mostly kept (a row's kept share, averaged over its recent checks, at least
-# SPECULATION_AUTO_MIN_KEPT_SHARE; below it the row rests SPECULATION_AUTO_REST_STEPS steps).
+# Speculative decoding (worker.engine.speculation): --speculative modes, the most tokens
+# drafted per row and step (--draft-tokens), the n-gram lengths prompt lookup matches, and
+# what `auto` weighs: a step feeding each of its B rows k more tokens costs about
+# 1 + SPECULATION_STEP_COST + SPECULATION_TOKEN_COST x B x k plain steps (measured on a
+# 2-core CPU with the bundled model: 1 row x 1 more token 1.13, x 6 more 1.49; 4 rows x 1
+# more 1.39; 8 rows x 1 more 1.48), and a row's drafts are kept token by token at a rate
+# learnt from its recent checks (each check's evidence weighs SPECULATION_MEMORY times the
+# one before's; a step without a check keeps SPECULATION_IDLE_MEMORY of it, so a row whose
+# drafts failed tries again some steps later).
 SPECULATIVE_MODES = ("auto", "ngram", "off")
 DEFAULT_SPECULATIVE = "auto"
-DEFAULT_DRAFT_TOKENS = 4
+DEFAULT_DRAFT_TOKENS = 6
 MAX_DRAFT_TOKENS = 16
-SPECULATION_MIN_NGRAM = 2  # the shortest run of tokens whose earlier occurrence a draft follows
+SPECULATION_MIN_NGRAM = 2
 SPECULATION_MAX_NGRAM = 4
-SPECULATION_AUTO_MAX_FED_TOKENS = 16
-SPECULATION_AUTO_MIN_KEPT_SHARE = 0.3
-SPECULATION_AUTO_REST_STEPS = 16
+SPECULATION_STEP_COST = 0.1
+SPECULATION_TOKEN_COST = 0.08
+SPECULATION_MEMORY = 0.8
+SPECULATION_IDLE_MEMORY = 0.97
 
 # -- Retry-After hints (seconds) ---------------------------------------------------------------------------
 # A worker loading its model is usually ready within a few seconds; a full queue drains quickly.

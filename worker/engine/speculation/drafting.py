@@ -1,14 +1,20 @@
 """Which rows draft tokens in a step, and how many: the `--speculative` policy.
 
 `ngram` drafts for every row whose recent tokens occurred before in its own text
-(worker.engine.speculation.lookup). `auto` drafts only where checking the drafts
-costs about what one token's step costs: while the step's rows times the tokens
-they feed stay small, and for rows whose recent drafts were mostly kept; a row
-whose drafts keep failing rests a while, then tries again. `off` never drafts.
+(worker.engine.speculation.lookup), as many tokens as `draft_tokens` allows. `auto`
+picks, each step, the draft length k that makes the most tokens per unit of time:
+every row of the step feeds as many tokens as the longest draft (shorter ones are
+filled up), which costs about 1 + SPECULATION_STEP_COST + SPECULATION_TOKEN_COST x
+rows x k plain steps (shared.defaults),
+and yields each row 1 token plus those of its drafts the model keeps, expected from
+the rate at which the row's drafts were kept lately (a row kept a run of i drafts
+with probability rate^i). k = 0 (no drafting) whenever nothing pays: busy batches,
+open-ended text whose drafts fail. A row that drafts nothing drifts slowly back to
+the prior rate, so it tries again some steps later. `off` never drafts.
 
 A row's drafts never change its tokens: each drafted token is checked against the
 token the row would have chosen there (worker.engine.engine), so drafting only
-decides how many tokens a step may yield."""
+decides how many tokens a step yields."""
 
 from __future__ import annotations
 
@@ -22,14 +28,30 @@ from worker.engine.speculation.lookup import TokenLookup
 @dataclass
 class RowDrafts:
     """One row's drafting state: its text so far, indexed for lookups, the tokens
-    drafted in its last step, and how well its drafts have done."""
+    drafted in its last step, and how its drafts have fared."""
 
     lookup: TokenLookup
     fed: list[int] = field(default_factory=list)  # drafted tokens fed with the row's last token
-    kept_share: float = 1.0  # kept / drafted, averaged over recent checks
-    resting: int = 0  # steps left before the row drafts again
+    kept_recently: float = 0.0  # drafts kept, recent checks weighing most
+    failed_recently: float = 0.0  # checks that stopped at a draft the model did not keep
     drafted: int = 0  # the row's drafted tokens so far
     kept: int = 0  # of which the model kept
+
+    @property
+    def keep_rate(self) -> float:
+        """The chance the model keeps the row's next draft token, given the one before
+        was kept (1/2 with no evidence)."""
+        return (self.kept_recently + 1) / (self.kept_recently + self.failed_recently + 2)
+
+    def expected_kept(self, tokens: int) -> float:
+        """Tokens the model is expected to keep of a `tokens`-token draft."""
+        rate = self.keep_rate
+        return sum(rate**run for run in range(1, tokens + 1))
+
+    def forget(self, memory: float) -> None:
+        """Keep `memory` of the evidence so far."""
+        self.kept_recently *= memory
+        self.failed_recently *= memory
 
 
 @dataclass
@@ -71,21 +93,33 @@ class Drafting:
     def drafts(self, rows: Sequence[RowDrafts | None], room: Sequence[int]) -> list[list[int]]:
         """Each row's drafted tokens for its next step ([] for none); `room[i]`: the most
         tokens row i may still yield after its next one (its max_new_tokens left)."""
-        if not self.on:
-            return [[] for _ in rows]
-        wanted = []
-        for state, left in zip(rows, room, strict=True):
-            if state is None or left <= 0:
-                wanted.append([])
-            elif self.mode == "auto" and state.resting > 0:
-                state.resting -= 1
-                wanted.append([])
-            else:
-                wanted.append(state.lookup.draft(min(self.draft_tokens, left)))
-        if self.mode == "auto":  # every row feeds as many tokens as the longest draft asks
-            longest = defaults.SPECULATION_AUTO_MAX_FED_TOKENS // max(len(rows), 1) - 1
-            wanted = [draft[: max(longest, 0)] for draft in wanted]
-        return wanted
+        found = [
+            state.lookup.draft(min(self.draft_tokens, left)) if state is not None and left > 0 else []
+            for state, left in zip(rows, room, strict=True)
+        ]
+        if self.mode != "auto":
+            return found
+        tokens = self._paying_length(rows, found)
+        for state, draft in zip(rows, found, strict=True):
+            if state is not None and not draft[:tokens]:
+                state.forget(defaults.SPECULATION_IDLE_MEMORY)  # no evidence: slowly back to the prior
+        return [draft[:tokens] for draft in found]
+
+    @staticmethod
+    def _paying_length(rows: Sequence[RowDrafts | None], found: Sequence[list[int]]) -> int:
+        """The draft length that yields the most tokens per unit of time (0: none)."""
+        best, best_rate = 0, 1.0
+        for tokens in range(1, max((len(d) for d in found), default=0) + 1):
+            kept = sum(
+                state.expected_kept(min(tokens, len(draft)))
+                for state, draft in zip(rows, found, strict=True)
+                if state is not None and draft
+            )
+            cost = 1 + defaults.SPECULATION_STEP_COST + defaults.SPECULATION_TOKEN_COST * len(rows) * tokens
+            rate = (len(rows) + kept) / (len(rows) * cost)
+            if rate > best_rate:
+                best, best_rate = tokens, rate
+        return best
 
     def checked(self, state: RowDrafts, kept: int) -> None:
         """Note that `kept` of the row's fed drafts were kept."""
@@ -94,10 +128,9 @@ class Drafting:
             return
         state.drafted += drafted
         state.kept += kept
+        state.forget(defaults.SPECULATION_MEMORY)
+        state.kept_recently += kept
+        state.failed_recently += 1 if kept < drafted else 0
         self.counters.drafted += drafted
         self.counters.kept += kept
         self.counters.checks += 1
-        state.kept_share = (state.kept_share + kept / drafted) / 2
-        if self.mode == "auto" and state.kept_share < defaults.SPECULATION_AUTO_MIN_KEPT_SHARE:
-            state.resting = defaults.SPECULATION_AUTO_REST_STEPS
-            state.kept_share = defaults.SPECULATION_AUTO_MIN_KEPT_SHARE  # a fresh chance after resting

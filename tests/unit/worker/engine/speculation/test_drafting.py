@@ -24,39 +24,42 @@ def test_ngram_drafts_what_followed_within_the_room_left():
     assert drafting.drafts([state], [0]) == [[]]
 
 
-def test_auto_shortens_drafts_as_rows_grow():
-    drafting = Drafting("auto", draft_tokens=4)
-    budget = defaults.SPECULATION_AUTO_MAX_FED_TOKENS
-    for rows in (1, 2, 3, 4, 8, budget):
-        states = [drafting.row(LOOP) for _ in range(rows)]
-        drafts = drafting.drafts(states, [100] * rows)
-        assert all(len(d) == min(4, budget // rows - 1) for d in drafts), rows
-        assert rows * (1 + max(len(d) for d in drafts)) <= max(budget, rows)
+def checked_many(drafting: Drafting, state, kept_of_each: int, times: int = 10) -> None:
+    for _ in range(times):
+        state.fed = state.lookup.draft(drafting.draft_tokens)
+        drafting.checked(state, kept_of_each)
 
 
-def test_auto_rests_a_row_whose_drafts_fail_then_tries_again():
-    drafting = Drafting("auto", draft_tokens=4)
+def test_auto_drafts_long_for_a_row_whose_drafts_are_kept():
+    drafting = Drafting("auto", draft_tokens=6)
+    state = drafting.row([*range(20), 0, 1])  # "0 1" was followed by 2, 3, 4...
+    checked_many(drafting, state, kept_of_each=6)
+    assert state.keep_rate > 0.9
+    assert drafting.drafts([state], [100]) == [[2, 3, 4, 5, 6, 7]]
+
+
+def test_auto_stops_drafting_for_a_row_whose_drafts_fail_and_tries_again_later():
+    drafting = Drafting("auto", draft_tokens=6)
     state = drafting.row(LOOP)
-    for _ in range(3):
-        state.fed = drafting.drafts([state], [100])[0]
-        assert state.fed
-        drafting.checked(state, 0)
-        if state.resting:
-            break
-    assert state.resting == defaults.SPECULATION_AUTO_REST_STEPS
-    for _ in range(defaults.SPECULATION_AUTO_REST_STEPS):
-        assert drafting.drafts([state], [100]) == [[]]
-    assert drafting.drafts([state], [100]) != [[]]
-    assert drafting.counters.drafted > 0 and drafting.counters.kept == 0
+    assert drafting.drafts([state], [100])[0]  # no evidence yet: worth a try
+    checked_many(drafting, state, kept_of_each=0)
+    assert drafting.drafts([state], [100]) == [[]]
+    steps = 0
+    while drafting.drafts([state], [100]) == [[]]:  # each step without a draft forgets a little
+        steps += 1
+        assert steps < 100
+    assert steps > 1
 
 
-def test_ngram_never_rests():
-    drafting = Drafting("ngram", draft_tokens=4)
-    state = drafting.row(LOOP)
-    for _ in range(5):
-        state.fed = drafting.drafts([state], [100])[0]
-        drafting.checked(state, 0)
-    assert state.resting == 0 and drafting.drafts([state], [100])[0]
+def test_auto_weighs_the_cost_of_feeding_every_row():
+    drafting = Drafting("auto", draft_tokens=6)
+    good = drafting.row(LOOP)
+    checked_many(drafting, good, kept_of_each=3)  # about 3 of 6 kept: half the time a run of 3
+    alone = drafting.drafts([good], [100])[0]
+    crowd = [drafting.row(range(100 + i * 50, 150 + i * 50)) for i in range(7)]  # nothing to draft
+    busy = drafting.drafts([good, *crowd], [100] * 8)
+    assert len(alone) >= 2 and len(busy[0]) < len(alone)
+    assert all(draft == [] for draft in busy[1:])
 
 
 def test_bad_settings_are_refused():
