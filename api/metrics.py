@@ -75,6 +75,21 @@ class WorkerFamilies:
             "Prefix-cache blocks a worker dropped to make room.",
             labels=self.LABELS,
         )
+        self.drafted = CounterMetricFamily(
+            "mmserve_worker_draft_tokens_proposed",
+            "Tokens a worker's rows drafted from their own text (speculative decoding), by drafter.",
+            labels=[*self.LABELS, "drafter"],
+        )
+        self.kept = CounterMetricFamily(
+            "mmserve_worker_draft_tokens_accepted",
+            "Drafted tokens the model kept, by drafter.",
+            labels=[*self.LABELS, "drafter"],
+        )
+        self.checks = CounterMetricFamily(
+            "mmserve_worker_draft_checks",
+            "Row-steps that checked drafted tokens (accepted / checks: tokens kept per check), by drafter.",
+            labels=[*self.LABELS, "drafter"],
+        )
 
     def add(self, reader: registry.ReaderInfo) -> None:
         labels = [reader.consumer_group, reader.reader_id]
@@ -91,12 +106,16 @@ class WorkerFamilies:
         self.prefix_missed_tokens.add_metric(labels, stats.prefix_cache_missed_tokens)
         self.prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
         self.prefix_evictions.add_metric(labels, stats.prefix_cache_evicted_blocks)
+        self.drafted.add_metric([*labels, "ngram"], stats.draft_tokens_proposed)
+        self.kept.add_metric([*labels, "ngram"], stats.draft_tokens_accepted)
+        self.checks.add_metric([*labels, "ngram"], stats.draft_checks)
 
     def families(self) -> Iterator[Metric]:
         yield from (self.tokens, self.requests, self.steps, self.step_seconds)
         yield from (self.batch_rows, self.max_batch_size)
         yield from (self.prefix_hit_tokens, self.prefix_missed_tokens)
         yield from (self.prefix_bytes, self.prefix_evictions)
+        yield from (self.drafted, self.kept, self.checks)
 
 
 class RedisStateCollector(Collector):

@@ -23,6 +23,11 @@ class RowMetadata(BaseModel):
     cached_prompt_tokens: int | None = Field(
         None, description="Prompt tokens the worker read from its prefix cache instead of prefilling them."
     )
+    accepted_draft_tokens: int | None = Field(
+        None,
+        description="Completion tokens the worker drafted from the row's own text and the model kept "
+        "(speculative decoding); the answer is what it would be without drafting.",
+    )
     finish_reason: FinishReason | None
     closed_early: bool | None = Field(
         None,

@@ -234,6 +234,7 @@ class Generation:
             RowMetadata(
                 prompt_tokens=row.done.usage.prompt_tokens if row.done else None,
                 cached_prompt_tokens=row.done.usage.cached_prompt_tokens if row.done else None,
+                accepted_draft_tokens=row.done.usage.accepted_draft_tokens if row.done else None,
                 completion_tokens=row.done.usage.completion_tokens if row.done else None,
                 finish_reason=row.done.finish_reason if row.done else None,
                 closed_early=row.done.closed_early if row.done else None,

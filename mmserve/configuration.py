@@ -67,9 +67,12 @@ def _values(one: Setting) -> str:
         return "existing folder" if one.must_exist else "folder"
     if one.kind in (int, float):
         kind = "integer" if one.kind is int else "number"
-        if one.minimum is None:
-            return kind
-        return f"{kind} {'>' if one.above_minimum else '≥'} {one.minimum}"
+        bounds = []
+        if one.minimum is not None:
+            bounds.append(f"{'>' if one.above_minimum else '≥'} {one.minimum}")
+        if one.maximum is not None:
+            bounds.append(f"≤ {one.maximum}")
+        return " ".join([kind, ", ".join(bounds)]) if bounds else kind
     return "text"
 
 

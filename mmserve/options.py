@@ -36,13 +36,13 @@ def _click_type(one: Setting) -> click.ParamType | None:
     if one.directory:
         return click.Path(exists=one.must_exist, file_okay=False, resolve_path=one.must_exist)
     if one.kind is int:
-        return (
-            click.INT if one.minimum is None else click.IntRange(min=one.minimum, min_open=one.above_minimum)
-        )
+        if one.minimum is None and one.maximum is None:
+            return click.INT
+        return click.IntRange(min=one.minimum, max=one.maximum, min_open=one.above_minimum)
     if one.kind is float:
-        if one.minimum is None:
+        if one.minimum is None and one.maximum is None:
             return click.FLOAT
-        return click.FloatRange(min=one.minimum, min_open=one.above_minimum)
+        return click.FloatRange(min=one.minimum, max=one.maximum, min_open=one.above_minimum)
     return None
 
 

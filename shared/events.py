@@ -14,6 +14,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0  # prompt tokens the worker read from its prefix cache
+    accepted_draft_tokens: int = 0  # completion tokens that came as drafts the model kept (speculation)
 
 
 class TokenEvent(BaseModel):

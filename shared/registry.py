@@ -37,6 +37,9 @@ class WorkerStats(BaseModel):
     prefix_cache_missed_tokens: int = Field(0, description="Prompt tokens prefilled (not in the cache).")
     prefix_cache_bytes: int = Field(0, description="Bytes the prefix cache holds now.")
     prefix_cache_evicted_blocks: int = Field(0, description="Blocks dropped to make room.")
+    draft_tokens_proposed: int = Field(0, description="Tokens rows drafted (speculative decoding).")
+    draft_tokens_accepted: int = Field(0, description="Drafted tokens the model kept.")
+    draft_checks: int = Field(0, description="Row-steps that checked drafted tokens.")
 
 
 class LoraStatus(BaseModel):
@@ -74,6 +77,12 @@ class ReaderInfo(BaseModel):
     prefix_cache: str = Field("", description="Whether the prefix cache is on, or why it is off.")
     prefix_cache_block_tokens: int = Field(
         defaults.PREFIX_CACHE_BLOCK_TOKENS, description="Tokens per prefix-cache block (and prefill chunk)."
+    )
+    speculative: str = Field(
+        "off", description="Speculative decoding (--speculative): auto, ngram, or why it is off."
+    )
+    draft_tokens: int = Field(
+        defaults.DEFAULT_DRAFT_TOKENS, description="Most tokens a row drafts per step (--draft-tokens)."
     )
     threads: int | None = None
     max_batch_size: int = defaults.DEFAULT_MAX_BATCH_SIZE

@@ -39,6 +39,7 @@ class Setting:
     ignore_case: bool = False  # choices match in any case (and are passed on as declared)
     minimum: int | float | None = None
     above_minimum: bool = False  # the minimum itself is refused
+    maximum: int | float | None = None
     directory: bool = False  # the value is a folder
     must_exist: bool = False  # ... that must exist; the CLI makes it absolute
     metavar: str | None = None
@@ -71,6 +72,8 @@ class Setting:
         return text
 
     def _check_range(self, value: int | float) -> None:
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.env} must be <= {self.maximum}, got {value}")
         if self.minimum is None:
             return
         if value < self.minimum or (self.above_minimum and value == self.minimum):
@@ -99,6 +102,7 @@ def setting(
     ignore_case: bool = False,
     minimum: int | float | None = None,
     above_minimum: bool = False,
+    maximum: int | float | None = None,
     directory: bool = False,
     must_exist: bool = False,
     metavar: str | None = None,
@@ -118,6 +122,7 @@ def setting(
         ignore_case=ignore_case,
         minimum=minimum,
         above_minimum=above_minimum,
+        maximum=maximum,
         directory=directory,
         must_exist=must_exist,
         metavar=metavar,
@@ -411,6 +416,21 @@ class WorkerSettings(ProcessSettings):
         "Tokens per prefix-cache block: a prompt reuses whole blocks. With --batch-invariant on, prompts are "
         "prefilled in chunks of this many tokens, cache or not (smaller chunks prefill slower on a CPU).",
         minimum=1,
+    )
+    speculative: str = setting(
+        "--speculative",
+        defaults.DEFAULT_SPECULATIVE,
+        "Speculative decoding: rows draft tokens from their own prompt and output (prompt lookup) and "
+        "the model checks them in one step; answers do not change (docs: Tuning workers). auto = draft "
+        "where it pays (few rows, drafts the model keeps), ngram = always draft, off = never.",
+        choices=defaults.SPECULATIVE_MODES,
+    )
+    draft_tokens: int = setting(
+        "--draft-tokens",
+        defaults.DEFAULT_DRAFT_TOKENS,
+        "Most tokens a row drafts per step (with --speculative auto or ngram).",
+        minimum=1,
+        maximum=defaults.MAX_DRAFT_TOKENS,
     )
     device: str = setting(
         "--device", "auto", "auto = cuda when available, else cpu.", choices=DEVICES, ignore_case=True

@@ -20,6 +20,8 @@ def _worker_setting(attribute: str, *, own_default: bool = False, **constraints:
     one = _WORKER_SETTINGS[attribute]
     if one.minimum is not None:
         constraints["gt" if one.above_minimum else "ge"] = one.minimum
+    if one.maximum is not None:
+        constraints["le"] = one.maximum
     if own_default:
         return Field(one.default, description=f"As {one.flag}. {one.help}", **constraints)
     unset = "unset = what `serve` was started with"

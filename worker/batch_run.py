@@ -452,6 +452,7 @@ class BatchRun:
                     prompt_tokens=output.prompt_tokens,
                     completion_tokens=output.completion_tokens,
                     cached_prompt_tokens=output.cached_prompt_tokens,
+                    accepted_draft_tokens=output.accepted_draft_tokens,
                 )
                 outcome.finish_reasons[row] = output.finish_reason
                 outcome.usage[row] = usage

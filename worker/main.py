@@ -151,7 +151,7 @@ def run_worker(settings: WorkerSettings) -> None:
             name=reader_id,
         )
         heartbeat.refresh = lambda: {
-            "stats": worker.stats.snapshot(engine.prefix_cache),
+            "stats": worker.stats.snapshot(engine.prefix_cache, engine.drafting.counters),
             "loras": lora_status(engine),
         }
         heartbeat.update(**serving_facts(settings, loaded, engine))
@@ -210,6 +210,8 @@ def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: Adapter
         batch_invariant=settings.batch_invariant == "on",
         prefix_cache_bytes=prefix_cache_bytes(settings, loaded.device),
         prefix_block_tokens=settings.prefix_cache_block_tokens,
+        speculative=settings.speculative,
+        draft_tokens=settings.draft_tokens,
     )
 
 
@@ -243,6 +245,10 @@ def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine)
         "prefix_cache": "on" if engine.prefix_cache is not None else engine.prefix_cache_off_reason,
         "prefix_cache_bytes": engine.prefix_cache.max_bytes if engine.prefix_cache is not None else 0,
         "prefix_cache_block_tokens": engine.prefix_block_tokens,
+        "speculative": engine.drafting.mode
+        if engine.speculation_off_reason is None
+        else engine.speculation_off_reason,
+        "draft_tokens": engine.drafting.draft_tokens,
         "context_length": engine.context_length,
         "has_chat_template": engine.has_chat_template,
         **_pixel_facts(loaded),

@@ -10,6 +10,7 @@ from shared.registry import BATCH_ROWS_BUCKETS, WorkerStats
 
 if TYPE_CHECKING:
     from worker.engine.prefix_cache import PrefixCache
+    from worker.engine.speculation.drafting import DraftCounters
 
 
 class StatsRecorder:
@@ -35,10 +36,19 @@ class StatsRecorder:
             else:
                 self._stats.requests_finished += 1
 
-    def snapshot(self, prefix_cache: PrefixCache | None = None) -> WorkerStats:
+    def snapshot(
+        self, prefix_cache: PrefixCache | None = None, drafts: DraftCounters | None = None
+    ) -> WorkerStats:
         """A copy, with rows_per_step as Prometheus-style cumulative bucket counts, and
-        the prefix cache's counters (read without a lock: a count may lag by a prefill)."""
+        the prefix cache's and drafting's counters (read without a lock: a count may lag
+        by a step)."""
         update: dict[str, object] = {}
+        if drafts is not None:
+            update.update(
+                draft_tokens_proposed=drafts.drafted,
+                draft_tokens_accepted=drafts.kept,
+                draft_checks=drafts.checks,
+            )
         if prefix_cache is not None:
             counters = prefix_cache.counters
             update.update(

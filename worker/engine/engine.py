@@ -824,6 +824,7 @@ class Engine:
             prompt_tokens=row.prompt_length,
             completion_tokens=row.completion_tokens,
             cached_prompt_tokens=row.cached_tokens,
+            accepted_draft_tokens=row.drafts.kept if row.drafts is not None else 0,
             closed_early=row.grammar is not None and row.grammar.closed_early,
         )
 

@@ -71,4 +71,5 @@ class RowOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
+    accepted_draft_tokens: int = 0  # the row's tokens so far that came as drafts the model kept
     closed_early: bool = False  # the token budget narrowed the row's constrained answer to finish in time

@@ -1,0 +1,55 @@
+"""Speculative decoding over HTTP: a worker drafting tokens answers what a worker that
+does not draft answers, reports its drafting in /config, the metadata and /metrics;
+bad settings stop the worker with a message naming them. (Random test models never
+repeat themselves, so their drafts are rarely kept: the engine tests check keeping.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["one two three one two three one two three one two", "Hello there", "a b a b a b a b"]
+
+
+def answers(api, group: str) -> list[dict]:
+    payload = {"text": PROMPTS, "max_new_tokens": 12, "return_metadata": True, "consumer_group": group}
+    response = requests.post(api.url + "/generate", json=payload, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_drafting_worker_answers_what_a_plain_one_answers(start_api, start_worker):
+    start_worker("--speculative", "ngram", "--draft-tokens", "5", group="drafting")
+    start_worker("--speculative", "off", group="plain")
+    api = start_api()
+    drafted, plain = answers(api, "drafting"), answers(api, "plain")
+    assert drafted["text"] == plain["text"]
+    assert all(isinstance(row["accepted_draft_tokens"], int) for row in drafted["metadata"])
+    assert all(row["accepted_draft_tokens"] == 0 for row in plain["metadata"])
+
+    groups = requests.get(api.management_url + "/reader_groups", timeout=10).json()
+    configs = {
+        group: requests.get(f"{api.management_url}/config/{groups[group][0]['reader_id']}", timeout=10).json()
+        for group in ("drafting", "plain")
+    }
+    assert configs["drafting"]["speculative"] == "ngram" and configs["drafting"]["draft_tokens"] == 5
+    assert configs["plain"]["speculative"] == "off"
+    text = requests.get(api.url + "/metrics", timeout=10).text
+    for family in ("draft_tokens_proposed", "draft_tokens_accepted", "draft_checks"):
+        assert re.search(rf'^mmserve_worker_{family}_total{{.*drafter="ngram".*}} \S+$', text, re.M), family
+
+
+def test_draft_tokens_past_the_limit_are_refused(redis_server):
+    result = subprocess.run(
+        [sys.executable, "-m", "mmserve", "worker", "--redis-url", redis_server.url, "--draft-tokens", "99"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "--draft-tokens" in result.stderr and "99" in result.stderr
