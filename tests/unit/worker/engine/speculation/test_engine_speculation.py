@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from tests.support.engine_runs import Completion, collect, hf_greedy, llama
+from tests.support.vlm_runs import RED
+from worker.engine.adapters import AdapterCatalog, LoraAdapters
 from worker.engine.engine import Engine
 from worker.engine.models.fused_layers import fuse_layers
 from worker.engine.rows import Constraint, GenerationParams, RowRequest
@@ -207,3 +209,38 @@ def test_prompt_lookup_drafts_change_nothing_either(tiny_model, tokenizer):
         rows = rows_for(engine, [REPEATING, "x y x y x y x y x y"], params)
         results[speculative] = {k: c.tokens for k, c in run(engine, rows).items()}
     assert results["ngram"] == results["off"]
+
+
+def test_lora_rows_checking_drafts_say_what_they_say_without(tiny_model_dir, tokenizer, tiny_lora_dir):
+    base = llama(tiny_model_dir)
+    adapters = LoraAdapters(base, AdapterCatalog(directory=tiny_lora_dir), max_loaded=2)
+
+    def make() -> Engine:
+        return Engine(base, tokenizer, adapters=adapters)
+
+    engine = make()
+    params, ids = GenerationParams(max_new_tokens=16), engine.encode_prompt(REPEATING)
+    adapter_names = ("alpha", None, "beta")
+    rows = [RowRequest(key=str(n), prompt_ids=ids, params=params, adapter=n) for n in adapter_names]
+    plain, drafted, engine = with_and_without_drafts(make, rows)
+    assert drafted == plain and kept_some_not_all(engine)
+    assert len({tuple(tokens) for tokens, _, _ in plain.values()}) == 3  # the adapters do change the answers
+
+
+def test_rows_about_images_check_drafts_too(vlm):
+    def make() -> Engine:
+        return vlm.engine()
+
+    reason = vlm.engine(speculative="ngram").speculation_off_reason
+    if reason is not None:  # sliding-window layers cannot forget tokens
+        assert "gemma3" in vlm.name and "other than full attention" in reason
+        return
+    engine = make()
+    prompts = engine.encode_image_prompts(["Describe it.", "What colour?"], [RED], use_chat_template=True)
+    params = GenerationParams(max_new_tokens=12)
+    rows = [
+        RowRequest(key=i, prompt_ids=p.prompt_ids, params=params, image_features=p.image_features)
+        for i, p in enumerate(prompts)
+    ]
+    plain, drafted, engine = with_and_without_drafts(make, rows)
+    assert drafted == plain and kept_some_not_all(engine)
