@@ -78,8 +78,8 @@ PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 # drafted per row and step (--draft-tokens), the n-gram lengths prompt lookup matches, and
 # what `auto` weighs: a step feeding each of its B rows k more tokens costs about
 # 1 + SPECULATION_STEP_COST + SPECULATION_TOKEN_COST x B x k plain steps (measured on a
-# 2-core CPU with the bundled model: 1 row x 1 more token 1.13, x 6 more 1.49; 4 rows x 1
-# more 1.39; 8 rows x 1 more 1.48), and a row's drafts are kept token by token at a rate
+# 2-core CPU with the bundled model: 1 row x 1 more token 1.09, x 6 more 1.31, x 12 more
+# 1.74; 4 rows x 1 more 1.36; 8 rows x 1 more 1.56), and a row's drafts are kept token by token at a rate
 # learnt from its recent checks (each check's evidence weighs SPECULATION_MEMORY times the
 # one before's; a step without a check keeps SPECULATION_IDLE_MEMORY of it, so a row whose
 # drafts failed tries again some steps later).
@@ -89,9 +89,9 @@ DEFAULT_DRAFT_TOKENS = 6
 MAX_DRAFT_TOKENS = 16
 SPECULATION_MIN_NGRAM = 2
 SPECULATION_MAX_NGRAM = 4
-SPECULATION_STEP_COST = 0.1
-SPECULATION_TOKEN_COST = 0.08
-SPECULATION_MEMORY = 0.8
+SPECULATION_STEP_COST = 0.05
+SPECULATION_TOKEN_COST = 0.07
+SPECULATION_MEMORY = 0.9
 SPECULATION_IDLE_MEMORY = 0.97
 
 # -- Retry-After hints (seconds) ---------------------------------------------------------------------------

