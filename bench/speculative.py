@@ -20,16 +20,12 @@ Answers are compared between auto and off (greedy: they must be equal). Prints o
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import importlib.util
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from bench.common import PROMPTS, add_model_flags, bench_parser, chat_prompt_ids, machine, threads_or_default
 
@@ -72,32 +68,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def serving(args, setting: str) -> Iterator:
-    from bench.serving import ServeProcess
+def serving(args, setting: str):
+    """`mmserve serve` with one worker, `--speculative` `setting` (its environment variable)."""
+    from bench.prefix_cache import serving as serving_with
 
-    saved = os.environ.get("MMSERVE_SPECULATIVE")
-    os.environ["MMSERVE_SPECULATIVE"] = setting
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"mmserve-speculative-{setting}-") as folder:
-            server = ServeProcess.for_benchmark(
-                "--draft-tokens",
-                str(args.draft_tokens),
-                max_batch_size=8,
-                dtype=args.dtype,
-                threads=args.threads,
-                pack_weights=args.pack_weights,
-                log_path=Path(folder) / "serve.log",
-            )
-            try:
-                yield server
-            finally:
-                server.stop()
-    finally:
-        if saved is None:
-            os.environ.pop("MMSERVE_SPECULATIVE", None)
-        else:
-            os.environ["MMSERVE_SPECULATIVE"] = saved
+    flags = ("--draft-tokens", str(args.draft_tokens))
+    environment = {"MMSERVE_SPECULATIVE": setting}
+    return serving_with(args, environment, *flags, dtype=args.dtype, name=f"speculative-{setting}")
 
 
 def generate(url: str, text: str, max_tokens: int, forced: bool) -> dict:
@@ -210,6 +187,7 @@ def main() -> None:
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave llama.cpp out")
     args = parser.parse_args()
     args.threads = threads_or_default(args.threads)
+    args.max_batch_size = 8
 
     runs, answers_equal = [], []
     llama = []

@@ -54,6 +54,26 @@ def run(engine: Engine, rows: list[RowRequest]) -> dict[Hashable, Completion]:
     return completions
 
 
+def run_with_joins(
+    engine: Engine, rows: list[RowRequest], join: dict[int, list[RowRequest]] | None = None
+) -> dict[Hashable, Completion]:
+    """Every row's completion; `join` rows come in at those steps (in the step's own
+    forward where the engine can, else added)."""
+    join = dict(join or {})
+    completions: dict[Hashable, Completion] = {}
+    if rows:
+        engine.add(rows)
+    step = 0
+    while engine.has_work or join:
+        newcomers = join.pop(step, [])
+        in_step = bool(newcomers) and engine.has_work and engine.can_join(newcomers)
+        if newcomers and not in_step:
+            engine.add(newcomers)
+        collect(engine.step(joining=newcomers if in_step else ()), completions)
+        step += 1
+    return completions
+
+
 def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     """`generate` on the prompt alone, no padding."""
     input_ids = torch.tensor([prompt_ids])

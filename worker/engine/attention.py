@@ -155,7 +155,8 @@ def _aligned_sdpa(
     [rows, tokens, heads, head_dim], as transformers' sdpa returns."""
     fed, width = query.shape[2], key.shape[2]
     if fed > 1:
-        at_once = _positions_at_once(module, query, key, value, aligned, scaling)
+        scale = scaling if scaling is not None else getattr(module, "scaling", None)
+        at_once = _positions_at_once((query, key, value), aligned, scale)
         if at_once is not None:
             return at_once
     by_position = []
@@ -180,12 +181,7 @@ def _aligned_sdpa(
 
 
 def _positions_at_once(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    aligned: AlignedKeys,
-    scaling: float | None,
+    states: tuple[torch.Tensor, torch.Tensor, torch.Tensor], aligned: AlignedKeys, scale: float | None
 ) -> torch.Tensor | None:
     """`_aligned_sdpa` of rows feeding several tokens, each row's fed tokens in one call:
     each token attends its own window of the row's cache (overlapping views, one column
@@ -193,6 +189,7 @@ def _positions_at_once(
     rounds the same (a 4-dimensional strided view; torch's 5-dimensional path rounds
     otherwise). None when a row's aligned width changes within the step (a token
     crosses a multiple of ALIGNED_WIDTH_MULTIPLE): then one call per token it is."""
+    query, key, value = states
     fed, width = query.shape[2], key.shape[2]
     last = aligned.counts(width)
     first_counts = aligned.earlier(fed - 1).counts(width - fed + 1)
@@ -201,21 +198,20 @@ def _positions_at_once(
     rows, key_heads, _, dim = key.shape
     heads = query.shape[1]
     grouped = query.transpose(1, 2).reshape(rows, fed, key_heads, heads // key_heads, dim)
-    scale = scaling if scaling is not None else getattr(module, "scaling", None)
     outputs = []
     for row in range(rows):
         columns = aligned_width(last[row])
         start = width - (fed - 1) - columns  # where the first fed token's window starts
         windows = []
-        for states in (key[row], value[row]):  # [key heads, width, dim]
+        for cached in (key[row], value[row]):  # [key heads, width, dim]
             if start < 0:  # the windows reach before the cache: zero columns in front
-                states = torch.cat([states.new_zeros((key_heads, -start, dim)), states], dim=1)
-            stride = states.stride()
+                cached = torch.cat([cached.new_zeros((key_heads, -start, dim)), cached], dim=1)
+            stride = cached.stride()
             windows.append(
-                states.as_strided(
+                cached.as_strided(
                     (fed, key_heads, columns, dim),
                     (stride[1], stride[0], stride[1], stride[2]),
-                    states.storage_offset() + max(start, 0) * stride[1],
+                    cached.storage_offset() + max(start, 0) * stride[1],
                 )
             )
         counts = [aligned.earlier(fed - 1 - p).counts(width - fed + 1 + p)[row] for p in range(fed)]

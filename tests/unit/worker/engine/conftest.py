@@ -51,3 +51,14 @@ def vlm(request, loaded_vlm: Callable[[str], Vlm]) -> Vlm:
 @pytest.fixture
 def llava(loaded_vlm: Callable[[str], Vlm]) -> Vlm:
     return loaded_vlm("llava")
+
+
+@pytest.fixture(scope="session")
+def served(smollm2_shaped_model_dir: Path):
+    """The bundled model's shapes (random weights) loaded as a worker serves them, in
+    bfloat16: fused layers, packed weights, the batch-invariant mode's padded products."""
+    from shared.settings import WorkerSettings
+    from worker import main as worker_main
+
+    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
+    return worker_main.load_for_serving(settings)

@@ -5,13 +5,12 @@ batch-invariant mode: equal token for token), and reports the prompt tokens it r
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable
 
 import pytest
 import torch
 from peft import PeftModel
 
-from tests.support.engine_runs import collect, hf_greedy, llama
+from tests.support.engine_runs import hf_greedy, llama, run_with_joins
 from tests.support.tiny_vlms import sample_image
 from tests.support.vlm_runs import RED, row
 from worker.engine.adapters import AdapterCatalog, LoraAdapters
@@ -51,18 +50,7 @@ def cached_engine(model, tokenizer, **kwargs) -> Engine:
 def run(engine: Engine, rows: list[RowRequest], join: dict[int, list[RowRequest]] | None = None):
     """Every row's tokens and cached prompt tokens; `join` rows are added at those steps
     (in the step's own forward where the engine can)."""
-    join = dict(join or {})
-    completions: dict[Hashable, object] = {}
-    if rows:
-        engine.add(rows)
-    step = 0
-    while engine.has_work or join:
-        newcomers = join.pop(step, [])
-        in_step = bool(newcomers) and engine.has_work and engine.can_join(newcomers)
-        if newcomers and not in_step:
-            engine.add(newcomers)
-        collect(engine.step(joining=newcomers if in_step else ()), completions)
-        step += 1
+    completions = run_with_joins(engine, rows, join)
     tokens = {key: c.tokens for key, c in completions.items()}
     cached = {key: c.outputs[-1].cached_prompt_tokens for key, c in completions.items()}
     return tokens, cached
@@ -265,15 +253,6 @@ def test_another_image_never_reuses_the_first_images_blocks(vlm):
 
 
 # -- bfloat16, batch invariant --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def served(smollm2_shaped_model_dir):
-    from shared.settings import WorkerSettings
-    from worker import main as worker_main
-
-    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
-    return worker_main.load_for_serving(settings)
 
 
 def test_in_bfloat16_a_hit_answers_exactly_what_a_cold_prefill_answers(served):

@@ -10,12 +10,12 @@ the checking, only whether the model keeps it."""
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 
-from tests.support.engine_runs import Completion, collect, hf_greedy, llama
+from tests.support.engine_runs import hf_greedy, llama, run_with_joins
 from tests.support.vlm_runs import RED
 from worker.engine.adapters import AdapterCatalog, LoraAdapters
 from worker.engine.engine import Engine
@@ -53,34 +53,16 @@ class Oracle(Drafting):
         return wanted
 
 
-def run(engine: Engine, rows: list[RowRequest], join: dict[int, list[RowRequest]] | None = None):
-    """Every row's completion; `join` rows come in at those steps (in the step's own
-    forward where the engine can, else added)."""
-    join = dict(join or {})
-    completions: dict[Hashable, Completion] = {}
-    if rows:
-        engine.add(rows)
-    step = 0
-    while engine.has_work or join:
-        newcomers = join.pop(step, [])
-        in_step = bool(newcomers) and engine.has_work and engine.can_join(newcomers)
-        if newcomers and not in_step:
-            engine.add(newcomers)
-        collect(engine.step(joining=newcomers if in_step else ()), completions)
-        step += 1
-    return completions
-
-
 def with_and_without_drafts(
     make_engine, rows: list[RowRequest], join=None, **oracle
 ) -> tuple[dict, dict, Engine]:
     """The rows' (tokens, text, finish reason) without drafting and with the oracle's
     drafts, and the drafting engine."""
-    plain = run(make_engine(), rows, join)
+    plain = run_with_joins(make_engine(), rows, join)
     engine = make_engine()
     every_row = [*rows, *[row for joining in (join or {}).values() for row in joining]]
     engine.drafting = Oracle({tuple(r.prompt_ids): plain[r.key].tokens for r in every_row}, **oracle)
-    drafted = run(engine, rows, join)
+    drafted = run_with_joins(engine, rows, join)
     return (
         {key: (c.tokens, c.text, c.finish_reason) for key, c in plain.items()},
         {key: (c.tokens, c.text, c.finish_reason) for key, c in drafted.items()},
@@ -168,15 +150,6 @@ def test_a_draft_the_grammar_forbids_is_never_kept(tiny_model, tokenizer):
     assert drafted[0][1].startswith("ab ab ab")
 
 
-@pytest.fixture(scope="module")
-def served(smollm2_shaped_model_dir):
-    from shared.settings import WorkerSettings
-    from worker import main as worker_main
-
-    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
-    return worker_main.load_for_serving(settings)
-
-
 def test_in_bfloat16_greedy_and_seeded_rows_say_exactly_what_they_say_without_drafting(served):
     assert served.dtype == torch.bfloat16
 
@@ -207,7 +180,7 @@ def test_prompt_lookup_drafts_change_nothing_either(tiny_model, tokenizer):
     for speculative in ("ngram", "off"):
         engine = Engine(tiny_model, tokenizer, speculative=speculative)
         rows = rows_for(engine, [REPEATING, "x y x y x y x y x y"], params)
-        results[speculative] = {k: c.tokens for k, c in run(engine, rows).items()}
+        results[speculative] = {k: c.tokens for k, c in run_with_joins(engine, rows).items()}
     assert results["ngram"] == results["off"]
 
 

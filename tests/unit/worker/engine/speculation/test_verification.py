@@ -4,7 +4,6 @@ in the batch-invariant mode, bit for bit (worker.engine.attention)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from worker.engine.attention import AlignedKeys
@@ -13,15 +12,6 @@ from worker.engine.rows import GenerationParams, RowRequest
 
 PROMPTS = ([1000 + 37 * i for i in range(150)], [2000 + 11 * i for i in range(23)])
 FED = [[4321, 17, 905, 77, 3], [12, 9000, 456, 31337, 8]]  # each row's next tokens
-
-
-@pytest.fixture(scope="module")
-def served(smollm2_shaped_model_dir):
-    from shared.settings import WorkerSettings
-    from worker import main as worker_main
-
-    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
-    return worker_main.load_for_serving(settings)
 
 
 def prefilled(served) -> Engine:
