@@ -81,3 +81,34 @@ def test_a_sampled_row_draws_once_per_token_it_yields(drafting):
     for _ in range(3):
         torch.rand((), generator=replay, dtype=torch.float64)
     assert torch.equal(replay.get_state(), generator.get_state())  # three draws, as three plain steps
+
+
+def test_sampled_rows_checking_drafts_keep_the_models_distribution(drafting):
+    """Over many seeds, the tokens a sampled row yields at each position follow the
+    model's distribution there, whatever was drafted (a statistical check, fixed seeds)."""
+    a, b, c, d, _ = VOCAB_TOKENS
+    first = {a: 0.5, b: 0.3, c: 0.2}  # the row's distribution after its fed token
+    second = {c: 0.6, d: 0.4}  # after the draft `a`, if kept
+    trials = 1500
+    counts_first: dict[int, int] = {}
+    counts_second: dict[int, int] = {}
+    for seed in range(trials):
+        params = GenerationParams(max_new_tokens=20, temperature=1.0, top_k=0, seed=seed)
+        batch = batch_with(drafting, fed=[[a, b]], best=[[]], params=params)
+        batch.logits.fill_(-1e9)
+        for token, p in first.items():
+            batch.logits[0, 0, token] = float(torch.tensor(p).log())
+        for token, p in second.items():
+            batch.logits[0, 1, token] = float(torch.tensor(p).log())
+        batch.logits[0, 2, d] = 0.0
+        outputs, _, _, _ = drafting._choose(batch)
+        tokens = [o.token_id for o in outputs]
+        counts_first[tokens[0]] = counts_first.get(tokens[0], 0) + 1
+        if tokens[0] == a:
+            counts_second[tokens[1]] = counts_second.get(tokens[1], 0) + 1
+    for counts, distribution in ((counts_first, first), (counts_second, second)):
+        total = sum(counts.values())
+        assert set(counts) <= set(distribution)
+        for token, p in distribution.items():
+            spread = 4 * (p * (1 - p) / total) ** 0.5
+            assert abs(counts.get(token, 0) / total - p) < spread, (token, counts, total)
