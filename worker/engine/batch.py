@@ -2,10 +2,12 @@
 
 A `Batch` is either ready to run (`input_ids` / `position_ids` are the tokens the
 next forward consumes, `attention_mask` covers the cache plus those tokens) or ready
-to sample (the forward ran, `logits` holds each row's next-token logits,
-`attention_mask` covers exactly the cache). `filter` drops finished rows;
-`concatenate` merges batches that are ready to sample, rows sorted longest first
-(see worker.engine.attention).
+to sample (the forward ran, `logits` holds each row's next-token logits, after each
+fed token when rows fed drafts too, `attention_mask` covers exactly the cache).
+`filter` drops finished rows; `concatenate` merges batches that are ready to sample,
+rows sorted longest first (see worker.engine.attention); `feed` gives each row its
+next token and the drafted tokens to check after it (worker.engine.speculation);
+`retract` forgets the fed tokens the rows did not keep.
 
 Easy to get wrong: rows are left-padded (every row's last token in the last column)
 and each row's position ids count only its real tokens (cumsum of the mask - 1, or
@@ -138,7 +140,7 @@ class Batch:
     def lengths(self) -> list[int]:
         """Real (non-padding) tokens per row covered by the attention mask:
         each row's prompt and the tokens it has generated, each fed back once
-        sampled (inside `Engine.step`, between sampling and `append`, a row's
+        sampled (inside `Engine.step`, between sampling and `feed`, a row's
         newest token is counted already). Known on the host, so reading it
         never waits for a GPU."""
         return [row.prompt_length + row.completion_tokens for row in self.rows]
@@ -151,17 +153,6 @@ class Batch:
     @property
     def ready_to_sample(self) -> bool:
         return self.logits is not None
-
-    def append(self, tokens: torch.Tensor) -> None:
-        """Feed each row's chosen token ([B]) to the next forward."""
-        if tokens.shape != (len(self),):
-            raise ValueError(f"expected {len(self)} tokens, got shape {tuple(tokens.shape)}")
-        self.input_ids = tokens.to(self.input_ids.device, torch.long)[:, None]
-        self.position_ids = next_position_ids(self.position_ids)
-        self.attention_mask = torch.cat(
-            [self.attention_mask, self.attention_mask.new_ones((len(self), 1))], dim=1
-        )
-        self.logits = None
 
     def feed(self, tokens: Sequence[Sequence[int]]) -> None:
         """Feed each row its chosen token and, after it, tokens to check (drafts) in the
@@ -204,7 +195,7 @@ class Batch:
         that is ready to sample. Padding columns no kept row uses are trimmed
         from the mask and the KV cache. Reuses (and mutates) the cache."""
         if not self.ready_to_sample:
-            raise RuntimeError("filter a batch after its forward, before appending tokens")
+            raise RuntimeError("filter a batch after its forward, before feeding it tokens")
         keep = list(keep)
         if not keep:
             raise ValueError("filter would leave an empty batch; drop the batch instead")
@@ -239,7 +230,7 @@ class Batch:
         if len(batches) == 1:
             return batches[0]
         if not all(b.ready_to_sample for b in batches):
-            raise RuntimeError("concatenate batches after their forward, before appending tokens")
+            raise RuntimeError("concatenate batches after their forward, before feeding them tokens")
         if not all(b.can_concatenate for b in batches):
             raise NotImplementedError("only plain DynamicCache layers can be concatenated")
         width = max(b.attention_mask.shape[1] for b in batches)

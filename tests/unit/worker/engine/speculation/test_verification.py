@@ -25,37 +25,31 @@ def prefilled(served) -> Engine:
 @torch.inference_mode()
 def test_tokens_fed_together_get_the_logits_they_get_one_step_at_a_time(served):
     assert served.dtype == torch.bfloat16
-    stepwise = prefilled(served)
-    batch = stepwise._batch
-    order = [batch.keys.index(i) for i in range(len(PROMPTS))]  # rows are sorted longest first
-    fed = torch.tensor([FED[key] for key in batch.keys])
+    batch = prefilled(served)._batch
+    fed = [FED[key] for key in batch.keys]  # rows are sorted longest first
     expected = []
-    for position in range(fed.shape[1]):
-        batch.append(fed[:, position])
+    for position in range(len(FED[0])):
+        batch.feed([[tokens[position]] for tokens in fed])
         lengths = tuple(length + position + 1 for length in batch.lengths)
-        out = served.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            cache=batch.cache,
-            use_cache=True,
-            aligned_keys=AlignedKeys(lengths),
-        )
-        expected.append(out.logits[:, -1])
+        expected.append(forward(served, batch, lengths)[:, -1])
     expected = torch.stack(expected, dim=1)
 
     together = prefilled(served)._batch
-    tokens = fed.shape[1]
-    positions = together.position_ids[..., -1:] + torch.arange(1, tokens + 1)
-    mask = torch.cat([together.attention_mask, together.attention_mask.new_ones((len(order), tokens))], 1)
-    out = served.model(
-        input_ids=fed,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=together.cache,
-        use_cache=True,
-        aligned_keys=AlignedKeys(tuple(length + tokens for length in together.lengths)),
-    )
-    assert out.logits.shape == expected.shape
-    assert torch.equal(out.logits, expected)
+    together.feed(fed)
+    logits = forward(served, together, tuple(length + len(FED[0]) for length in together.lengths))
+    assert logits.shape == expected.shape
+    assert torch.equal(logits, expected)
     assert torch.equal(together.cache.layers[0].keys, batch.cache.layers[0].keys)
+
+
+def forward(served, batch, lengths: tuple[int, ...]) -> torch.Tensor:
+    """The model over the batch's fed tokens, attention aligned on the rows' `lengths`."""
+    out = served.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        cache=batch.cache,
+        use_cache=True,
+        aligned_keys=AlignedKeys(lengths),
+    )
+    return out.logits
