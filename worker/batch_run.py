@@ -216,7 +216,8 @@ class BatchRun:
                 self.steps += 1
                 if self._stats is not None:
                     tokens = sum(1 for output in outputs if output.token_id is not None)
-                    self._stats.record_step(len(outputs), tokens, time.perf_counter() - started)
+                    rows = len({output.key for output in outputs})  # a row keeping drafts yields several
+                    self._stats.record_step(rows, tokens, time.perf_counter() - started)
                 self._cancel_requested()
                 self._on_step()
         except Exception as exc:  # the model itself failed: every unfinished request fails

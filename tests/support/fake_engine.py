@@ -23,11 +23,13 @@ class FakeEngine:
         adapters: frozenset[str] = frozenset(),
         adapter_slots: int = 4,
         joins_in_step: bool = False,
+        tokens_per_step: int = 1,
     ):
         self.context_length = context_length
         self.adapters = adapters
         self.adapter_slots = adapter_slots
         self.fail_at_step = fail_at_step
+        self.tokens_per_step = tokens_per_step  # > 1: as rows keeping drafted tokens yield
         self.rows: dict = {}
         self.added: list[list[RowRequest]] = []
         self.steps = 0
@@ -72,16 +74,16 @@ class FakeEngine:
         outputs = []
         for key, state in list(self.rows.items()):
             row, produced = state
-            produced += 1
-            state[1] = produced
-            done = produced >= row.params.max_new_tokens
-            outputs.append(
-                RowOutput(
-                    key, produced, f"w{produced} ", "length" if done else None, len(row.prompt_ids), produced
-                )
-            )
-            if done:
-                del self.rows[key]
+            for _ in range(self.tokens_per_step):
+                produced += 1
+                state[1] = produced
+                done = produced >= row.params.max_new_tokens
+                reason = "length" if done else None
+                text = f"w{produced} "
+                outputs.append(RowOutput(key, produced, text, reason, len(row.prompt_ids), produced))
+                if done:
+                    del self.rows[key]
+                    break
         if before_forward is not None:
             before_forward(outputs)
         self.on_forward()

@@ -57,6 +57,18 @@ def test_rows_of_different_requests_run_in_one_batch(connection):
     assert outcomes["b"].finish_reasons == ["length", "length"]
 
 
+def test_rows_yielding_several_tokens_a_step_stream_them_in_order_and_count_as_one_row(connection):
+    from worker.stats import StatsRecorder
+
+    engine, stats = FakeEngine(tokens_per_step=3), StatsRecorder()
+    jobs = [make_job("a", text=["one", "two"], max_new_tokens=7)]
+    outcomes = BatchRun(engine, EventPublisher(connection), jobs, stats=stats).run()
+    assert outcomes["a"].result()["text"] == ["w1 w2 w3 w4 w5 w6 w7 "] * 2
+    snapshot = stats.snapshot()
+    assert snapshot.decode_steps == 3 and snapshot.tokens_generated == 14
+    assert snapshot.rows_sum == 6  # 2 rows in each of 3 steps
+
+
 def test_each_row_gets_its_own_params_and_seed(connection):
     engine = FakeEngine()
     job = make_job(
