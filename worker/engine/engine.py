@@ -722,7 +722,7 @@ class Engine:
                     finish_reason = _follow_grammar(row, token, finish_reason)
                 text = row.detokenizer.push(token)
                 if row.drafts is not None:
-                    row.drafts.lookup.append(token)
+                    row.drafts.push(token)
                 last_tokens[index] = token
                 if finish_reason is not None:
                     text += row.detokenizer.flush()

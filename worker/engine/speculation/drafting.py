@@ -5,11 +5,11 @@
 picks, each step, the draft length k that makes the most tokens per unit of time:
 every row of the step feeds as many tokens as the longest draft (shorter ones are
 filled up), which costs about 1 + SPECULATION_STEP_COST + SPECULATION_TOKEN_COST x
-rows x k plain steps (shared.defaults),
-and yields each row 1 token plus those of its drafts the model keeps, expected from
-the rate at which the row's drafts were kept lately (a row kept a run of i drafts
-with probability rate^i). k = 0 (no drafting) whenever nothing pays: busy batches,
-open-ended text whose drafts fail. A row that drafts nothing drifts slowly back to
+rows x k plain steps (shared.defaults), and yields each row 1 token plus those of its
+drafts the model keeps, expected from the rate at which the row's drafts were kept
+lately (a row keeps a run of i drafts with probability rate^i). k = 0 (no drafting)
+whenever nothing pays: busy batches (past 1 / SPECULATION_TOKEN_COST rows not even a
+row's text is looked up), open-ended text whose drafts fail. A row that drafts nothing drifts slowly back to
 the prior rate, so it tries again some steps later. `off` never drafts.
 
 A row's drafts never change its tokens: each drafted token is checked against the
@@ -27,15 +27,30 @@ from worker.engine.speculation.lookup import TokenLookup
 
 @dataclass
 class RowDrafts:
-    """One row's drafting state: its text so far, indexed for lookups, the tokens
-    drafted in its last step, and how its drafts have fared."""
+    """One row's drafting state: its text so far (indexed for lookups once the row
+    first drafts: rows of busy batches never do, and the index costs memory), the
+    tokens drafted in its last step, and how its drafts have fared."""
 
-    lookup: TokenLookup
+    tokens: list[int]  # the row's prompt and the tokens it has yielded
     fed: list[int] = field(default_factory=list)  # drafted tokens fed with the row's last token
     kept_recently: float = 0.0  # drafts kept, recent checks weighing most
     failed_recently: float = 0.0  # checks that stopped at a draft the model did not keep
     drafted: int = 0  # the row's drafted tokens so far
     kept: int = 0  # of which the model kept
+    _lookup: TokenLookup | None = None
+
+    def push(self, token: int) -> None:
+        """The row yielded `token`."""
+        self.tokens.append(token)
+        if self._lookup is not None:
+            self._lookup.append(token)
+
+    def draft(self, count: int) -> list[int]:
+        """Up to `count` tokens that followed the row's latest n-gram earlier in its text."""
+        if self._lookup is None:
+            shortest, longest = defaults.SPECULATION_MIN_NGRAM, defaults.SPECULATION_MAX_NGRAM
+            self._lookup = TokenLookup(self.tokens, min_ngram=shortest, max_ngram=longest)
+        return self._lookup.draft(count)
 
     @property
     def keep_rate(self) -> float:
@@ -83,18 +98,15 @@ class Drafting:
 
     def row(self, prompt_ids: Sequence[int]) -> RowDrafts | None:
         """A new row's drafting state (None when the engine never drafts)."""
-        if not self.on:
-            return None
-        lookup = TokenLookup(
-            prompt_ids, min_ngram=defaults.SPECULATION_MIN_NGRAM, max_ngram=defaults.SPECULATION_MAX_NGRAM
-        )
-        return RowDrafts(lookup)
+        return RowDrafts(list(prompt_ids)) if self.on else None
 
     def drafts(self, rows: Sequence[RowDrafts | None], room: Sequence[int]) -> list[list[int]]:
         """Each row's drafted tokens for its next step ([] for none); `room[i]`: the most
         tokens row i may still yield after its next one (its max_new_tokens left)."""
+        if self.mode == "auto" and len(rows) * defaults.SPECULATION_TOKEN_COST >= 1:
+            return [[] for _ in rows]  # even drafts all kept would not pay for feeding this many rows
         found = [
-            state.lookup.draft(min(self.draft_tokens, left)) if state is not None and left > 0 else []
+            state.draft(min(self.draft_tokens, left)) if state is not None and left > 0 else []
             for state, left in zip(rows, room, strict=True)
         ]
         if self.mode != "auto":

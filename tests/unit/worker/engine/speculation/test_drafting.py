@@ -26,7 +26,7 @@ def test_ngram_drafts_what_followed_within_the_room_left():
 
 def checked_many(drafting: Drafting, state, kept_of_each: int, times: int = 10) -> None:
     for _ in range(times):
-        state.fed = state.lookup.draft(drafting.draft_tokens)
+        state.fed = state.draft(drafting.draft_tokens)
         drafting.checked(state, kept_of_each)
 
 
@@ -59,6 +59,14 @@ def test_auto_weighs_the_cost_of_feeding_every_row():
     busy = drafting.drafts([good, *crowd], [100] * 8)
     assert len(alone) >= 2 and len(busy[0]) < len(alone)
     assert all(draft == [] for draft in busy[1:])
+
+
+def test_auto_never_looks_up_drafts_for_a_batch_too_big_to_gain():
+    drafting = Drafting("auto", draft_tokens=6)
+    rows = [drafting.row(LOOP) for _ in range(16)]
+    assert drafting.drafts(rows, [100] * 16) == [[]] * 16
+    assert all(state._lookup is None for state in rows)  # no index built: it costs memory
+    assert drafting.drafts(rows[:1], [100])[0] and rows[0]._lookup is not None
 
 
 def test_bad_settings_are_refused():

@@ -39,7 +39,7 @@ class Oracle(Drafting):
     def drafts(self, rows: Sequence[RowDrafts | None], room: Sequence[int]) -> list[list[int]]:
         wanted = []
         for state, left in zip(rows, room, strict=True):
-            history = state.lookup.tokens if state is not None else []
+            history = state.tokens if state is not None else []
             prompt = max((p for p in self.answers if tuple(history[: len(p)]) == p), key=len, default=None)
             if prompt is None or left <= 0:
                 wanted.append([])
