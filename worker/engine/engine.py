@@ -631,12 +631,14 @@ class Engine:
         joining: Sequence[RowRequest] = (),
         before_forward: Callable[[list[RowOutput]], None] | None = None,
     ) -> list[RowOutput]:
-        """One token for every running row. Finished rows report their finish
-        reason and leave the batch; the model then runs on the new tokens of
-        the rows still running. `joining` rows (only rows `can_join` accepts)
-        are prefilled in that same forward and join the batch: their first
-        token comes with the next step. They are checked first, as `add`
-        checks, and nothing changes when a check fails. `before_forward`, if
+        """One token for every running row, or more for a row that drafted tokens
+        the model keeps (one output each, in order; worker.engine.speculation).
+        Finished rows report their finish reason and leave the batch; the model
+        then runs on the new tokens of the rows still running (and their drafts).
+        `joining` rows (only rows `can_join` accepts) are prefilled in that same
+        forward and join the batch: their first token comes with the next step.
+        They are checked first, as `add` checks, and nothing changes when a
+        check fails. `before_forward`, if
         given, gets the step's outputs (the list returned) once its tokens
         are chosen and before the model runs on them: a caller that publishes
         them there sends every token one forward sooner. If it raises, the
