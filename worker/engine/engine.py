@@ -638,10 +638,10 @@ class Engine:
         `joining` rows (only rows `can_join` accepts) are prefilled in that same
         forward and join the batch: their first token comes with the next step.
         They are checked first, as `add` checks, and nothing changes when a
-        check fails. `before_forward`, if
-        given, gets the step's outputs (the list returned) once its tokens
-        are chosen and before the model runs on them: a caller that publishes
-        them there sends every token one forward sooner. If it raises, the
+        check fails. `before_forward`, if given, gets the step's outputs (the
+        list returned) once its tokens are chosen and before the model runs on
+        them: a caller that publishes them there sends every token one forward
+        sooner. If it raises, the
         step stops there; the engine is then to be `clear`ed."""
         if self._batch is None:
             if joining:
