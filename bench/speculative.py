@@ -19,7 +19,6 @@ Answers are compared between auto and off (greedy: they must be equal). Prints o
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import json
 import statistics
@@ -119,14 +118,15 @@ def one_at_a_time(url: str, prompts: Sequence[str], max_tokens: int, forced: boo
     return figures(results, sum(r["seconds"] for r in results)), [r["text"] for r in results]
 
 
-def concurrently(url: str, prompts: Sequence[str], max_tokens: int, clients: int) -> tuple[dict, list[str]]:
-    def client(index: int) -> list[dict]:
-        return [generate(url, prompts[(index + i) % len(prompts)], max_tokens, True) for i in range(2)]
+def from_clients(url: str, prompts: Sequence[str], max_tokens: int, clients: int) -> tuple[dict, list[str]]:
+    """`clients` clients sending 2 requests each, one after the other, cycling through `prompts`."""
+    from bench.prefix_cache import concurrently
 
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for batch in pool.map(client, range(clients)) for r in batch]
-    return figures(results, time.perf_counter() - started), [r["text"] for r in results]
+    def request(index: int) -> dict:
+        return generate(url, prompts[index % len(prompts)], max_tokens, True)
+
+    results, seconds = concurrently(clients, 2, request)
+    return figures(results, seconds), [r["text"] for r in results]
 
 
 def run_setting(args, setting: str) -> tuple[dict, dict[str, list[str]]]:
@@ -139,7 +139,7 @@ def run_setting(args, setting: str) -> tuple[dict, dict[str, list[str]]]:
         runs["open_c1"], texts["open_c1"] = one_at_a_time(
             server.url, PROMPTS[:4], args.open_tokens, forced=True
         )
-        runs["open_c8"], texts["open_c8"] = concurrently(server.url, PROMPTS, args.open_tokens, clients=8)
+        runs["open_c8"], texts["open_c8"] = from_clients(server.url, PROMPTS, args.open_tokens, clients=8)
     for name, run in runs.items():
         log(f"    {setting} {name}: {run['tokens_per_s']} tok/s, accepted share {run['accepted_share']}")
     return runs, texts

@@ -198,6 +198,7 @@ def _positions_at_once(
     rows, key_heads, _, dim = key.shape
     heads = query.shape[1]
     grouped = query.transpose(1, 2).reshape(rows, fed, key_heads, heads // key_heads, dim)
+    by_position = [aligned.earlier(fed - 1 - p).counts(width - fed + 1 + p) for p in range(fed)]
     outputs = []
     for row in range(rows):
         columns = aligned_width(last[row])
@@ -214,7 +215,7 @@ def _positions_at_once(
                     cached.storage_offset() + max(start, 0) * stride[1],
                 )
             )
-        counts = [aligned.earlier(fed - 1 - p).counts(width - fed + 1 + p)[row] for p in range(fed)]
+        counts = [position_counts[row] for position_counts in by_position]
         mask = aligned.mask(counts, columns, key.device)  # [fed, 1, 1, columns]: one row per token
         output = torch.nn.functional.scaled_dot_product_attention(
             grouped[row], *windows, attn_mask=mask, scale=scale

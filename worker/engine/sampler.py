@@ -210,21 +210,22 @@ class Sampler:
         ([len(rows), V]), recorded as seen: a step choosing for some rows only (a row
         checking drafted tokens chooses once per token it keeps, each choice drawing the
         row's next number, as a step without drafts would)."""
-        if list(rows) == list(range(len(self))):
-            tokens = self(logits, banned)
-            self.record(tokens)
-            return tokens
-        tokens = self.filter(rows)(logits, banned)
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.seen.device)
-        self.seen[index, tokens.to(self.seen.device)] = True
+        every_row = list(rows) == list(range(len(self)))
+        tokens = (self if every_row else self.filter(rows))(logits, banned)
+        self.record(tokens, None if every_row else rows)
         return tokens
 
     # -- per-row state -----------------------------------------------------
 
-    def record(self, tokens: torch.Tensor) -> None:
-        """Mark each row's newly chosen token as seen (for the repetition penalty)."""
-        rows = torch.arange(len(self), device=self.seen.device)
-        self.seen[rows, tokens.to(self.seen.device)] = True
+    def record(self, tokens: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Mark each row's newly chosen token as seen (for the repetition penalty);
+        `rows`: the rows `tokens` are for (None: every row, in order)."""
+        index = (
+            torch.arange(len(self), device=self.seen.device)
+            if rows is None
+            else torch.tensor(list(rows), dtype=torch.long, device=self.seen.device)
+        )
+        self.seen[index, tokens.to(self.seen.device)] = True
 
     def filter(self, keep: Sequence[int]) -> Sampler:
         """A sampler for the rows `keep` (indices into this one), in that order."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.tiny_vlms import FAMILIES
@@ -61,4 +62,6 @@ def served(smollm2_shaped_model_dir: Path):
     from worker import main as worker_main
 
     settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
-    return worker_main.load_for_serving(settings)
+    loaded = worker_main.load_for_serving(settings)
+    assert loaded.dtype == torch.bfloat16
+    return loaded

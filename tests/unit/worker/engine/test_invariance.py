@@ -21,16 +21,6 @@ TRIALS = 4
 WORDS = ["the", "a", "of", "robot", "river", "quiet", "seven", "blue", "market", "under", "sings", "when"]
 
 
-@pytest.fixture(scope="module")
-def served(smollm2_shaped_model_dir):
-    from worker import main as worker_main
-
-    settings = WorkerSettings(redis_url="x", model=str(smollm2_shaped_model_dir), dtype="bfloat16")
-    loaded = worker_main.load_for_serving(settings)
-    assert loaded.dtype == torch.bfloat16
-    return loaded
-
-
 def prompts(rng: random.Random, count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(count)]
 
