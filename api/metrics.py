@@ -77,7 +77,8 @@ class WorkerFamilies:
         )
         self.drafted = CounterMetricFamily(
             "mmserve_worker_draft_tokens_proposed",
-            "Tokens a worker's rows drafted from their own text (speculative decoding), by drafter.",
+            "Tokens a worker's rows drafted (speculative decoding), by drafter (ngram: prompt lookup, "
+            "model: the draft model).",
             labels=[*self.LABELS, "drafter"],
         )
         self.kept = CounterMetricFamily(
@@ -106,9 +107,10 @@ class WorkerFamilies:
         self.prefix_missed_tokens.add_metric(labels, stats.prefix_cache_missed_tokens)
         self.prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
         self.prefix_evictions.add_metric(labels, stats.prefix_cache_evicted_blocks)
-        self.drafted.add_metric([*labels, "ngram"], stats.draft_tokens_proposed)
-        self.kept.add_metric([*labels, "ngram"], stats.draft_tokens_accepted)
-        self.checks.add_metric([*labels, "ngram"], stats.draft_checks)
+        for drafter, drafts in stats.drafters.items():
+            self.drafted.add_metric([*labels, drafter], drafts.proposed)
+            self.kept.add_metric([*labels, drafter], drafts.accepted)
+            self.checks.add_metric([*labels, drafter], drafts.checks)
 
     def families(self) -> Iterator[Metric]:
         yield from (self.tokens, self.requests, self.steps, self.step_seconds)

@@ -83,7 +83,13 @@ PREFIX_CACHE_MAX_AUTO_BYTES = 4 * 2**30
 # learnt from its recent checks (each check's evidence weighs SPECULATION_MEMORY times the
 # one before's; a step without a check keeps SPECULATION_IDLE_MEMORY of it, so a row whose
 # drafts failed tries again some steps later).
-SPECULATIVE_MODES = ("auto", "ngram", "off")
+#
+# A draft model (--draft-model, worker.engine.speculation.draft_model) costs per drafted
+# token about its share of the model's parameters of a plain step (a small model's decode
+# step is bound by reading its weights, as the model's is); `auto` weighs that too.
+SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
+# The drafters, as metrics and stats name them: prompt lookup and the draft model.
+DRAFTERS = ("ngram", "model")
 DEFAULT_SPECULATIVE = "auto"
 DEFAULT_DRAFT_TOKENS = 6
 MAX_DRAFT_TOKENS = 16

@@ -19,6 +19,14 @@ ModelType = Literal["CAUSAL", "VISION"]
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+class DrafterStats(BaseModel):
+    """What one drafter of a worker's speculative decoding has done."""
+
+    proposed: int = Field(0, description="Tokens rows drafted.")
+    accepted: int = Field(0, description="Drafted tokens the model kept.")
+    checks: int = Field(0, description="Row-steps that checked drafted tokens.")
+
+
 class WorkerStats(BaseModel):
     """What a worker has done since it started; carried in its registry entry so
     the API's /metrics can report every worker (see api/metrics.py)."""
@@ -37,9 +45,10 @@ class WorkerStats(BaseModel):
     prefix_cache_missed_tokens: int = Field(0, description="Prompt tokens prefilled (not in the cache).")
     prefix_cache_bytes: int = Field(0, description="Bytes the prefix cache holds now.")
     prefix_cache_evicted_blocks: int = Field(0, description="Blocks dropped to make room.")
-    draft_tokens_proposed: int = Field(0, description="Tokens rows drafted (speculative decoding).")
-    draft_tokens_accepted: int = Field(0, description="Drafted tokens the model kept.")
-    draft_checks: int = Field(0, description="Row-steps that checked drafted tokens.")
+    drafters: dict[str, DrafterStats] = Field(
+        default_factory=dict,
+        description="Speculative decoding by drafter (ngram: prompt lookup, model: the draft model).",
+    )
 
 
 class LoraStatus(BaseModel):
@@ -81,6 +90,7 @@ class ReaderInfo(BaseModel):
     speculative: str = Field(
         "off", description="Speculative decoding (--speculative): auto, ngram, or why it is off."
     )
+    draft_model: str | None = Field(None, description="The draft model rows may draft with (--draft-model).")
     draft_tokens: int = Field(
         defaults.DEFAULT_DRAFT_TOKENS, description="Most tokens a row drafts per step (--draft-tokens)."
     )

@@ -420,17 +420,24 @@ class WorkerSettings(ProcessSettings):
     speculative: str = setting(
         "--speculative",
         defaults.DEFAULT_SPECULATIVE,
-        "Speculative decoding: rows draft tokens from their own prompt and output (prompt lookup) and "
-        "the model checks them in one step; answers do not change (docs: Tuning workers). auto = draft "
-        "where it pays (few rows, drafts the model keeps), ngram = always draft, off = never.",
+        "Speculative decoding: rows draft tokens from their own prompt and output (prompt lookup) or "
+        "with --draft-model, and the model checks them in one step; answers do not change (docs: Tuning "
+        "workers). auto = draft where it pays (few rows, drafts the model keeps), ngram = always draft by "
+        "lookup, draft = always draft with --draft-model, off = never.",
         choices=defaults.SPECULATIVE_MODES,
     )
     draft_tokens: int = setting(
         "--draft-tokens",
         defaults.DEFAULT_DRAFT_TOKENS,
-        "Most tokens a row drafts per step (with --speculative auto or ngram).",
+        "Most tokens a row drafts per step (with --speculative auto, ngram or draft).",
         minimum=1,
         maximum=defaults.MAX_DRAFT_TOKENS,
+    )
+    draft_model: str | None = setting(
+        "--draft-model",
+        None,
+        "A smaller causal language model (Hugging Face id or local path) with the model's tokenizer, whose "
+        "greedy tokens rows draft with --speculative auto (where it pays) or draft. Unset = no draft model.",
     )
     device: str = setting(
         "--device", "auto", "auto = cuda when available, else cpu.", choices=DEVICES, ignore_case=True

@@ -28,6 +28,7 @@ from worker.engine.models.image_pixels import bound_image_pixels, pixel_bounds
 from worker.engine.models.loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.engine.models.quantization import quantize
 from worker.engine.models.weight_packing import pack_weights
+from worker.engine.speculation.draft_model import DraftModel
 from worker.heartbeat import Heartbeat
 from worker.reader_calls import ReaderCallServer
 from worker.rq_worker import BatchWorker
@@ -84,6 +85,29 @@ def compute_dtype(settings: WorkerSettings, catalog: AdapterCatalog) -> str:
     return "float32"  # quantized from full-precision weights, not from bfloat16-rounded ones
 
 
+def check_speculation(settings: WorkerSettings) -> None:
+    """Refuse --speculative draft without a draft model before anything loads."""
+    if settings.speculative == "draft" and settings.draft_model is None:
+        raise ValueError("--speculative draft drafts with a draft model: give --draft-model too")
+
+
+def load_draft_model(settings: WorkerSettings, loaded: LoadedModel) -> DraftModel | None:
+    """The draft model (--draft-model), in the model's dtype and on its device, its layers
+    fused like the model's; None without one, or when --speculative never asks it."""
+    if settings.draft_model is None:
+        return None
+    if settings.speculative not in ("auto", "draft"):
+        log.warning("--draft-model is not used with --speculative %s", settings.speculative)
+        return None
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    name = settings.draft_model
+    draft = load_model(name, device=str(loaded.device), dtype=dtype, cache_root=settings.cache_dir)
+    if draft.model_type != "CAUSAL":
+        raise ValueError(f"--draft-model {name} is a {draft.model_type} model: it must be a text model")
+    fuse_layers(draft.model, settings.fuse_layers)
+    return DraftModel.over(draft.model, draft.tokenizer, loaded.model, loaded.tokenizer, name=name)
+
+
 def check_image_pixels(settings: WorkerSettings) -> None:
     """Refuse --image-min-pixels above --image-max-pixels before the model loads."""
     low, high = settings.image_min_pixels, settings.image_max_pixels
@@ -126,13 +150,14 @@ def run_worker(settings: WorkerSettings) -> None:
     catalog = lora_catalog(settings)
     compute_dtype(settings, catalog)  # refuse bad flag combinations before anything starts
     check_image_pixels(settings)
+    check_speculation(settings)
     connection = connect(settings.redis_connection_url)
     reader_id = settings.reader_id or f"{settings.consumer_group}-{uuid.uuid4().hex[:8]}"
     heartbeat = Heartbeat(connection, registry_entry(settings, reader_id, threads))
     heartbeat.start()
     try:
         loaded = load_for_serving(settings, catalog)
-        engine = build_engine(settings, loaded, catalog)
+        engine = build_engine(settings, loaded, catalog, load_draft_model(settings, loaded))
         group = settings.consumer_group
         own_queue = jobs.open_reader_queue(connection, group, reader_id)
         heartbeat.chores.append(
@@ -192,8 +217,14 @@ def registry_entry(settings: WorkerSettings, reader_id: str, threads: int) -> Re
     )
 
 
-def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: AdapterCatalog) -> Engine:
-    """The engine over the loaded model, with the LoRA adapters of `catalog` if it has any."""
+def build_engine(
+    settings: WorkerSettings,
+    loaded: LoadedModel,
+    catalog: AdapterCatalog,
+    draft_model: DraftModel | None = None,
+) -> Engine:
+    """The engine over the loaded model, with the LoRA adapters of `catalog` if it has any
+    and the draft model (`load_draft_model`) if given."""
     adapters = (
         LoraAdapters(loaded.model, catalog, max_loaded=settings.max_loras) if not catalog.empty else None
     )
@@ -212,6 +243,7 @@ def build_engine(settings: WorkerSettings, loaded: LoadedModel, catalog: Adapter
         prefix_block_tokens=settings.prefix_cache_block_tokens,
         speculative=settings.speculative,
         draft_tokens=settings.draft_tokens,
+        draft_model=draft_model,
     )
 
 
@@ -249,6 +281,7 @@ def serving_facts(settings: WorkerSettings, loaded: LoadedModel, engine: Engine)
         if engine.speculation_off_reason is None
         else engine.speculation_off_reason,
         "draft_tokens": engine.drafting.draft_tokens,
+        "draft_model": engine.drafting.model.name if engine.drafting.model is not None else None,
         "context_length": engine.context_length,
         "has_chat_template": engine.has_chat_template,
         **_pixel_facts(loaded),

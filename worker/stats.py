@@ -4,9 +4,10 @@ cheaply, on the decode thread; worker.heartbeat publishes a snapshot."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from shared.registry import BATCH_ROWS_BUCKETS, WorkerStats
+from shared.registry import BATCH_ROWS_BUCKETS, DrafterStats, WorkerStats
 
 if TYPE_CHECKING:
     from worker.engine.prefix_cache import PrefixCache
@@ -37,18 +38,17 @@ class StatsRecorder:
                 self._stats.requests_finished += 1
 
     def snapshot(
-        self, prefix_cache: PrefixCache | None = None, drafts: DraftCounters | None = None
+        self, prefix_cache: PrefixCache | None = None, drafts: Mapping[str, DraftCounters] | None = None
     ) -> WorkerStats:
         """A copy, with rows_per_step as Prometheus-style cumulative bucket counts, and
-        the prefix cache's and drafting's counters (read without a lock: a count may lag
+        the prefix cache's and each drafter's counters (read without a lock: a count may lag
         by a step)."""
         update: dict[str, object] = {}
         if drafts is not None:
-            update.update(
-                draft_tokens_proposed=drafts.drafted,
-                draft_tokens_accepted=drafts.kept,
-                draft_checks=drafts.checks,
-            )
+            update["drafters"] = {
+                drafter: DrafterStats(proposed=counts.drafted, accepted=counts.kept, checks=counts.checks)
+                for drafter, counts in drafts.items()
+            }
         if prefix_cache is not None:
             counters = prefix_cache.counters
             update.update(

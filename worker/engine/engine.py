@@ -16,7 +16,6 @@ changes rounding enough that a row can drift from its solo run after a while."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
@@ -42,10 +41,12 @@ from worker.engine.grammar import (
 from worker.engine.invariance import Coverage, other_limits, pad_single_rows, unpadded
 from worker.engine.joint import JointForward
 from worker.engine.kv_cache import RecordingCache, growing_cache, holds_prefixes, takes_back_tokens
+from worker.engine.models.model_facts import forward_arguments, logit_columns
 from worker.engine.prefill import cached_blocks_allowed, chunks
 from worker.engine.prefix_cache import LayerStates, PrefixCache, block_keys
 from worker.engine.prompts import ImagesNotAccepted, PromptError, image_prompts, text_prompt_ids
 from worker.engine.rows import Constraint, RowOutput, RowRequest
+from worker.engine.speculation.draft_model import DraftModel
 from worker.engine.speculation.drafting import Drafting
 from worker.engine.stopping import banned_tokens
 from worker.engine.vision import VisionPrompt, VisionPrompter
@@ -74,6 +75,7 @@ class Engine:
         close_in_time: bool = True,
         speculative: str = "off",
         draft_tokens: int = defaults.DEFAULT_DRAFT_TOKENS,
+        draft_model: DraftModel | None = None,
     ):
         """`eos_token_ids` overrides the end-of-sequence ids read from the
         model's generation config and the tokenizer. `processor` (the
@@ -91,9 +93,9 @@ class Engine:
         makes a constrained row whose grammar can tell its shortest completion
         finish its answer within max_new_tokens (worker.engine.grammar.closing);
         such a row whose shortest answer is longer is refused. `speculative` (auto, ngram,
-        off) lets rows draft up to `draft_tokens` tokens from their own text, checked in
-        the next step (worker.engine.speculation); a row's tokens stay what they are
-        without it."""
+        draft, off) lets rows draft up to `draft_tokens` tokens from their own text or
+        with `draft_model`, checked in the next step (worker.engine.speculation); a row's
+        tokens stay what they are without it."""
         self.device = torch.device(device)
         model = _on_device(model, self.device)
         self.model = model.eval()
@@ -104,9 +106,9 @@ class Engine:
             if eos_token_ids is not None
             else _eos_token_ids(model, tokenizer)
         )
-        self.vocab_size = _vocab_size(model)
+        self.vocab_size = logit_columns(model)
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
-        self._cache_argument, self._forward_kwargs = _forward_arguments(model)
+        self._cache_argument, self._forward_kwargs = forward_arguments(model)
         self.adapters = adapters
         if adapters is not None and adapters.base is not model:
             raise ValueError("the LoRA adapters must be built over the engine's model")
@@ -131,7 +133,10 @@ class Engine:
         if self.prefix_cache_off_reason is None:
             self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens)
         self.speculation_off_reason = self._speculation_off_reason(speculative)
-        self.drafting = Drafting(speculative if self.speculation_off_reason is None else "off", draft_tokens)
+        on = self.speculation_off_reason is None
+        self.drafting = Drafting(
+            speculative if on else "off", draft_tokens, model=draft_model if on else None
+        )
 
     def _speculation_off_reason(self, mode: str) -> str | None:
         if mode == "off":
@@ -619,7 +624,7 @@ class Engine:
             budget = row.stopping.max_new_tokens if self.close_in_time else None
             row.grammar = grammar.start(budget) if grammar is not None else None
             row.block_keys = row_keys
-            row.drafts = self.drafting.row(request.prompt_ids)
+            row.drafts = self.drafting.row(request.prompt_ids, images=request.image_features is not None)
         batch.rows[0].cached_tokens = cached
         if self.prefix_cache is not None and isinstance(batch.cache, RecordingCache):
             batch.cache.recorded = {}
@@ -890,17 +895,6 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_ids: frozenset[i
     return pad
 
 
-def _forward_arguments(model: PreTrainedModel) -> tuple[str, dict[str, object]]:
-    """The name the model's forward gives its KV cache, and the extra arguments it
-    takes: transformers 5 names the cache `cache`, older (remote code) models
-    `past_key_values`; `logits_to_keep=1` where accepted (only the last position's
-    logits are sampled)."""
-    accepted = inspect.signature(model.forward).parameters
-    cache_argument = "cache" if "cache" in accepted else "past_key_values"
-    extra: dict[str, object] = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    return cache_argument, extra
-
-
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every end-of-sequence id the model's generation config or the tokenizer names."""
     ids: set[int] = set()
@@ -913,15 +907,3 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
             continue
         ids.update(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
     return frozenset(ids)
-
-
-def _vocab_size(model: PreTrainedModel) -> int:
-    """Columns of the model's logits (may exceed the tokenizer's vocabulary)."""
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if callable(weight):  # a quantized Linear hands out its weight through a method
-        weight = weight()
-    if weight is not None:
-        return int(weight.shape[0])
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.vocab_size)

@@ -67,7 +67,7 @@ def test_a_required_setting_left_unset_names_its_variable():
         ("MMSERVE_LOG_LEVEL", "info", "must be one of DEBUG"),
         ("MMSERVE_DRAFT_TOKENS", "17", "must be <= 16"),
         ("MMSERVE_DRAFT_TOKENS", "0", "must be >= 1"),
-        ("MMSERVE_SPECULATIVE", "sometimes", "must be one of auto, ngram, off"),
+        ("MMSERVE_SPECULATIVE", "sometimes", "must be one of auto, ngram, draft, off"),
     ],
 )
 def test_a_bad_worker_variable_is_refused_by_name(variable, text, message):

@@ -26,7 +26,7 @@ def test_ngram_drafts_what_followed_within_the_room_left():
 
 def checked_many(drafting: Drafting, state, kept_of_each: int, times: int = 10) -> None:
     for _ in range(times):
-        state.fed = state.draft(drafting.draft_tokens)
+        state.fed = state.look_up(drafting.draft_tokens)
         drafting.checked(state, kept_of_each)
 
 
@@ -34,7 +34,7 @@ def test_auto_drafts_long_for_a_row_whose_drafts_are_kept():
     drafting = Drafting("auto", draft_tokens=6)
     state = drafting.row([*range(20), 0, 1])  # "0 1" was followed by 2, 3, 4...
     checked_many(drafting, state, kept_of_each=6)
-    assert state.keep_rate > 0.9
+    assert state.evidence["ngram"].keep_rate > 0.9
     assert drafting.drafts([state], [100]) == [[2, 3, 4, 5, 6, 7]]
 
 
@@ -76,3 +76,59 @@ def test_bad_settings_are_refused():
         Drafting("auto", draft_tokens=0)
     with pytest.raises(ValueError):
         Drafting("auto", draft_tokens=defaults.MAX_DRAFT_TOKENS + 1)
+
+
+class CountingModel:
+    """A stand-in draft model: drafts 1, 2, 3... and counts the tokens it drafted."""
+
+    def __init__(self, cost: float):
+        self.cost, self.drafted = cost, 0
+
+    def propose(self, cursor, tokens, count):
+        self.drafted += count
+        return list(range(1, count + 1))
+
+
+FRESH = list(range(100, 140))  # nothing repeats: lookups find nothing
+
+
+def test_draft_mode_drafts_with_the_model_for_every_row_but_rows_with_images():
+    model = CountingModel(cost=0.5)
+    drafting = Drafting("draft", draft_tokens=4, model=model)
+    text, image = drafting.row(LOOP), drafting.row(FRESH, images=True)
+    assert drafting.drafts([text, image], [10, 10]) == [[1, 2, 3, 4], []]
+    assert drafting.drafts([text], [2]) == [[1, 2]]
+    assert text.fed_by == "model" and model.drafted == 6
+
+
+def test_auto_drafts_with_a_cheap_model_where_lookups_find_nothing():
+    model = CountingModel(cost=0.02)
+    drafting = Drafting("auto", draft_tokens=6, model=model)
+    looped, fresh = drafting.row(LOOP), drafting.row(FRESH)
+    drafts = drafting.drafts([looped, fresh], [100, 100])
+    assert drafts[0][:1] == [5] and looped.fed_by == "ngram"  # the lookup's draft
+    assert drafts[1] and drafts[1] == list(range(1, len(drafts[1]) + 1)) and fresh.fed_by == "model"
+    for _ in range(10):  # the model's drafts are always kept: it drafts long
+        fresh.fed = drafting.drafts([fresh], [100])[0]
+        drafting.checked(fresh, len(fresh.fed))
+    assert drafting.drafts([fresh], [100]) == [[1, 2, 3, 4, 5, 6]]
+    assert drafting.counters["model"].kept == drafting.counters["model"].drafted > 0
+
+
+def test_auto_stops_asking_a_model_whose_drafts_fail():
+    model = CountingModel(cost=0.02)
+    drafting = Drafting("auto", draft_tokens=6, model=model)
+    fresh = drafting.row(FRESH)
+    for _ in range(10):
+        fresh.fed = drafting.drafts([fresh], [100])[0]
+        drafting.checked(fresh, 0)
+    assert drafting.drafts([fresh], [100]) == [[]]
+
+
+def test_auto_never_asks_a_model_as_costly_as_a_step_nor_for_rows_with_images():
+    costly = Drafting("auto", draft_tokens=6, model=CountingModel(cost=1.0))
+    sure = costly.row(FRESH)
+    sure.evidence["model"].kept_recently = 1000.0  # even drafts always kept would not pay
+    assert costly.drafts([sure], [100]) == [[]] and costly.model.drafted == 0
+    cheap = Drafting("auto", draft_tokens=6, model=CountingModel(cost=0.01))
+    assert cheap.drafts([cheap.row(FRESH, images=True)], [100]) == [[]] and cheap.model.drafted == 0

@@ -78,7 +78,7 @@ def rows_for(engine: Engine, prompts, params: GenerationParams, prefix: str = ""
 
 
 def kept_some_not_all(engine: Engine) -> bool:
-    counters = engine.drafting.counters
+    counters = engine.drafting.total
     return 0 < counters.kept < counters.drafted
 
 
