@@ -28,7 +28,7 @@ from worker.engine.models.image_pixels import bound_image_pixels, pixel_bounds
 from worker.engine.models.loading import DEFAULT_MODEL_NAME, LoadedModel, load_model
 from worker.engine.models.quantization import quantize
 from worker.engine.models.weight_packing import pack_weights
-from worker.engine.speculation.draft_model import DraftModel
+from worker.engine.speculation.draft_model import DraftModel, measured_cost
 from worker.heartbeat import Heartbeat
 from worker.reader_calls import ReaderCallServer
 from worker.rq_worker import BatchWorker
@@ -105,7 +105,8 @@ def load_draft_model(settings: WorkerSettings, loaded: LoadedModel) -> DraftMode
     if draft.model_type != "CAUSAL":
         raise ValueError(f"--draft-model {name} is a {draft.model_type} model: it must be a text model")
     fuse_layers(draft.model, settings.fuse_layers)
-    return DraftModel.over(draft.model, draft.tokenizer, loaded.model, loaded.tokenizer, name=name)
+    cost = measured_cost(draft.model, loaded.model)
+    return DraftModel.over(draft.model, draft.tokenizer, loaded.model, loaded.tokenizer, name=name, cost=cost)
 
 
 def check_image_pixels(settings: WorkerSettings) -> None:

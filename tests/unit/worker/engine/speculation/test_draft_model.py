@@ -111,6 +111,7 @@ def test_in_bfloat16_the_worker_drafts_with_its_draft_model_and_says_the_same(
     )
     draft = worker_main.load_draft_model(settings, served)
     assert draft is not None and next(draft.model.parameters()).dtype == torch.bfloat16
+    assert draft.cost > 0  # timed against the model
     lengths = (50, 20, 90)
     prompts = [[(7 * i + 3 * n) % 30000 + 100 for i in range(length)] for n, length in enumerate(lengths)]
     params = [
