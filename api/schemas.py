@@ -25,8 +25,8 @@ class RowMetadata(BaseModel):
     )
     accepted_draft_tokens: int | None = Field(
         None,
-        description="Completion tokens the worker drafted from the row's own text and the model kept "
-        "(speculative decoding); the answer is what it would be without drafting.",
+        description="Completion tokens the worker drafted (from the row's own text or with its draft model) "
+        "and the model kept (speculative decoding); the answer is what it would be without drafting.",
     )
     finish_reason: FinishReason | None
     closed_early: bool | None = Field(
