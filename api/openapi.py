@@ -328,7 +328,9 @@ def _management_paths(settings: ApiSettings) -> dict[str, Any]:
             "requestBody": {"required": True, "content": _json_content("ReaderSpec")},
             "responses": {
                 "201": {
-                    "description": "Started; it registers once its model is loaded.",
+                    "description": "Started; it registers once its model is loaded. "
+                    "`{reader_id, pid, consumer_group, ready, ignored}`: `ignored` names the "
+                    "Takeoff keys given that mean nothing here.",
                     "content": {"application/json": {}},
                 },
                 **_errors(422, 501, 503),

@@ -8,11 +8,14 @@ import sys
 import uuid
 
 import click
+from click.core import ParameterSource
 
 from mmserve import options
 from mmserve.supervisor import REDIS, Child, LocalWorkerCommands, Supervisor, python_command
+from mmserve.takeoff_config import ManifestError, manifest_from_environment, read_manifest
 from shared import logs
 from shared.settings import ApiSettings, WorkerSettings, environment_of
+from shared.supervision import ReaderSpec
 
 GUNICORN_APP = "api.wsgi:app_from_env()"
 GUNICORN_CONFIG = "python:api.gunicorn_config"  # its server hooks
@@ -91,8 +94,11 @@ def _worker_argv(redis_url: str, worker: dict, log_level: str, log_format: str) 
         options.LOG_FORMAT,
     ]
 )
-def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, **kwargs) -> None:
-    """Everything on one machine: Redis (private unless --redis-url), the API and N workers."""
+def serve(
+    redis_url: str | None, workers: int, config: str | None, log_level: str, log_format: str, **kwargs
+) -> None:
+    """Everything on one machine: Redis (private unless --redis-url), the API and N workers
+    (or N workers for each reader of a Takeoff manifest)."""
     from mmserve.redis_server import RedisServer
     from worker.main import default_threads
 
@@ -100,8 +106,9 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
     logs.configure(log_level, log_format)
     api = options.pick(kwargs, options.API)
     worker = options.pick(kwargs, options.WORKER)
+    readers = [reader for reader in _takeoff_readers(config, api) for _ in range(workers)]
     if worker["threads"] is None:
-        worker["threads"] = default_threads(workers)
+        worker["threads"] = default_threads(len(readers))
     if worker.pop("reader_id") is not None:
         raise click.UsageError("--reader-id names one worker; `serve` names its workers itself")
     children: list[Child] = []
@@ -115,22 +122,51 @@ def serve(redis_url: str | None, workers: int, log_level: str, log_format: str, 
     api_env = _api_env(redis_url, {**api, "supervisor_id": supervisor_id}, log_level, log_format)
     children.append(Child("api", _gunicorn_argv(api, log_level, log_format), api_env, restart=False))
 
-    def make_worker(overrides: dict) -> Child:
+    def make_worker(spec: ReaderSpec | None) -> Child:
+        """A worker as the flags say, with what `spec` (a reader to start) sets instead."""
+        overrides = spec.worker_overrides() if spec is not None else {}
         settings = {**worker, **{key: value for key, value in overrides.items() if value is not None}}
         reader_id = f"{settings['consumer_group']}-{uuid.uuid4().hex[:8]}"
-        argv = _worker_argv(redis_url, {**settings, "reader_id": reader_id}, log_level, log_format)
-        return Child(f"worker {reader_id}", argv, dict(os.environ), restart=True, reader_id=reader_id)
+        level = spec.log_level if spec is not None and spec.log_level else log_level
+        argv = _worker_argv(redis_url, {**settings, "reader_id": reader_id}, level, log_format)
+        env = {**os.environ, **(spec.environment() if spec is not None else {})}
+        return Child(f"worker {reader_id}", argv, env, restart=True, reader_id=reader_id)
 
-    children.extend(make_worker({}) for _ in range(workers))
+    children.extend(make_worker(reader) for reader in readers)
     host = "127.0.0.1" if api["host"] in ("0.0.0.0", "::") else api["host"]
     status = Supervisor(
         children,
         ready_url=f"http://{host}:{api['port']}/readyz",
         commands=LocalWorkerCommands(redis_url, supervisor_id, make_worker),
+        api_key=api["api_key"],
     ).run()
     if private_redis is not None:
         private_redis.stop()
     sys.exit(status)
+
+
+def _takeoff_readers(config: str | None, api: dict) -> list[ReaderSpec | None]:
+    """The readers of the Takeoff manifest at `config` (or of TAKEOFF_* variables), its server
+    config applied to `api` where the API's flags are left at their defaults; [None] (one
+    reader as the flags say) without one. click.ClickException for a manifest `serve` cannot run."""
+    try:
+        manifest = read_manifest(config) if config else manifest_from_environment(os.environ)
+        if manifest is None:
+            return [None]
+        context = click.get_current_context()
+        for setting, value in manifest.server.api_settings().items():
+            if context.get_parameter_source(setting) is ParameterSource.DEFAULT:
+                api[setting] = value
+        manifest.check_ports(api["openai_port"])
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    log = logging.getLogger("mmserve.serve")
+    if manifest.ignored():
+        ignored = ", ".join(manifest.ignored())
+        log.warning("Takeoff configuration: ignored key(s) that mean nothing here: %s", ignored)
+    for name, reader in manifest.readers.items():
+        log.info("Takeoff reader %s: %s for group %r", name, reader.model_name, reader.consumer_group)
+    return list(manifest.readers.values()) or [None]
 
 
 @main.command("api")

@@ -104,7 +104,54 @@ def render() -> str:
     lines += ["## Environment variables without a flag", "", "| Variable | What it does |", "|---|---|"]
     lines += [f"| {_code(one.env)} | {_prose(one.help)} |" for one in environment_only]
     lines += [f"| {_code(one.name)} | {_prose(one.help)} |" for one in OTHER_ENVIRONMENT]
+    lines += ["", *_takeoff_section()]
     return "\n".join(lines) + "\n"
+
+
+TAKEOFF_INTRODUCTION = """\
+## A Takeoff configuration
+
+`mmserve serve --config config.yaml` runs a Takeoff manifest: `takeoff.server_config` sets the API's
+ports and limits (where their flags are left at their defaults: a flag given wins), and each reader of
+`takeoff.readers_config` starts `--workers` worker processes (1 by default) of its consumer group,
+sharing the machine's threads. Without `--config`, `TAKEOFF_<KEY>` environment variables
+(`TAKEOFF_MODEL_NAME`, `TAKEOFF_CONSUMER_GROUP`, `TAKEOFF_PORT`, ...) make a manifest of one reader, so a
+compose file written for Takeoff runs by changing the image. `POST /reader` on the management port
+takes the same reader keys.
+
+```yaml
+takeoff:
+  server_config:
+    port: 3000
+    management_port: 3001
+  readers_config:
+    chat:
+      model_name: HuggingFaceTB/SmolLM2-135M-Instruct
+      device: cpu
+      consumer_group: primary
+      max_batch_size: 8
+```
+
+Keys that mean nothing here are named in one warning line when `serve` starts; an unknown key, a reader
+without `model_name`, a key given twice or two ports that are one stop `serve` with a message naming
+them. Embedding and classification readers (Takeoff's `EMBEDDING` and `CLASSIFICATION` models) are not
+supported yet: a worker refuses an encoder model when it starts."""
+
+
+def _takeoff_section() -> list[str]:
+    from mmserve.takeoff_config import IGNORED_SERVER_KEYS, SERVER_SETTINGS, ServerConfig
+    from shared.supervision import IGNORED_READER_KEYS, ReaderSpec
+
+    flags = {one.attribute: one.flag for one in declared(ApiSettings)}
+    lines = [TAKEOFF_INTRODUCTION, "", "| Key | What mmserve does with it |", "|---|---|"]
+    for key in ServerConfig.model_fields:
+        done = f"sets {_code(flags[SERVER_SETTINGS[key]])}" if key in SERVER_SETTINGS else "ignored"
+        assert key in SERVER_SETTINGS or key in IGNORED_SERVER_KEYS
+        lines.append(f"| {_code('server_config.' + key)} | {done} |")
+    for key, field in ReaderSpec.model_fields.items():
+        done = "ignored" if key in IGNORED_READER_KEYS else _prose(field.description or "")
+        lines.append(f"| {_code('readers_config.<name>.' + key)} | {done} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class Child:
 class LocalWorkerCommands:
     """Carries out the API's POST /reader and DELETE /reader/{id} (shared.supervision)."""
 
-    def __init__(self, redis_url: str, supervisor_id: str, make_worker: Callable[[dict], Child]):
+    def __init__(
+        self, redis_url: str, supervisor_id: str, make_worker: Callable[[supervision.ReaderSpec], Child]
+    ):
         self._connection = connect(redis_url, socket_timeout=5)
         self._supervisor_id = supervisor_id
         self._make_worker = make_worker
@@ -78,8 +80,10 @@ class LocalWorkerCommands:
     def _carry_out(self, command: supervision.Command, supervisor: Supervisor) -> supervision.Reply:
         if command.action == "start":
             spec = command.spec or supervision.ReaderSpec()
-            overrides = spec.model_dump(exclude={"model_name"}) | {"model": spec.model_name}
-            child = self._make_worker(overrides)
+            if spec.ignored():
+                ignored = ", ".join(spec.ignored())
+                log.warning("POST /reader: ignored key(s) that mean nothing here: %s", ignored)
+            child = self._make_worker(spec)
             child.added_later = True
             child.start()
             supervisor.children.append(child)
@@ -101,9 +105,17 @@ class Supervisor:
     """Starts the children, restarts workers that exit, and stops everything on a signal or when a child
     that cannot be restarted (the API, Redis) exits. `run` returns the command's exit status."""
 
-    def __init__(self, children: list[Child], ready_url: str, commands: LocalWorkerCommands | None = None):
+    def __init__(
+        self,
+        children: list[Child],
+        ready_url: str,
+        commands: LocalWorkerCommands | None = None,
+        api_key: str | None = None,
+    ):
+        """`ready_url`: the API's /readyz, asked with `api_key` (--api-key) if there is one."""
         self.children = children
         self.ready_url = ready_url
+        self._ready_headers = {"X-API-Key": api_key} if api_key else {}
         self.commands = commands
         self._stopping = False
         self._status = 0
@@ -192,7 +204,7 @@ class Supervisor:
 
     def _ready(self) -> bool:
         try:
-            return requests.get(self.ready_url, timeout=1).status_code == 200
+            return requests.get(self.ready_url, headers=self._ready_headers, timeout=1).status_code == 200
         except requests.RequestException:
             return False
 

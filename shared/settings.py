@@ -229,7 +229,16 @@ class ProcessSettings:
 class ServeSettings:
     """What `mmserve serve` alone reads."""
 
-    workers: int = setting("--workers", 1, "Worker processes to start on this machine.", minimum=1)
+    workers: int = setting(
+        "--workers", 1, "Worker processes to start on this machine (with --config: per reader).", minimum=1
+    )
+    config: str | None = setting(
+        "--config",
+        None,
+        "A Takeoff manifest (config.yaml: takeoff.server_config and readers_config): each reader's workers "
+        "and the API's ports and limits, where flags leave them at their defaults (docs: Configuration). "
+        "Unset: TAKEOFF_* variables, if any, make one.",
+    )
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,8 @@ class ApiSettings(ProcessSettings):
     api_key: str | None = setting(
         "--api-key",
         None,
-        "If set, every route but /healthz needs this key (Authorization: Bearer KEY or X-API-Key: KEY).",
+        "If set, every route but /healthz and the playground's page (GET /, which asks for the key) needs "
+        "this key (Authorization: Bearer KEY or X-API-Key: KEY).",
     )
     first_event_timeout_seconds: float = setting(
         "--queue-timeout-seconds",

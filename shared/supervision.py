@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared import defaults, keys, rpc
 from shared.settings import DEVICES, DTYPES, WorkerSettings, declared
@@ -28,8 +28,26 @@ def _worker_setting(attribute: str, *, own_default: bool = False, **constraints:
     return Field(None, description=f"As {one.flag}; {unset}. {one.help}", **constraints)
 
 
+# Takeoff reader keys that mean nothing to mmserve (its GPU engine's knobs, its own Redis per
+# reader): accepted, so a Takeoff configuration runs, and named in a warning.
+IGNORED_READER_KEYS = (
+    "redis_host",
+    "backend",
+    "tensor_parallel",
+    "max_sequence_length",
+    "nvlink_unavailable",
+    "disable_static",
+    "disable_cuda_graph",
+    "cuda_graph_cache_capacity",
+    "disable_paged_attention",
+    "page_cache_size",
+)
+QUANT_TYPES = ("int8", "int4")  # Takeoff's quant_type values mmserve quantizes to (--quantize)
+
+
 class ReaderSpec(BaseModel):
-    """Body of POST /reader: the worker to start (Takeoff's reader config, the keys mmserve honours)."""
+    """A reader to start: the body of POST /reader and a reader of a Takeoff manifest (Takeoff's
+    reader config; unknown keys are refused, those in IGNORED_READER_KEYS accepted and ignored)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +60,62 @@ class ReaderSpec(BaseModel):
     device: Literal[DEVICES] | None = _worker_setting("device")
     dtype: Literal[DTYPES] | None = _worker_setting("dtype")
     threads: int | None = _worker_setting("threads")
+    quant_type: Literal[QUANT_TYPES] | None = Field(
+        None, description="As --quantize (int8 or int4); unset = what `serve` was started with."
+    )
+    cuda_visible_devices: str | None = Field(
+        None, description="The GPUs the reader's worker sees (its CUDA_VISIBLE_DEVICES)."
+    )
+    access_token: str | None = Field(
+        None, description="A Hugging Face token the reader's worker loads its model with (its HF_TOKEN)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+        None, description="The reader's worker's --log-level; unset = what `serve` was started with."
+    )
+    redis_host: str | None = Field(None, description="Ignored: every reader uses the Redis `serve` uses.")
+    backend: str | None = Field(None, description="Ignored (Takeoff's inference backend).")
+    tensor_parallel: int | None = Field(None, description="Ignored: a worker runs on one device.")
+    max_sequence_length: int | None = Field(
+        None, description="Ignored: the model's own context length bounds prompt + answer."
+    )
+    nvlink_unavailable: int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+    disable_static: int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+    disable_cuda_graph: int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+    cuda_graph_cache_capacity: int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+    disable_paged_attention: int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+    page_cache_size: str | int | None = Field(None, description="Ignored (a Takeoff GPU setting).")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _lower_device(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def ignored(self) -> list[str]:
+        """The keys given that mmserve ignores."""
+        return [key for key in IGNORED_READER_KEYS if getattr(self, key) is not None]
+
+    def worker_overrides(self) -> dict[str, Any]:
+        """The worker settings this reader sets (None: what `serve` was started with)."""
+        return {
+            "model": self.model_name,
+            "consumer_group": self.consumer_group,
+            "max_batch_size": self.max_batch_size,
+            "batch_duration_millis": self.batch_duration_millis,
+            "device": self.device,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "quantize": self.quant_type,
+        }
+
+    def environment(self) -> dict[str, str]:
+        """Variables the reader's worker process gets on top of `serve`'s own."""
+        variables = {"CUDA_VISIBLE_DEVICES": self.cuda_visible_devices, "HF_TOKEN": self.access_token}
+        return {name: value for name, value in variables.items() if value is not None}
 
 
 class Command(BaseModel):

@@ -18,7 +18,8 @@ blueprint = Blueprint("local_workers", __name__)
 
 @blueprint.post("/reader")
 def create_reader() -> tuple[Response, int]:
-    """Start a local worker process; it registers as a reader once its model is loaded."""
+    """Start a local worker process; it registers as a reader once its model is loaded. The body is
+    Takeoff's reader config (shared.supervision.ReaderSpec); the answer names the keys it ignored."""
     _supervisor_id()
     spec = read_model_body(request, app_state().settings.body_size_limit_bytes, supervision.ReaderSpec)
     reply = _ask_supervisor(supervision.Command(action="start", spec=spec))
@@ -28,6 +29,7 @@ def create_reader() -> tuple[Response, int]:
             "pid": reply.pid,
             "consumer_group": spec.consumer_group,
             "ready": False,
+            "ignored": spec.ignored(),  # Takeoff keys that mean nothing here
         }
     ), 201
 

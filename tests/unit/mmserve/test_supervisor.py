@@ -56,3 +56,19 @@ def test_sigterm_stops_every_child_and_succeeds():
     finally:
         timer.cancel()
     assert not any(child.running for child in children)
+
+
+def test_readiness_is_asked_with_the_api_key(monkeypatch):
+    asked = []
+
+    class Answer:
+        status_code = 200
+
+    def get(url, headers=None, timeout=None):
+        asked.append(headers)
+        return Answer()
+
+    monkeypatch.setattr(supervisor.requests, "get", get)
+    assert supervisor.Supervisor([], "http://api/readyz", api_key="k")._ready()
+    assert supervisor.Supervisor([], "http://api/readyz")._ready()
+    assert asked == [{"X-API-Key": "k"}, {}]  # without it, --api-key's 401s would never say ready

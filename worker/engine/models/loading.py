@@ -163,6 +163,18 @@ def is_vision_language(config: PretrainedConfig) -> bool:
     )
 
 
+def is_encoder(config: PretrainedConfig) -> bool:
+    """Whether the config is an encoder's (BERT-like: its architectures embed, fill masks or classify,
+    none generates), which AutoModelForCausalLM would load and run as if it were a decoder."""
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = config.architectures or []
+    generating = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForImageTextToText")
+    if not architectures or any(name.endswith(generating) for name in architectures):
+        return False
+    return all(name.endswith(("Model", "ForMaskedLM", "ForSequenceClassification")) for name in architectures)
+
+
 def load_model(
     model: str | None, *, device: str = "auto", dtype: str = "auto", cache_root: str | None = None
 ) -> LoadedModel:
@@ -172,7 +184,14 @@ def load_model(
     name = DEFAULT_MODEL_NAME if model is None else model
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    vision = model is not None and is_vision_language(AutoConfig.from_pretrained(source))
+    config = AutoConfig.from_pretrained(source) if model is not None else None
+    if config is not None and is_encoder(config):
+        architectures = ", ".join(config.architectures or [config.model_type])
+        raise NotImplementedError(
+            f"mmserve cannot serve {name}: it is an encoder ({architectures}), not a generative model; "
+            "embedding and classification readers are not supported yet"
+        )
+    vision = config is not None and is_vision_language(config)
     log.info(
         "loading %smodel %s on %s as %s",
         "vision-language " if vision else "",

@@ -41,7 +41,9 @@ def supervised(make_app, connection):
 def test_post_reader_asks_the_supervisor_to_start_a_worker(supervised):
     client, answer_one, received = supervised
     thread = answer_one(supervision.Reply(ok=True, status=201, reader_id="coder-1234", pid=99))
-    response = client.post("/reader", json={"model_name": "some/model", "consumer_group": "coder"})
+    takeoff_keys = {"tensor_parallel": 2, "cuda_visible_devices": "0", "quant_type": "int8"}
+    body = {"model_name": "some/model", "consumer_group": "coder", **takeoff_keys}
+    response = client.post("/reader", json=body)
     thread.join()
     assert response.status_code == 201
     assert response.get_json() == {
@@ -49,10 +51,13 @@ def test_post_reader_asks_the_supervisor_to_start_a_worker(supervised):
         "pid": 99,
         "consumer_group": "coder",
         "ready": False,
+        "ignored": ["tensor_parallel"],  # Takeoff's reader keys are taken, those meaning nothing named
     }
     (command,) = received
     assert command.action == "start"
     assert command.spec.model_name == "some/model" and command.spec.consumer_group == "coder"
+    assert command.spec.environment() == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert command.spec.worker_overrides()["quantize"] == "int8"
 
 
 def test_post_reader_with_unknown_keys_is_422(supervised):
