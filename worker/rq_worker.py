@@ -54,6 +54,7 @@ def _while_redis_is_away(what: str, action: Callable[[], object]) -> None:
 WORKER_TTL_SECONDS = 20  # RQ blocks up to WORKER_TTL - 15 s waiting for a job, then sweeps
 POLL_INTERVAL_SECONDS = 0.002
 OWN_QUEUE_POLL_SECONDS = 0.05  # an idle worker looks at its own queue this often
+PUBSUB_WAKE_SECONDS = 1.0  # the worker-command listener looks at its stop flag this often
 
 
 class ReaderQueues(Queue):
@@ -143,6 +144,17 @@ class BatchWorker(SimpleWorker):
     def _shutdown(self) -> None:
         self._stop_requested = True
         self.set_shutdown_requested_date()
+
+    def subscribe(self) -> None:
+        """RQ's listener for worker commands, woken every PUBSUB_WAKE_SECONDS instead of RQ's 60:
+        redis-py's PubSubWorkerThread.stop() waits for the thread, which a warm shutdown would
+        otherwise wait for up to a minute (and `serve` kill after its grace period)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_WAKE_SECONDS, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         if timeout is None:  # burst mode: one non-blocking look

@@ -239,3 +239,15 @@ def test_a_stopping_worker_leaves_queued_jobs_for_the_others_and_stops_waiting(c
     assert worker.dequeue_job_and_maintain_ttl(5) is None
     assert time.monotonic() - started < 1
     assert queue.get_job_ids() == [request_id]
+
+
+def test_the_command_listener_stops_at_once_on_a_warm_shutdown(connection):
+    """RQ's listener waits 60 s for a message; redis-py's stop() waits for it, so a warm
+    shutdown of an idle worker took up to a minute."""
+    worker, _ = make_worker(connection, FakeEngine())
+    worker.subscribe()
+    thread = worker.pubsub_thread
+    assert thread.is_alive() and thread.sleep_time <= 1
+    worker.unsubscribe()
+    thread.join(timeout=3)
+    assert not thread.is_alive()
