@@ -125,6 +125,12 @@ class NotImplementedYet(ApiError):
     error_type = "not_implemented"
 
 
+ENCODERS_NOT_YET = (
+    "embedding, classification and reranking readers are not supported yet: mmserve serves generation "
+    "(text and vision-language) models"
+)
+
+
 class NoLiveReader(ApiError):
     status = 503
     error_type = "no_live_reader"

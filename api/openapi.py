@@ -76,6 +76,7 @@ def build_openapi(settings: ApiSettings) -> dict[str, Any]:
     paths: dict[str, Any] = {
         **_generation_paths(settings),
         **_tokenizer_paths(settings),
+        **_encoder_paths(settings),
         **_probe_paths(),
         **_management_paths(settings),
         **_openai_paths(settings),
@@ -190,6 +191,21 @@ def _generation_paths(settings: ApiSettings) -> dict[str, Any]:
             }
         }
     return paths
+
+
+def _encoder_paths(settings: ApiSettings) -> dict[str, Any]:
+    """Takeoff's embedding and classification routes (inference port), not supported yet."""
+    return {
+        f"/{route}": {
+            "post": {
+                "summary": f"Takeoff's {route}: not supported yet",
+                "description": f"Inference port ({settings.port}). Answers 501: embedding and "
+                "classification readers are not supported yet.",
+                "responses": _errors(501),
+            }
+        }
+        for route in ("embed", "classify")
+    }
 
 
 def _tokenizer_paths(settings: ApiSettings) -> dict[str, Any]:
@@ -393,6 +409,13 @@ def _openai_paths(settings: ApiSettings) -> dict[str, Any]:
                 "description": port + shape,
                 "requestBody": body("CompletionRequest"),
                 "responses": {"200": answer, **body_errors},
+            }
+        },
+        "/v1/embeddings": {
+            "post": {
+                "summary": "OpenAI embeddings: not supported yet",
+                "description": port + shape + "Answers 501: embedding readers are not supported yet.",
+                "responses": answers({501: "Not supported yet."}),
             }
         },
         "/v1/models": {

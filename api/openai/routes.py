@@ -19,7 +19,7 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from api import images
-from api.errors import InvalidConstraint
+from api.errors import ENCODERS_NOT_YET, InvalidConstraint, NotImplementedYet
 from api.openai.answers import CHAT, TEXT, Choice, Run, stream_response, whole_answer
 from api.openai.errors import OpenAIError
 from api.openai.models import resolve_model
@@ -39,6 +39,12 @@ from shared import defaults, registry
 from shared.payload import ChatMessage, GenerateRequest
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+@blueprint.post("/embeddings")
+def embeddings() -> Response:
+    """OpenAI's embeddings route (the Takeoff client's `embed`): 501 until mmserve serves encoders."""
+    raise NotImplementedYet(ENCODERS_NOT_YET)
 
 
 @blueprint.post("/chat/completions")

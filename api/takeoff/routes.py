@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from api import sse
-from api.errors import ApiError
+from api.errors import ENCODERS_NOT_YET, ApiError, NotImplementedYet
 from api.payloads import parse_generate_request
 from api.state import app_state
 from api.submission import Generation, RequestFailed, StillWaiting, TokenRelayed, start_generation
@@ -22,6 +22,13 @@ from shared.payload import GenerateRequest
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("takeoff", __name__)
+
+
+@blueprint.post("/embed")
+@blueprint.post("/classify")
+def encoder_routes() -> Response:
+    """Takeoff's embedding and classification routes: 501 until mmserve serves encoders."""
+    raise NotImplementedYet(ENCODERS_NOT_YET)
 
 
 def _start(*, multipart: bool) -> tuple[GenerateRequest, Generation]:
