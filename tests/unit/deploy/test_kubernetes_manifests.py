@@ -554,7 +554,7 @@ def test_every_container_asks_for_what_it_uses(renders):
 
 def test_mmserve_runs_the_dockerfiles_image(renders):
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'CMD ["mmserve", "api"]' in dockerfile  # the image's own entry point is mmserve
+    assert 'CMD ["mmserve", "serve"]' in dockerfile  # alone, the image runs everything (as Takeoff's does)
     for name, objects in renders.items():
         images = {container["image"] for _, container in mmserve_containers(objects)}
         assert len(images) == 1, name  # one image for the API and the workers
