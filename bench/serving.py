@@ -45,6 +45,12 @@ class ServeProcess:
         self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
 
     @classmethod
+    def tiny(cls, model: str | Path, *extra: str, log_path: Path | None = None) -> ServeProcess:
+        """One worker serving a tiny test model in float32 on one thread (not waited for)."""
+        flags = ["--model", str(model), "--workers", "1", "--dtype", "float32", "--threads", "1"]
+        return cls(*flags, *extra, log_path=log_path)
+
+    @classmethod
     def for_benchmark(
         cls,
         *extra: str,

@@ -243,15 +243,8 @@ def test_every_alert_rule_is_complete():
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
     root = tmp_path_factory.mktemp("serve-metrics")
-    serve = ServeProcess(
-        "--model",
-        str(tiny_model_dir),
-        "--workers",
-        "1",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
+    serve = ServeProcess.tiny(
+        tiny_model_dir,
         "--log-level",
         "WARNING",
         log_path=root / "serve.log",

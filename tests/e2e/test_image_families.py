@@ -58,15 +58,8 @@ def served(request, tiny_vlm_dir, tmp_path_factory) -> Iterator[Served]:
     image_dir.mkdir()
     for name, image in IMAGES.items():
         (image_dir / f"{name}.png").write_bytes(png(image))
-    serve = ServeProcess(
-        "--model",
-        str(directory),
-        "--workers",
-        "1",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
+    serve = ServeProcess.tiny(
+        directory,
         "--image-dir",
         str(image_dir),
         log_path=root / "serve.log",

@@ -52,15 +52,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tiny_llava_dir, tiny_lora_dir, tmp_path_factory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("serve-playground")
-    serve = ServeProcess(
-        "--model",
-        str(tiny_model_dir),
-        "--workers",
-        "1",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
+    serve = ServeProcess.tiny(
+        tiny_model_dir,
         "--lora-dir",
         str(tiny_lora_dir),
         "--api-key",
