@@ -101,14 +101,23 @@ def test_without_the_mode_the_same_trials_depend_on_the_batch(served):
 
 
 def test_a_linear_shape_whose_one_row_products_round_otherwise_is_padded():
+    """Where this machine's bfloat16 kernels round a one-row product otherwise than a batch's
+    (oneDNN with AVX512-BF16 does for the bundled model's down_proj shape), the layer is padded;
+    where they agree (CPUs without it), padding is not needed. Either way a row alone answers
+    as it does in a batch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(576, 576), nn.Linear(1536, 576)).to(torch.bfloat16)
+    rows = torch.randn(8, 1536, dtype=torch.bfloat16).relu()  # activations after a gate, as down_proj sees
+    with torch.inference_mode():
+        unpadded = model[1](rows)
+        differs = not all(torch.equal(model[1](rows[i : i + 1]), unpadded[i : i + 1]) for i in range(8))
     coverage = pad_single_rows(model)
-    assert coverage.covered and isinstance(model[1], SingleRowPadded)  # as the bundled model's down_proj
+    assert coverage.covered
+    if differs:
+        assert isinstance(model[1], SingleRowPadded)  # as the bundled model's down_proj
     assert coverage.padded_shapes == [
         f"{layer.linear.in_features}x576 bfloat16" for layer in model if isinstance(layer, SingleRowPadded)
     ]
-    rows = torch.randn(8, 1536, dtype=torch.bfloat16).relu()  # activations after a gate, as down_proj sees
     with torch.inference_mode():
         batched = model[1](rows)
         assert all(torch.equal(model[1](rows[i : i + 1]), batched[i : i + 1]) for i in range(8))
