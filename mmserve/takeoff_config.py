@@ -126,8 +126,11 @@ def read_manifest(path: str | Path) -> Manifest:
 def manifest_from_environment(environ: Mapping[str, str]) -> Manifest | None:
     """The manifest TAKEOFF_* variables make (one reader, named "reader", when
     TAKEOFF_MODEL_NAME is set), or None when none is set."""
-    given = {name.removeprefix(ENV_PREFIX).lower(): value for name, value in environ.items()}
-    given = {key: value for key, value in given.items() if f"{ENV_PREFIX}{key.upper()}" in environ}
+    given = {
+        name.removeprefix(ENV_PREFIX).lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX)
+    }
     if not given:
         return None
     server_keys, reader_keys = set(ServerConfig.model_fields), set(ReaderSpec.model_fields)

@@ -9,7 +9,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared import defaults, keys, rpc
-from shared.settings import DEVICES, DTYPES, WorkerSettings, declared
+from shared.settings import DEVICES, DTYPES, LOG_LEVELS, QUANTIZATIONS, WorkerSettings, declared
 
 _WORKER_SETTINGS = {one.attribute: one for one in declared(WorkerSettings)}
 
@@ -42,7 +42,8 @@ IGNORED_READER_KEYS = (
     "disable_paged_attention",
     "page_cache_size",
 )
-QUANT_TYPES = ("int8", "int4")  # Takeoff's quant_type values mmserve quantizes to (--quantize)
+# Takeoff's quant_type values mmserve quantizes to (--quantize)
+QUANT_TYPES = tuple(kind for kind in QUANTIZATIONS if kind != "none")
 
 
 class ReaderSpec(BaseModel):
@@ -69,7 +70,7 @@ class ReaderSpec(BaseModel):
     access_token: str | None = Field(
         None, description="A Hugging Face token the reader's worker loads its model with (its HF_TOKEN)."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+    log_level: Literal[LOG_LEVELS] | None = Field(
         None, description="The reader's worker's --log-level; unset = what `serve` was started with."
     )
     redis_host: str | None = Field(None, description="Ignored: every reader uses the Redis `serve` uses.")
