@@ -217,12 +217,17 @@ class BatchWorker(SimpleWorker):
         return len(text) if isinstance(text, list) else 1
 
     def _collect_more(self, rows: int) -> list[tuple[Job, Queue]]:
-        """Pop more jobs, without blocking, until the batch is full or the window closes.
-        A job that would overflow the batch goes back to the front of its queue."""
+        """Pop more jobs, without blocking, until the batch is full, the window closes or
+        Redis cannot be reached. A job that would overflow the batch goes back to the front
+        of its queue."""
         claimed: list[tuple[Job, Queue]] = []
         deadline = time.monotonic() + self.batch_duration
         while not self.batch_scheduler.is_full(rows):
-            result = self._pop_job()
+            try:
+                result = self._pop_job()
+            except redis.RedisError as exc:  # Redis away (a failover): run what is claimed
+                log.warning("could not collect more jobs for the batch: %s", exc)
+                break
             if result is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

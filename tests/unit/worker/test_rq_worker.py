@@ -6,6 +6,7 @@ import uuid
 
 import fakeredis
 import pytest
+import redis
 from rq import Queue
 from rq.job import JobStatus
 
@@ -251,3 +252,26 @@ def test_the_command_listener_stops_at_once_on_a_warm_shutdown(connection):
     worker.unsubscribe()
     thread.join(timeout=3)
     assert not thread.is_alive()
+
+
+def test_redis_going_away_while_a_batch_is_collected_runs_what_was_claimed(connection, monkeypatch):
+    """A Sentinel failover during the batch window used to end the worker (the error left
+    RQ's work loop); the jobs claimed run, the others wait in their queue."""
+    engine = FakeEngine()
+    worker, queue = make_worker(connection, engine, batch_duration_millis=50)
+    first, second, third = (enqueue(queue, text=text, max_new_tokens=1) for text in "abc")
+    pops = []
+
+    def pop_once_then_fail():
+        pops.append(1)
+        if len(pops) > 1:
+            raise redis.ConnectionError("Connection refused")
+        return type(worker)._pop_job(worker)
+
+    monkeypatch.setattr(worker, "_pop_job", pop_once_then_fail)
+    job, job_queue = worker.dequeue_job_and_maintain_ttl(None)
+    worker.execute_job(job, job_queue)
+    assert queue.fetch_job(first).get_status() == JobStatus.FINISHED
+    assert queue.fetch_job(second).get_status() == JobStatus.FINISHED  # taken by the one pop before
+    assert queue.fetch_job(third).get_status() == JobStatus.QUEUED  # for the next batch
+    assert len(engine.added[0]) == 2
